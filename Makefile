@@ -1,0 +1,41 @@
+# fsbridge: the two commands an admin needs are `make run` and `make test`.
+# Everything lives in .venv inside the checkout; only Python 3.11 and make
+# are needed on the machine.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= conf/local.ini
+
+.PHONY: run test bench install check clean
+
+# Create the virtualenv and install the package with its test tools.
+# The stamp is rebuilt whenever the dependency list changes.
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+# First `make run` on a checkout: a private config made from the sample,
+# with a fresh PBX token and a state directory inside the checkout.
+$(CONFIG): | $(STAMP)
+	$(BIN)/fsbridge init-config --sample conf/fsbridge.ini --out $(CONFIG) --storage-dir var
+
+run: $(STAMP) $(CONFIG)
+	$(BIN)/fsbridge run -c $(CONFIG)
+
+check: $(STAMP) $(CONFIG)
+	$(BIN)/fsbridge check -c $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m fsbridge.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

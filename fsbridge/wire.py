@@ -1,0 +1,238 @@
+"""The Event Socket wire format, without sockets.
+
+FreeSWITCH's mod_event_socket sends messages as ``Header: value`` lines, a
+blank line, then exactly ``Content-Length`` bytes of body.  A plain event
+(``text/event-plain``) carries in that body a second header block whose
+values are URL-encoded, and sometimes (BACKGROUND_JOB) a second
+``Content-Length`` and body of its own.
+
+Two rules here exist because greenswitch gets them wrong:
+
+* framing is by ``Content-Length`` alone (API bodies often have no trailing
+  newline, so the next message starts right after the last byte);
+* event headers are split into lines *before* each value is URL-decoded, so
+  a caller name carrying ``%0A`` stays inside its own value and can never
+  create or overwrite another header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+# A message larger than this is not something FreeSWITCH sends (the biggest
+# real event is a few kB; `show channels as json` on a big box some MB).
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# A header block without its blank line after this many bytes is garbage.
+MAX_HEADER_BYTES = 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """The byte stream does not follow the Event Socket framing."""
+
+
+@dataclass(slots=True)
+class Frame:
+    """One Event Socket message: its outer headers and raw body."""
+
+    headers: dict[str, str]
+    body: bytes = b""
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "")
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def parse_header_block(block: bytes, url_decoded: bool) -> dict[str, str]:
+    """Split a header block into a dict, line by line.
+
+    With ``url_decoded`` each value is percent-decoded after the split, as
+    FreeSWITCH percent-encodes the values of plain events.  Lines without
+    ``": "`` are ignored rather than glued to the previous header.
+    """
+    headers: dict[str, str] = {}
+    for line in block.split(b"\n"):
+        if not line:
+            continue
+        sep = line.find(b": ")
+        if sep <= 0:
+            # "Header:" with an empty value is legal; anything else is noise.
+            if line.endswith(b":"):
+                headers[_decode(line[:-1])] = ""
+            continue
+        name = _decode(line[:sep])
+        value = line[sep + 2:]
+        if name in headers:
+            continue  # the first occurrence wins, as in EventHeaders
+        headers[name] = _unquote(value) if url_decoded else _decode(value)
+    return headers
+
+
+class EventHeaders:
+    """The header block of a plain event, decoded only where it is read.
+
+    A real channel event carries ~200 headers, of which call tracking reads a
+    few dozen; decoding all of them would cost more than everything else the
+    service does with the event.  Lookups search the raw block for
+    ``\nName: ``.  That is exact and safe: FreeSWITCH percent-encodes every
+    value, so a raw LF only ever separates headers, and a value carrying
+    ``%0A`` cannot forge one.  The first occurrence of a name wins.
+    """
+
+    __slots__ = ("_block", "_cache")
+
+    def __init__(self, block: bytes) -> None:
+        # A leading LF makes the first header findable like the others.
+        self._block = b"\n" + block
+        self._cache: dict[str, str | None] = {}
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        try:
+            value = self._cache[name]
+        except KeyError:
+            value = self._cache[name] = self._find(name)
+        return default if value is None else value
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def _find(self, name: str) -> str | None:
+        block = self._block
+        key = b"\n" + name.encode("utf-8") + b": "
+        start = block.find(key)
+        if start < 0:
+            if block.find(b"\n" + name.encode("utf-8") + b":\n") >= 0 or block.endswith(
+                b"\n" + name.encode("utf-8") + b":"
+            ):
+                return ""
+            return None
+        start += len(key)
+        end = block.find(b"\n", start)
+        return _unquote(block[start:] if end < 0 else block[start:end])
+
+    def with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every header whose name starts with ``prefix``, name -> value."""
+        found: dict[str, str] = {}
+        block = self._block
+        key = b"\n" + prefix.encode("utf-8")
+        pos = block.find(key)
+        while pos >= 0:
+            end = block.find(b"\n", pos + 1)
+            line = block[pos + 1:] if end < 0 else block[pos + 1:end]
+            sep = line.find(b": ")
+            if sep > 0:
+                name = _decode(line[:sep])
+                found.setdefault(name, _unquote(line[sep + 2:]))
+            pos = block.find(key, pos + 1)
+        return found
+
+    def to_dict(self) -> dict[str, str]:
+        """All headers, decoded (for logs and tests, not the hot path)."""
+        return parse_header_block(self._block, True)
+
+
+def _unquote(raw: bytes) -> str:
+    if b"%" in raw:
+        return unquote(_decode(raw), errors="replace")
+    return _decode(raw)
+
+
+def parse_event_plain(body: bytes) -> tuple[EventHeaders, bytes]:
+    """Parse the body of a ``text/event-plain`` frame.
+
+    Returns the event's headers (decoded on access) and the event's own body
+    (BACKGROUND_JOB's ``+OK <uuid>``), which follows an inner blank line and
+    is sized by the inner ``Content-Length``.
+    """
+    end = body.find(b"\n\n")
+    if end < 0:
+        return EventHeaders(body.rstrip(b"\n")), b""
+    headers = EventHeaders(body[:end])
+    rest = body[end + 2:]
+    length = headers.get("Content-Length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            n = len(rest)
+        rest = rest[:max(n, 0)]
+    return headers, rest
+
+
+class FrameParser:
+    """Incremental framer: feed bytes as they arrive, get whole frames out."""
+
+    __slots__ = ("_buf", "_pending")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        # Headers of a frame whose body has not fully arrived yet.
+        self._pending: tuple[dict[str, str], int] | None = None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        buf = self._buf
+        pos = 0
+        while True:
+            if self._pending is None:
+                # Skip stray newlines between frames.
+                while pos < len(buf) and buf[pos] == 0x0A:
+                    pos += 1
+                end = buf.find(b"\n\n", pos)
+                if end < 0:
+                    if len(buf) - pos > MAX_HEADER_BYTES:
+                        raise ProtocolError("header block without end")
+                    break
+                headers = parse_header_block(bytes(buf[pos:end]), False)
+                pos = end + 2
+                length_text = headers.get("Content-Length")
+                if length_text is None:
+                    frames.append(Frame(headers))
+                    continue
+                try:
+                    length = int(length_text)
+                except ValueError:
+                    raise ProtocolError(f"bad Content-Length {length_text!r}") from None
+                if length < 0 or length > MAX_BODY_BYTES:
+                    raise ProtocolError(f"Content-Length out of range: {length}")
+                self._pending = (headers, length)
+            headers, length = self._pending
+            if len(buf) - pos < length:
+                break
+            frames.append(Frame(headers, bytes(buf[pos:pos + length])))
+            pos += length
+            self._pending = None
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a whole frame."""
+        return len(self._buf)
+
+
+def encode_command(command: str, headers: dict[str, str] | None = None) -> bytes:
+    """Encode one command for the socket, refusing embedded line breaks.
+
+    A CR or LF inside a command would end it early and start another one,
+    so callers must never be able to get one in.
+    """
+    lines = [command]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    for line in lines:
+        if "\n" in line or "\r" in line:
+            raise ValueError("line break inside an Event Socket command")
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
