@@ -1,0 +1,409 @@
+"""The INI configuration: read, validated, turned into frozen dataclasses.
+
+Every problem is reported with the file, the section, the key and what is
+wrong, and all problems are collected at once so that `fsbridge check` can
+show an admin everything to fix in one go.  The schema below is the single
+source of truth for keys and defaults; `conf/fsbridge.ini` documents them and
+`tests/test_config.py` checks the two agree.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; str() lists them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- value parsers: each returns the value or raises ValueError(reason) ---
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw:
+        raise ValueError("must not be empty")
+    return raw
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {raw!r}")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo:g} and {hi:g} seconds, got {raw}")
+        return value
+
+    return parse
+
+
+_port = _int_range(1, 65535)
+
+
+def _host(raw: str) -> str:
+    if not raw or any(c.isspace() for c in raw) or "/" in raw:
+        raise ValueError(f"expected a host name or IP address, got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _listen(raw: str) -> Listen:
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\s\[\]]+):(\d+)", raw)
+    if not match:
+        raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:8080), got {raw!r}")
+    host = match.group(1) or match.group(3)
+    return Listen(host, _port(match.group(2) or match.group(4)))
+
+
+def _url(raw: str) -> str:
+    """An http(s) URL, or empty."""
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must start with https:// (or http://), got {raw!r}")
+    if not parts.hostname:
+        raise ValueError(f"has no host name: {raw!r}")
+    if parts.username or parts.password:
+        raise ValueError("must not contain a user name or password")
+    return raw.rstrip("/") if not parts.query else raw
+
+
+def _existing_file(raw: str) -> str:
+    if raw and not os.path.isfile(raw):
+        raise ValueError(f"file does not exist: {raw}")
+    return raw
+
+
+def _regex(raw: str) -> str:
+    try:
+        re.compile(raw)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return raw
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _region(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z]{2}", raw):
+        raise ValueError(f"expected a two-letter country code such as RU, got {raw!r}")
+    return raw.upper()
+
+
+def _log_level(raw: str) -> str:
+    value = raw.upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return value
+
+
+def _dial_string(raw: str) -> str:
+    # Only {ext} may be substituted; everything else is the admin's literal
+    # text and must not carry characters that split an originate line.
+    if "{ext}" not in raw:
+        raise ValueError("must contain {ext}, e.g. user/{ext}")
+    if re.search(r"[\s'\"\\,|\[\]<>^$;%]", raw.replace("{ext}", "")) or re.search(
+        r"\{(?!ext\})", raw
+    ):
+        raise ValueError(f"may only contain a dial string with {{ext}}, got {raw!r}")
+    return raw
+
+
+def _safe_word(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
+        raise ValueError(f"may only contain letters, digits, '_', '.', '-', got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    parse: Callable[[str], Any]
+    default: str
+    attr: str = ""
+
+
+# section -> keys.  Defaults are the strings an admin would write.
+SCHEMA: dict[str, list[Key]] = {
+    "freeswitch": [
+        Key("host", _host, "127.0.0.1"),
+        Key("port", _port, "8021"),
+        Key("password", _nonempty, "ClueCon"),
+        Key("connect_timeout", _seconds(0.1, 120), "5"),
+        Key("command_timeout", _seconds(0.1, 300), "10"),
+        Key("max_backoff", _seconds(0.1, 3600), "30"),
+        Key("idle_timeout", _seconds(1, 3600), "60"),
+    ],
+    "server": [
+        Key("listen", _listen, "0.0.0.0:8080"),
+        Key("token", _str, ""),
+        Key("public_url", _url, ""),
+        Key("certfile", _existing_file, ""),
+        Key("keyfile", _existing_file, ""),
+        Key("max_body_bytes", _int_range(1024, 1024 * 1024), "16384"),
+        Key("auth_failures_per_minute", _int_range(1, 100000), "10"),
+    ],
+    "planfix": [
+        Key("url", _url, ""),
+        Key("token", _str, ""),
+        Key("allow_http", _bool, "no"),
+        Key("connect_timeout", _seconds(0.1, 120), "3"),
+        Key("read_timeout", _seconds(0.1, 600), "10"),
+    ],
+    "outbox": [
+        Key("concurrency", _int_range(1, 256), "16"),
+        Key("max_age", _seconds(60, 365 * 86400), "604800"),
+        Key("min_backoff", _seconds(0.01, 3600), "1"),
+        Key("max_backoff", _seconds(0.1, 86400), "300"),
+    ],
+    "storage": [
+        Key("dir", _nonempty, "/var/lib/fsbridge"),
+    ],
+    "calls": [
+        Key("extension_pattern", _regex, r"^\d{2,6}$"),
+        Key("report_internal_calls", _bool, "no"),
+    ],
+    "phone": [
+        Key("default_region", _region, "RU"),
+        Key("format", _choice("digits", "e164"), "digits"),
+    ],
+    "click_to_call": [
+        Key("dial_string", _dial_string, "user/{ext}"),
+        Key("context", _safe_word, "default"),
+        Key("dialplan", _safe_word, "XML"),
+        Key("timeout", _int_range(5, 300), "30"),
+        Key("keep_plus", _bool, "no"),
+    ],
+    "dialplan": [
+        Key("listen", _listen, "127.0.0.1:8081"),
+        Key("deadline", _seconds(0.05, 30), "1.5"),
+        Key("cache_ttl", _seconds(0, 30 * 86400), "300"),
+        Key("cache_ttl_not_found", _seconds(0, 30 * 86400), "60"),
+    ],
+    "recordings": [
+        Key("dir", _str, ""),
+        Key("freeswitch_dir", _str, "/usr/local/freeswitch/recordings"),
+        Key("convert", _choice("off", "mp3"), "off"),
+        Key("retention_days", _int_range(0, 36500), "0"),
+    ],
+    "log": [
+        Key("level", _log_level, "INFO"),
+    ],
+}
+
+
+def defaults() -> dict[str, dict[str, str]]:
+    """The default string of every key, by section (for docs and tests)."""
+    return {section: {k.name: k.default for k in keys} for section, keys in SCHEMA.items()}
+
+
+class Section:
+    """Read-only attribute access to one section's parsed values."""
+
+    def __init__(self, name: str, values: dict[str, Any]):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"[{self._name}] has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("config is read-only")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    sections: dict[str, Section] = field(repr=False)
+    warnings: tuple[str, ...] = ()
+
+    def __getattr__(self, name: str) -> Section:
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _parser() -> configparser.ConfigParser:
+    # Inline comments need whitespace before ';' ("key = value  ; why").
+    return configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";",), strict=True, empty_lines_in_values=False
+    )
+
+
+def load(path: str, *, require_token: bool = True) -> Config:
+    """Read and validate ``path``; raise ConfigError listing every problem."""
+    parser = _parser()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh, source=path)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    except configparser.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError([f"{path}: not a valid INI file: {message}"]) from None
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    sections: dict[str, Section] = {}
+
+    for name in parser.sections():
+        if name not in SCHEMA:
+            problems.append(f"{path}: [{name}]: unknown section (known: {', '.join(SCHEMA)})")
+    for name, keys in SCHEMA.items():
+        known = {k.name for k in keys}
+        values: dict[str, Any] = {}
+        if parser.has_section(name):
+            for key in parser.options(name):
+                if key not in known:
+                    problems.append(
+                        f"{path}: [{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
+                    )
+        for key in keys:
+            raw = parser.get(name, key.name, fallback=key.default).strip()
+            try:
+                values[key.name] = key.parse(raw)
+            except ValueError as exc:
+                problems.append(f"{path}: [{name}] {key.name}: {exc}")
+        sections[name] = Section(name, values)
+
+    if not problems:
+        _cross_checks(path, sections, problems, warnings, require_token)
+    if problems:
+        raise ConfigError(problems)
+    return Config(path, sections, tuple(warnings))
+
+
+def _cross_checks(
+    path: str,
+    s: dict[str, Section],
+    problems: list[str],
+    warnings: list[str],
+    require_token: bool,
+) -> None:
+    server, planfix = s["server"], s["planfix"]
+    token = server.token
+    if require_token and not token:
+        problems.append(
+            f"{path}: [server] token: must not be empty; run `fsbridge gen-token` and paste "
+            "the value here and into PlanFix's integration settings"
+        )
+    elif token and (len(token) < 16 or not re.fullmatch(r"[\x21-\x7e]+", token)):
+        problems.append(
+            f"{path}: [server] token: must be at least 16 printable characters without spaces"
+        )
+    if bool(server.certfile) != bool(server.keyfile):
+        missing = "keyfile" if server.certfile else "certfile"
+        problems.append(f"{path}: [server] {missing}: certfile and keyfile must be set together")
+    if planfix.url and planfix.url.startswith("http://") and not planfix.allow_http:
+        problems.append(
+            f"{path}: [planfix] url: PlanFix accepts only https://; "
+            "set allow_http = yes only for a lab or tests"
+        )
+    if s["outbox"].min_backoff > s["outbox"].max_backoff:
+        problems.append(f"{path}: [outbox] min_backoff: must not exceed max_backoff")
+    if not s["dialplan"].listen.is_loopback:
+        warnings.append(
+            f"{path}: [dialplan] listen: {s['dialplan'].listen} is not a loopback address; the "
+            "lookup answers client names by phone number, keep it on 127.0.0.1 or firewall it"
+        )
+    if s["dialplan"].listen == server.listen:
+        problems.append(f"{path}: [dialplan] listen: must differ from [server] listen")
+    if not server.public_url:
+        warnings.append(
+            f"{path}: [server] public_url: empty; recording links cannot be made and "
+            "`fsbridge ping` cannot compare PlanFix's PBX address"
+        )
+    elif not server.public_url.startswith("https://") and not planfix.allow_http:
+        warnings.append(f"{path}: [server] public_url: PlanFix expects an https:// address")
+    if not server.certfile:
+        warnings.append(
+            f"{path}: [server] certfile: not set, so the PlanFix endpoint speaks plain HTTP; "
+            "put it behind a TLS proxy or set certfile/keyfile"
+        )
+    storage = s["storage"].dir
+    if os.path.exists(storage):
+        if not os.path.isdir(storage) or not os.access(storage, os.W_OK | os.X_OK):
+            problems.append(f"{path}: [storage] dir: {storage} is not a writable directory")
+    else:
+        parent = os.path.dirname(os.path.abspath(storage))
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(
+                f"{path}: [storage] dir: {storage} does not exist and cannot be created "
+                f"({parent} is not writable by this user)"
+            )
+    if s["recordings"].dir and not os.path.isdir(s["recordings"].dir):
+        warnings.append(f"{path}: [recordings] dir: directory does not exist: {s['recordings'].dir}")
