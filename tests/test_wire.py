@@ -1,0 +1,111 @@
+"""ESL framing and header decoding against the real captured bytes."""
+
+import gzip
+
+import pytest
+
+from fsbridge.wire import (
+    MAX_BODY_BYTES,
+    FrameParser,
+    ProtocolError,
+    encode_command,
+    parse_event_plain,
+    parse_header_block,
+)
+
+
+def trace_files(traces_dir):
+    return sorted(p for p in traces_dir.iterdir() if p.name.endswith((".plain.txt", ".raw.txt")))
+
+
+def test_every_trace_frames_completely_in_any_chunking(traces_dir):
+    for path in trace_files(traces_dir):
+        data = path.read_bytes()
+        whole = FrameParser().feed(data)
+        assert whole[0].content_type == "auth/request", path.name
+        assert whole[-1].content_type == "text/disconnect-notice", path.name
+        # the same frames come out when bytes arrive in awkward pieces
+        parser, pieces = FrameParser(), []
+        for i in range(0, len(data), 997):
+            pieces.extend(parser.feed(data[i:i + 997]))
+        assert parser.buffered == 0
+        assert [(f.headers, f.body) for f in pieces] == [(f.headers, f.body) for f in whole], path.name
+
+
+def test_api_body_without_trailing_newline_is_framed_by_length(traces_dir):
+    active = FrameParser().feed((traces_dir / "90-api-show-channels-calls-json-active.raw.txt").read_bytes())
+    types = [f.content_type for f in active]
+    assert types[2:6] == ["api/response"] * 4 and types[6] == "command/reply"
+    # the JSON bodies end at "}" with the next header block right after them
+    assert active[2].body.endswith(b'":"public"}]}')
+    assert active[3].body.endswith(b"}]}")
+    frames = FrameParser().feed((traces_dir / "91-api-show-channels-calls-json-idle.raw.txt").read_bytes())
+    bodies = [f.body for f in frames if f.content_type == "api/response"]
+    assert bodies[0] == b'{"row_count": 0}\n'
+
+
+def test_background_job_inner_body(traces_dir):
+    frames = FrameParser().feed((traces_dir / "06b-click-to-call-manager-busy.plain.txt").read_bytes())
+    jobs = [parse_event_plain(f.body) for f in frames if f.content_type == "text/event-plain"]
+    jobs = [(h, b) for h, b in jobs if h.get("Event-Name") == "BACKGROUND_JOB"]
+    assert len(jobs) == 1
+    headers, body = jobs[0]
+    assert body == b"-ERR USER_BUSY\n"
+    assert headers.get("Job-UUID") == "dc64883e-10ca-4828-8a78-e036ebc1f4be"
+    assert "sofia/internal/101@127.0.0.1:5091" in headers.get("Job-Command-Arg")
+
+
+def test_values_are_decoded_per_line_so_encoded_newlines_forge_nothing():
+    block = (
+        b"Event-Name: CHANNEL_CREATE\n"
+        b"Caller-Caller-ID-Name: Evil%0AUnique-ID%3A%20forged\n"
+        b"Unique-ID: real-uuid\n"
+        b"Caller-Caller-ID-Number: %00%FF%FE123\n"
+    )
+    headers, _ = parse_event_plain(block)
+    assert headers.get("Unique-ID") == "real-uuid"
+    assert headers.get("Caller-Caller-ID-Name") == "Evil\nUnique-ID: forged"
+    assert headers.get("Caller-Caller-ID-Number").endswith("123")
+    assert headers.to_dict()["Unique-ID"] == "real-uuid"
+    assert parse_header_block(block, True)["Unique-ID"] == "real-uuid"
+
+
+def test_first_occurrence_wins_and_prefix_lookup():
+    headers, _ = parse_event_plain(
+        b"Event-Name: X\nvariable_planfix_data_utm_source: site%2Eio\n"
+        b"variable_planfix_data_utm_medium: banner\nEvent-Name: Y\n"
+    )
+    assert headers.get("Event-Name") == "X"
+    assert headers.with_prefix("variable_planfix_data_") == {
+        "variable_planfix_data_utm_source": "site.io",
+        "variable_planfix_data_utm_medium": "banner",
+    }
+    assert "Missing" not in headers and headers.get("Missing", "d") == "d"
+
+
+def test_load_trace_event_count(traces_dir):
+    data = gzip.decompress((traces_dir / "load-100-calls.plain.txt.gz").read_bytes())
+    frames = FrameParser().feed(data)
+    assert sum(f.content_type == "text/event-plain" for f in frames) == 6802
+
+
+@pytest.mark.parametrize("length", [b"-1", b"abc", str(MAX_BODY_BYTES + 1).encode()])
+def test_bad_content_length_is_a_protocol_error(length):
+    with pytest.raises(ProtocolError):
+        FrameParser().feed(b"Content-Type: text/event-plain\nContent-Length: " + length + b"\n\n")
+
+
+def test_lying_content_length_waits_for_bytes_not_crashes():
+    parser = FrameParser()
+    assert parser.feed(b"Content-Type: text/event-plain\nContent-Length: 50\n\nEvent-Name: X\n\n") == []
+    assert parser.buffered > 0
+
+
+def test_encode_command_refuses_line_breaks():
+    assert encode_command("api status") == b"api status\n\n"
+    assert encode_command("bgapi status", {"Job-UUID": "u"}) == b"bgapi status\nJob-UUID: u\n\n"
+    for bad in ("api status\nexit", "api x\r", ):
+        with pytest.raises(ValueError):
+            encode_command(bad)
+    with pytest.raises(ValueError):
+        encode_command("bgapi status", {"Job-UUID": "a\nb"})
