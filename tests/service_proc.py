@@ -1,0 +1,181 @@
+"""Run the real fsbridge service as a child process, for end-to-end tests.
+
+The service under test is exactly what `fsbridge run -c FILE` starts: its own
+process, its own gevent hub, real sockets to the fake FreeSWITCH and the fake
+PlanFix.  Tests talk to it over HTTP and can stop it gently (SIGTERM) or
+brutally (SIGKILL) to check what survives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from tests.conftest import REPO
+
+TOKEN = "e2e-pbx-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcess:
+    """One fsbridge process with a config written for the test."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        fs_port: int,
+        planfix_url: str = "",
+        planfix_token: str = "",
+        settings: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.dialplan_port = free_port()
+        self.token = TOKEN
+        self.storage = self.workdir / "state"
+        self.config_path = self.workdir / "fsbridge.ini"
+        self.log_path = self.workdir / "service.log"
+        sections: dict[str, dict[str, str]] = {
+            "freeswitch": {
+                "host": "127.0.0.1",
+                "port": str(fs_port),
+                "password": "ClueCon",
+                "connect_timeout": "1",
+                "command_timeout": "2",
+                "max_backoff": "0.5",
+            },
+            "server": {
+                "listen": f"127.0.0.1:{self.port}",
+                "token": self.token,
+                "public_url": f"http://127.0.0.1:{self.port}",
+            },
+            "planfix": {
+                "url": planfix_url,
+                "token": planfix_token,
+                "allow_http": "yes",
+                "connect_timeout": "1",
+                "read_timeout": "2",
+            },
+            "outbox": {"min_backoff": "0.05", "max_backoff": "0.5"},
+            "storage": {"dir": str(self.storage)},
+            "dialplan": {"listen": f"127.0.0.1:{self.dialplan_port}"},
+            "log": {"level": "DEBUG"},
+        }
+        for section, values in (settings or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.write_config(sections)
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def write_config(self, sections: dict[str, dict[str, str]]) -> None:
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {value}" for key, value in values.items())
+            lines.append("")
+        self.config_path.write_text("\n".join(lines))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dialplan_url(self) -> str:
+        return f"http://127.0.0.1:{self.dialplan_port}"
+
+    def start(self, wait: float = 20.0) -> "ServiceProcess":
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fsbridge", "run", "-c", str(self.config_path)],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"service did not answer /healthz in {wait}s:\n{self.log()}")
+
+    def health(self) -> dict:
+        return requests.get(self.url + "/healthz", timeout=5).json()
+
+    def wait_health(self, predicate, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        health = self.health()
+        while not predicate(health):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"health never matched: {health}\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+            health = self.health()
+        return health
+
+    def post(self, **fields: str) -> requests.Response:
+        return requests.post(self.url + "/planfix", data=fields, timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError(f"service ignored SIGTERM for {timeout}s:\n{self.log()}")
+        code = self.proc.returncode
+        self._close()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+        self._close()
+
+    def _close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> "ServiceProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            try:
+                self.stop()
+            except AssertionError:
+                pass
