@@ -117,6 +117,9 @@ class _Session(InboundESL):
         self.core_uuid = ""
         self.sock = None
         self._exiting = False  # we said `exit`: the disconnect notice is expected
+        # Called once, from whichever greenlet noticed the end, so the state
+        # turns "disconnected" at once rather than when the supervisor wakes.
+        self.on_close: Callable[[_Session, str], None] | None = None
 
     # -- connecting ---------------------------------------------------------
 
@@ -262,6 +265,8 @@ class _Session(InboundESL):
             pending.set_exception(EslNotConnected(f"connection lost: {reason}"))
         self._auth_request_event.set()  # wakes connect() if still waiting
         self.closed.set()
+        if self.on_close is not None:
+            self.on_close(self, reason)
 
     def stop(self) -> None:  # type: ignore[override]
         """Say ``exit`` if possible, then close."""
@@ -288,7 +293,11 @@ class EslConnection:
     * ``on_state(state, detail)`` whenever ``state`` changes;
     * ``on_connected(core_uuid)`` after auth and subscription succeeded on a
       new connection (``core_uuid`` may be ``""`` if FreeSWITCH did not say);
-      a changed value means FreeSWITCH restarted.
+      a changed value means FreeSWITCH restarted.  It runs in the supervisor
+      greenlet, not the reader, so it may call :meth:`api` (e.g. ``show
+      calls as json`` to reconcile open calls); the idle watchdog waits
+      meanwhile.  Events subscribed to may already have reached
+      ``on_event`` before it is called.
     """
 
     def __init__(
@@ -499,6 +508,7 @@ class EslConnection:
             session.stop()
             raise EslNotConnected("stopping")
         self._session = session
+        session.on_close = self._session_closed
         if session.core_uuid:
             if self._core_uuid and session.core_uuid != self._core_uuid:
                 log.warning("FreeSWITCH restarted (Core-UUID %s -> %s)", self._core_uuid, session.core_uuid)
@@ -513,6 +523,10 @@ class EslConnection:
             except Exception:
                 log.exception("ESL on_connected callback failed")
         return session
+
+    def _session_closed(self, session: _Session, reason: str) -> None:
+        if session is self._session and not self._stopping.is_set():
+            self._set_state(DISCONNECTED, f"connection lost: {reason}")
 
     def _watch(self, session: _Session) -> None:
         """Wait until the connection ends; probe it when it has gone quiet."""

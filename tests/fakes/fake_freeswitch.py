@@ -93,7 +93,7 @@ from functools import lru_cache
 from typing import Callable, Iterable
 from urllib.parse import quote, unquote
 
-from fsbridge.wire import parse_header_block
+from fsbridge.wire import parse_event_plain, parse_header_block
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TRACES_DIR = pathlib.Path(os.environ.get("FSBRIDGE_SHARED", REPO.parent / "shared")) / "esl-traces"
@@ -170,8 +170,8 @@ def split_frames(data: bytes) -> list[RawFrame]:
 
 
 def _event_name(body: bytes) -> tuple[str, str]:
-    headers = parse_header_block(body.split(b"\n\n", 1)[0], True)
-    return headers.get("Event-Name", ""), headers.get("Event-Subclass", "")
+    headers, _ = parse_event_plain(body)  # lazy: only these two values get decoded
+    return headers.get("Event-Name", "") or "", headers.get("Event-Subclass", "") or ""
 
 
 @lru_cache(maxsize=32)
