@@ -379,10 +379,11 @@ class EslConnection:
         session = self._session
         if session is not None:
             session.stop()
-        if self._supervisor is not None:
-            self._supervisor.join(timeout)
-            self._supervisor.kill(block=True, timeout=timeout)
-            self._supervisor = None
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not gevent.getcurrent():
+            # Wherever it waits (connect, greeting, backoff, watchdog), a kill
+            # ends it at once; _open closes a half-made connection on the way out.
+            supervisor.kill(block=True, timeout=timeout)
         self._set_state(STOPPED, "stopped")
 
     def wait_connected(self, timeout: float | None = None) -> bool:

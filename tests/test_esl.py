@@ -15,19 +15,21 @@ import pytest
 
 from fsbridge import esl
 from fsbridge.esl import EslCommandError, EslConnection, EslNotConnected, EslTimeout
-from tests.fakes.fake_freeswitch import FakeFreeSwitch, event_frame, trace_api_bodies, trace_events
+from tests.fakes.fake_freeswitch import (  # noqa: F401  (fake: pytest fixture)
+    FakeFreeSwitch,
+    event_frame,
+    fake,
+    trace_api_bodies,
+    trace_events,
+    wait_until,
+)
 
 EVENTS = ["CHANNEL_CREATE", "CHANNEL_HANGUP_COMPLETE", "BACKGROUND_JOB"]
 FAST = dict(connect_timeout=0.3, command_timeout=0.3, max_backoff=0.05, idle_timeout=30.0)
 
 
 def wait_for(predicate, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        gevent.sleep(0.005)
-    return True
+    return wait_until(predicate, timeout)
 
 
 class Recorder:
@@ -48,13 +50,6 @@ class Recorder:
 
     def on_state(self, state, detail) -> None:
         self.states.append((state, detail))
-
-
-@pytest.fixture
-def fake():
-    server = FakeFreeSwitch().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

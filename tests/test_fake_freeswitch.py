@@ -14,8 +14,8 @@ import pytest
 from fsbridge.wire import FrameParser, parse_event_plain, parse_header_block
 from tests.fakes.fake_freeswitch import (
     DISCONNECT_NOTICE,
-    FakeFreeSwitch,
     event_frame,
+    fake,  # noqa: F401  (pytest fixture)
     read_trace,
     split_frames,
     trace_api_bodies,
@@ -64,15 +64,14 @@ class RawClient:
         self.send(b"auth ClueCon\n\n")
         assert self.read_frames(1)[0].headers["Reply-Text"] == "+OK accepted"
 
+    def subscribe(self, names: bytes) -> None:
+        """Log in and subscribe, as the first two commands."""
+        self.login()
+        self.send(b"event plain " + names + b"\n\n")
+        assert self.read_frames(1)[0].headers["Reply-Text"] == "+OK event listener enabled plain"
+
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture
-def fake():
-    server = FakeFreeSwitch().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -147,9 +146,8 @@ def test_background_job_goes_only_to_subscribers(fake, client_factory):
     for client in (caller, listener, deaf):
         client.login()
     listener.send(b"event plain BACKGROUND_JOB\n\n")
-    listener.read_frames(1)
     deaf.send(b"event plain CHANNEL_CREATE\n\n")
-    deaf.read_frames(1)
+    assert listener.read_frames(1) and deaf.read_frames(1)
     caller.send(b"bgapi originate user/101 &park\n\n")
     job_uuid = caller.read_frames(1)[0].headers["Job-UUID"]
     headers, body = parse_event_plain(listener.read_frames(1)[0].body)
@@ -174,9 +172,7 @@ def test_trace_event_extraction_is_exact(traces_dir):
 def test_replay_sends_only_subscribed_events_with_exact_bytes(fake, client_factory):
     events = trace_events("01-inbound-single-answer.plain.txt")
     client = client_factory()
-    client.login()
-    client.send(b"event plain CHANNEL_CREATE CHANNEL_HANGUP_COMPLETE\n\n")
-    client.read_frames(1)
+    client.subscribe(b"CHANNEL_CREATE CHANNEL_HANGUP_COMPLETE")
     before = len(client.received)
     wanted = [e for e in events if e.name in ("CHANNEL_CREATE", "CHANNEL_HANGUP_COMPLETE")]
     assert fake.replay(events).wait()
@@ -187,9 +183,7 @@ def test_replay_sends_only_subscribed_events_with_exact_bytes(fake, client_facto
 def test_custom_subclass_and_filter(fake, client_factory):
     events = trace_events("05a-outbound-answer.plain.txt")
     custom = client_factory()
-    custom.login()
-    custom.send(b"event plain CUSTOM sofia::register_attempt\n\n")
-    custom.read_frames(1)
+    custom.subscribe(b"CUSTOM sofia::register_attempt")
     target = next(e for e in events if e.name == "CHANNEL_CREATE")
     unique_id = parse_event_plain(target.body)[0]["Unique-ID"]
     filtered = client_factory()

@@ -76,6 +76,9 @@ receive events.
 * Counters: ``accepted`` (TCP connections), ``authenticated``,
   ``subscribed`` (successful ``event`` commands); ``wait_until(predicate,
   timeout)``.
+
+Also: ``wait_until(predicate, timeout=2.0) -> bool`` (module function) and
+the pytest fixture ``fake`` (a started server, stopped after the test).
 """
 
 from __future__ import annotations
@@ -90,8 +93,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterable
-from urllib.parse import quote, unquote
+from typing import Callable, Iterable, Iterator
+from urllib.parse import quote
+
+import pytest
 
 from fsbridge.wire import parse_event_plain, parse_header_block
 
@@ -250,6 +255,28 @@ def active_call_bodies() -> dict[str, bytes]:
 
 
 # -- the server -------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Poll ``predicate`` until true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def fake() -> Iterator["FakeFreeSwitch"]:
+    """pytest fixture: a started FakeFreeSwitch, stopped after the test.
+
+    Import it into a test module (``from tests.fakes.fake_freeswitch import fake``).
+    """
+    server = FakeFreeSwitch().start()
+    yield server
+    server.stop()
+
 
 
 def _matches_event(sub: "_Conn", name: str, subclass: str, body: bytes) -> bool:
@@ -417,12 +444,7 @@ class FakeFreeSwitch:
             self.commands.clear()
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return wait_until(predicate, timeout)
 
     def wait_for_command(self, prefix: str, timeout: float = 2.0) -> str:
         found: list[str] = []
