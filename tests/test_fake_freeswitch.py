@@ -6,6 +6,7 @@ of the 9x captures and compares what comes back with the capture.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -17,6 +18,7 @@ from tests.fakes.fake_freeswitch import (
     event_frame,
     fake,  # noqa: F401  (pytest fixture)
     read_trace,
+    rewrite_event,
     split_frames,
     trace_api_bodies,
     trace_events,
@@ -244,3 +246,45 @@ def test_faults_silent_disconnect_restart(fake, client_factory):
     again.login()
     again.send(b"api global_getvar core_uuid\n\n")
     assert again.read_frames(1)[0].body == fake.core_uuid.encode()
+
+
+def test_rewrite_event_keeps_layout_and_recomputes_lengths():
+    events = trace_events("06a-click-to-call-answer.plain.txt")
+    assert all(rewrite_event(e) == e.raw for e in events)  # identity keeps the captured bytes
+    manager = "987741d5-a8ae-4322-a9eb-1a87a1af80df"
+    ours = "0a2c1d3e-0000-4000-8000-000000000001"
+    job = next(e for e in events if e.name == "BACKGROUND_JOB")
+    rewritten = rewrite_event(job, replace={manager: ours}, add_headers={"Job-Owner": "fsbridge test"})
+    frame = split_frames(rewritten)[0]
+    assert len(frame.body) == int(frame.headers["Content-Length"])
+    headers, body = parse_event_plain(frame.body)
+    assert body == f"+OK {ours}\n".encode() and headers["Content-Length"] == str(len(body))
+    assert headers["Job-Owner"] == "fsbridge test"
+    create = next(e for e in events if e.name == "CHANNEL_CREATE")
+    headers, _ = parse_event_plain(split_frames(rewrite_event(create, replace={manager: ours}))[0].body)
+    assert headers["Unique-ID"] == ours and manager not in headers.to_dict().values()
+
+
+def test_click_to_call_hook_replays_a_trace_rewritten_to_our_originate(fake, client_factory):
+    """The pattern end-to-end tests use: our originate's UUIDs replace the trace's."""
+    events = trace_events("06a-click-to-call-answer.plain.txt")
+    manager = "987741d5-a8ae-4322-a9eb-1a87a1af80df"
+
+    def rewrite(command, headers, job_uuid):
+        ours = re.search(r"origination_uuid=([^,}]+)", command).group(1)
+        trace_job = next(parse_event_plain(e.body)[0]["Job-UUID"] for e in events if e.name == "BACKGROUND_JOB")
+        return [rewrite_event(e, replace={manager: ours, trace_job: job_uuid}) for e in events]
+
+    fake.on_command("bgapi originate", rewrite)
+    client = client_factory()
+    client.subscribe(b"CHANNEL_ANSWER BACKGROUND_JOB")
+    client.send(b"bgapi originate {origination_uuid=0a2c1d3e-0000-4000-8000-000000000001}user/101 7910 XML default\n"
+                b"Job-UUID: 5d1c7a52-1111-4222-8333-444455556666\n\n")
+    wanted = [e for e in events if e.name in ("CHANNEL_ANSWER", "BACKGROUND_JOB")]
+    frames = client.read_frames(1 + len(wanted))
+    parsed = [parse_event_plain(f.body) for f in frames[1:]]
+    assert [h["Event-Name"] for h, _ in parsed] == [e.name for e in wanted]
+    job_headers, job_body = next(p for p in parsed if p[0]["Event-Name"] == "BACKGROUND_JOB")
+    assert job_headers["Job-UUID"] == "5d1c7a52-1111-4222-8333-444455556666"
+    assert job_body == b"+OK 0a2c1d3e-0000-4000-8000-000000000001\n"
+    assert "0a2c1d3e-0000-4000-8000-000000000001" in {h["Unique-ID"] for h, _ in parsed if "Unique-ID" in h}

@@ -28,6 +28,11 @@ Trace helpers (reused by other tests)
     percent-encoded like FreeSWITCH (so ``"a\\nB: c"`` becomes
     ``a%0AB%3A%20c``); ``encode=False`` sends values (str or bytes)
     verbatim, for hostile-content tests.
+``rewrite_event(event, replace=None, add_headers=None, body=None) -> bytes``
+    A trace event with values replaced (plain text, e.g. a UUID -> ours),
+    headers added and/or its body replaced; both Content-Lengths
+    recomputed.  For click-to-call hooks that make a trace match our own
+    originate.
 ``DISCONNECT_NOTICE``
     The exact ``text/disconnect-notice`` frame FreeSWITCH sends.
 
@@ -201,21 +206,52 @@ def _encode_value(value: str | bytes) -> bytes:
     return quote(value, safe=_SAFE).encode("ascii")
 
 
-def event_frame(headers: dict[str, str | bytes], body: bytes = b"", encode: bool = True) -> bytes:
-    """A text/event-plain frame in FreeSWITCH's layout (see trace 93)."""
-    lines = []
-    for name, value in headers.items():
-        if encode:
-            raw = _encode_value(value)
-        else:
-            raw = value if isinstance(value, bytes) else value.encode("utf-8")
-        lines.append(name.encode("utf-8") + b": " + raw + b"\n")
-    inner = b"".join(lines)
+def _plain_frame(lines: list[bytes], body: bytes) -> bytes:
+    """Header lines (no LF) and an event body, framed exactly as FreeSWITCH does."""
+    inner = b"".join(line + b"\n" for line in lines)
     if body:
         inner += b"Content-Length: %d\n\n" % len(body) + body
     else:
         inner += b"\n"
     return b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(inner) + inner
+
+
+def _header_line(name: str, value: str | bytes, encode: bool = True) -> bytes:
+    if encode:
+        raw = _encode_value(value)
+    else:
+        raw = value if isinstance(value, bytes) else value.encode("utf-8")
+    return name.encode("utf-8") + b": " + raw
+
+
+def event_frame(headers: dict[str, str | bytes], body: bytes = b"", encode: bool = True) -> bytes:
+    """A text/event-plain frame in FreeSWITCH's layout (see trace 93)."""
+    return _plain_frame([_header_line(name, value, encode) for name, value in headers.items()], body)
+
+
+def rewrite_event(event: TraceEvent | bytes, replace: dict[str, str] | None = None,
+                  add_headers: dict[str, str] | None = None, body: bytes | None = None) -> bytes:
+    """A copy of a plain event frame with values changed and lengths recomputed.
+
+    ``replace`` maps plain text to plain text (UUIDs, numbers) in header
+    values -- matched in FreeSWITCH's percent-encoding -- and in the event's
+    own body.  ``add_headers`` are appended after the existing headers
+    (e.g. ``variable_fsbridge_click_to_call``), ``body`` replaces the
+    event's body (a BACKGROUND_JOB result).  With no changes the original
+    bytes come back unchanged.
+    """
+    plain = event.body if isinstance(event, TraceEvent) else split_frames(event)[0].body
+    block, _, rest = plain.partition(b"\n\n")
+    lines = block.split(b"\n")
+    inner_length = next((int(line[16:]) for line in lines if line.startswith(b"Content-Length: ")), 0)
+    lines = [line for line in lines if not line.startswith(b"Content-Length: ")]
+    inner_body = rest[:inner_length] if body is None else body
+    for old, new in (replace or {}).items():
+        encoded_old, encoded_new = _encode_value(old), _encode_value(new)
+        lines = [line.replace(encoded_old, encoded_new) for line in lines]
+        inner_body = inner_body.replace(old.encode("utf-8"), new.encode("utf-8"))
+    lines += [_header_line(name, value) for name, value in (add_headers or {}).items()]
+    return _plain_frame(lines, inner_body)
 
 
 def _reply(text: str, extra: dict[str, str] | None = None) -> bytes:
