@@ -470,3 +470,34 @@ def test_check_settings_names_the_problems(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     [no_tool] = check_settings(RecordingSettings(dir=str(tmp_path), convert="mp3", **base))
     assert "apt install lame" in no_tool
+
+
+def test_dialplan_snippet_names_files_as_the_service_expects(traces_dir, tmp_path, make):
+    """The snippet's file name, expanded as FreeSWITCH would, is the traced
+    Record-File-Path, and on_completed accepts it."""
+    import pathlib
+    import re
+    import xml.etree.ElementTree as ET
+
+    snippet = pathlib.Path(__file__).resolve().parent.parent / "dialplan" / "fsbridge-record.xml"
+    root = ET.parse(snippet).getroot()
+    assert root.tag == "include"
+    [ext] = root.findall("extension")
+    assert ext.get("continue") == "true"  # the caller's own bridge must still run
+    actions = [(a.get("application"), a.get("data")) for a in ext.iter("action")]
+    assert ("set", "RECORD_STEREO=true") in actions
+    assert ("set", "RECORD_ANSWER_REQ=true") in actions
+    assert actions[-1][0] == "record_session"
+    [target] = [data.split("=", 1)[1] for app, data in actions if app == "set" and data.startswith("fsbridge_record_file=")]
+    client_pattern = [c.get("expression") for c in ext.iter("condition") if c.get("field") == "destination_number"][0]
+    assert re.fullmatch(client_pattern, "79101234567") and not re.fullmatch(client_pattern, "101")
+
+    for trace in ("01-inbound-single-answer", "05a-outbound-answer", "06a-click-to-call-answer"):
+        uuid, fs_path = traced_recording(traces_dir, trace)
+        expanded = target.replace("$${recordings_dir}", FS_DIR).replace("${uuid}", uuid)
+        assert expanded == fs_path
+        write_wav(local(tmp_path, fs_path))
+    rec = make()
+    for trace in ("01-inbound-single-answer", "05a-outbound-answer", "06a-click-to-call-answer"):
+        uuid, fs_path = traced_recording(traces_dir, trace)
+        assert rec.on_completed(completed(uuid, fs_path))[0].fields["is_recorded"] == "1"
