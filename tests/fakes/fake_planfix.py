@@ -82,6 +82,7 @@ class Received:
     # "ok" only for a real PlanFix 200 (what `delivered` counts); else
     # "garbage", "hang", "close", "error" (scripted status) or None (in progress).
     outcome: str | None = None
+    client_port: int = 0  # the client's source port: equal ports = a reused connection
     at: float = field(default_factory=time.monotonic)
 
 
@@ -161,6 +162,8 @@ class FakePlanfix:
         self._violations: list[tuple[dict[str, str], str]] = []
         self._cond = threading.Condition()
         self._stopping = threading.Event()
+        self._in_flight = 0
+        self.max_in_flight = 0  # most requests being handled at the same time
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -271,9 +274,11 @@ class FakePlanfix:
                 self._cond.wait(min(left, 0.05))
             return have()
 
-    def _record(self, form: dict[str, str], violation: str | None) -> Received:
-        entry = Received(form)
+    def _record(self, form: dict[str, str], violation: str | None, client_port: int = 0) -> Received:
+        entry = Received(form, client_port=client_port)
         with self._cond:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
             self._received.append(entry)
             if violation:
                 self._violations.append((form, violation))
@@ -282,6 +287,7 @@ class FakePlanfix:
 
     def _answered(self, entry: Received, status: int | None, outcome: str) -> None:
         with self._cond:
+            self._in_flight -= 1
             entry.status = status
             entry.outcome = outcome
             self._cond.notify_all()
@@ -339,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
                 validate(fields)
             except InvalidRequest as exc:
                 violation = str(exc)
-        entry = fake._record(form, violation)
+        entry = fake._record(form, violation, self.client_address[1])
 
         behaviour = fake._next_behaviour(form)
         if fake.delay:

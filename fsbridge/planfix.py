@@ -1,0 +1,312 @@
+"""PlanFix telephony API client: `contact`, `event`, `record`, `ping`.
+
+One `requests.Session` (keep-alive, pool sized for the outbox concurrency),
+form-urlencoded POSTs to the *current* PlanFix URL: the credentials are read
+through a callable on every request, so a `setup` from PlanFix takes effect
+at once without rebuilding anything.
+
+`send()` never raises for a PlanFix or network problem: it classifies the
+answer into a `DeliveryResult` so the outbox can decide what to do
+(delivered / rejected / unauthorized / retry / not_configured).  `contact()`
+and `ping()` are interactive: they raise `PlanfixError` subclasses instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import logging
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import requests
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "fsbridge"
+# Longest reply body kept in a DeliveryResult / error message (a proxy's HTML
+# error page can be large; the start is enough to tell what it was).
+REPLY_EXCERPT = 500
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where PlanFix listens and the key it expects (from `setup` or the config)."""
+
+    url: str
+    token: str = field(repr=False)  # never in logs or reprs
+
+    def __repr__(self) -> str:
+        return f"Credentials(url={self.url!r}, token={mask_secret(self.token)!r})"
+
+
+class Outcome(enum.Enum):
+    DELIVERED = "delivered"  # 200: PlanFix has it
+    REJECTED = "rejected"  # 400: PlanFix refused this very request; resending will not help
+    UNAUTHORIZED = "unauthorized"  # 401: our planfix_token is wrong; keep it until credentials change
+    RETRY = "retry"  # 5xx, other statuses, timeouts, connection errors, garbage replies
+    NOT_CONFIGURED = "not_configured"  # no PlanFix URL/token yet (waiting for `setup`)
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    outcome: Outcome
+    status: int | None = None  # HTTP status, None when no answer came
+    reply: Any = None  # the parsed JSON reply, or the raw text excerpt when not JSON
+    error: str = ""  # human-readable reason when not delivered
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome is Outcome.DELIVERED
+
+
+@dataclass(frozen=True)
+class Contact:
+    name: str
+    responsible: str | None  # the responsible employee's extension, None when PlanFix has none
+
+
+class PlanfixError(Exception):
+    """`contact` or `ping` did not get a usable answer."""
+
+
+class PlanfixNotConfigured(PlanfixError):
+    pass
+
+
+class PlanfixUnauthorized(PlanfixError):
+    pass
+
+
+class PlanfixRejected(PlanfixError):
+    pass
+
+
+class PlanfixUnavailable(PlanfixError):
+    """Timeout, connection error, 5xx or a reply that is not PlanFix JSON."""
+
+
+def mask_secret(secret: str) -> str:
+    """Enough of a secret to tell two apart, never enough to use it."""
+    if not secret:
+        return "(empty)"
+    if len(secret) < 12:
+        return f"***({len(secret)} chars)"
+    return f"{secret[:4]}…{secret[-2:]}({len(secret)} chars)"
+
+
+def _excerpt(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= REPLY_EXCERPT else text[:REPLY_EXCERPT] + "…"
+
+
+class PlanfixClient:
+    def __init__(
+        self,
+        credentials: Callable[[], Credentials | None],
+        connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
+        pool_size: int = 16,
+    ):
+        self._credentials = credentials
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._session = requests.Session()
+        # Proxies/netrc from the environment must not silently reroute CRM traffic.
+        self._session.trust_env = False
+        self._session.headers["User-Agent"] = USER_AGENT
+        # pool_maxsize >= outbox concurrency (+ room for contact/ping), so every
+        # delivery greenlet keeps its own kept-alive connection.
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(1, pool_size) + 4)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+
+    def close(self) -> None:
+        self._session.close()
+
+    # ---- the low level ----------------------------------------------
+    def _post(self, fields: dict[str, str], timeout: float | None) -> tuple[DeliveryResult, Credentials | None]:
+        if "planfix_token" in fields:
+            raise ValueError("fields must not carry planfix_token: the client adds the current one")
+        for name, value in fields.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(f"PlanFix form field {name!r}: value must be str, got {type(value).__name__}")
+        creds = self._credentials()
+        if creds is None or not creds.url or not creds.token:
+            return DeliveryResult(Outcome.NOT_CONFIGURED, error="PlanFix URL/token not configured yet (waiting for setup)"), None
+        body = dict(fields)
+        body["planfix_token"] = creds.token
+        if timeout is None:
+            req_timeout: Any = (self.connect_timeout, self.read_timeout)
+        else:  # a caller's overall deadline (the dialplan lookup) bounds both phases
+            req_timeout = (min(self.connect_timeout, timeout), timeout)
+        try:
+            resp = self._session.post(creds.url, data=body, timeout=req_timeout, allow_redirects=False)
+        except requests.Timeout as exc:
+            return DeliveryResult(Outcome.RETRY, error=f"timeout talking to {creds.url}: {exc.__class__.__name__}"), creds
+        except requests.RequestException as exc:
+            return DeliveryResult(Outcome.RETRY, error=f"cannot reach {creds.url}: {exc.__class__.__name__}: {exc}"), creds
+        return self._classify(resp, creds), creds
+
+    @staticmethod
+    def _classify(resp: requests.Response, creds: Credentials) -> DeliveryResult:
+        status = resp.status_code
+        text = resp.text
+        try:
+            # The spec promises JSON; an empty body on 200 is taken as `{}`
+            # (the spec's own table shows a bare "200 OK" for several commands).
+            reply: Any = json.loads(text) if text.strip() else {}
+            is_json = True
+        except ValueError:
+            reply, is_json = _excerpt(text), False
+        if status == 200:
+            if is_json:
+                return DeliveryResult(Outcome.DELIVERED, status, reply)
+            # A 200 that is not JSON is not PlanFix (a captive proxy, a web
+            # server's default page): resending is safer than losing the call.
+            return DeliveryResult(Outcome.RETRY, status, reply, f"200 with a non-JSON reply from {creds.url}: {reply!r}")
+        if status == 400:
+            return DeliveryResult(Outcome.REJECTED, status, reply, f"PlanFix rejected the request: {reply!r}")
+        if status == 401:
+            return DeliveryResult(Outcome.UNAUTHORIZED, status, reply, f"PlanFix at {creds.url} refused our planfix_token (401): {reply!r}")
+        if 300 <= status < 400:
+            where = resp.headers.get("Location", "?")
+            return DeliveryResult(Outcome.RETRY, status, reply, f"{creds.url} redirects to {where}: set the final URL in [planfix] url")
+        return DeliveryResult(Outcome.RETRY, status, reply, f"HTTP {status} from {creds.url}: {reply!r}")
+
+    # ---- commands -----------------------------------------------------
+    def send(self, fields: dict[str, str]) -> DeliveryResult:
+        """One `event`/`record` (or any command) with the current token; never raises for PlanFix trouble."""
+        result, _ = self._post(fields, None)
+        if result.outcome is Outcome.UNAUTHORIZED:
+            # Loud: nothing reaches PlanFix until an admin fixes the token.
+            log.error("%s; requests are kept and retried, fix [planfix] token or run setup from PlanFix", result.error)
+        elif result.outcome is Outcome.REJECTED:
+            log.warning("PlanFix rejected %s (kept aside): %r", _describe(fields), result.reply)
+        elif result.outcome is Outcome.RETRY:
+            log.warning("PlanFix delivery of %s failed, will retry: %s", _describe(fields), result.error)
+        return result
+
+    def _ask(self, fields: dict[str, str], timeout: float | None) -> Any:
+        result, _ = self._post(fields, timeout)
+        if result.delivered:
+            return result.reply
+        if result.outcome is Outcome.NOT_CONFIGURED:
+            raise PlanfixNotConfigured(result.error)
+        if result.outcome is Outcome.UNAUTHORIZED:
+            log.error("%s", result.error)
+            raise PlanfixUnauthorized(result.error)
+        if result.outcome is Outcome.REJECTED:
+            raise PlanfixRejected(result.error)
+        raise PlanfixUnavailable(result.error)
+
+    def contact(self, phone: str, callid: str | None = None, timeout: float | None = None) -> Contact | None:
+        """The client's name and responsible extension; None when PlanFix knows no such contact.
+
+        Raises PlanfixError (a subclass says which) when PlanFix did not answer usefully,
+        so a caller can tell "unknown number" (cache it) from "PlanFix failed" (don't).
+        """
+        if not phone:
+            raise ValueError("contact: phone must not be empty")
+        fields = {"cmd": "contact", "phone": phone}
+        if callid:
+            fields["callid"] = callid
+        reply = self._ask(fields, timeout)
+        if not isinstance(reply, dict):
+            raise PlanfixUnavailable(f"contact: reply is not a JSON object: {reply!r}")
+        name = reply.get("contact_name")
+        # The spec does not say how "not found" looks; an answer without a
+        # name (`{}`, `{"contact_name": ""}`, null) is the only sensible reading.
+        if not isinstance(name, str) or not name.strip():
+            return None
+        return Contact(name=name.strip(), responsible=_extension(reply.get("responsible")))
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """PlanFix's view of us: {"pbxToken": ..., "pbxUrl": ...}."""
+        reply = self._ask({"cmd": "ping"}, timeout)
+        if not isinstance(reply, dict):
+            raise PlanfixUnavailable(f"ping: reply is not a JSON object: {reply!r}")
+        return reply
+
+
+def _extension(value: Any) -> str | None:
+    """`responsible` arrives as a number (103) or maybe a string; anything else means none."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value.strip().isdigit() and value.strip().isascii():
+        return value.strip()
+    return None
+
+
+def _describe(fields: dict[str, str]) -> str:
+    """A log-friendly name for a command: cmd, event and callid, never the whole form."""
+    parts = [fields.get("cmd", "?")]
+    if "event" in fields:
+        parts.append(fields["event"])
+    if "callid" in fields:
+        parts.append(f"callid={fields['callid']}")
+    return " ".join(parts)
+
+
+# ---- `fsbridge ping` ------------------------------------------------------
+def _normalize_url(url: str) -> str:
+    """Compare URLs as PlanFix would use them: case-insensitive scheme/host, default port, trailing slash."""
+    parts = urllib.parse.urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port
+    if (scheme, port) in (("https", 443), ("http", 80)):
+        port = None
+    netloc = host if port is None else f"{host}:{port}"
+    path = parts.path.rstrip("/") or ""
+    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, ""))
+
+
+def compare_ping(reply: dict[str, Any], public_url: str, pbx_token: str) -> tuple[bool, list[str]]:
+    """Does PlanFix hold our PBX address and token?  (ok, human-readable lines)."""
+    held_url = reply.get("pbxUrl") if isinstance(reply, dict) else None
+    held_token = reply.get("pbxToken") if isinstance(reply, dict) else None
+    held_url = held_url if isinstance(held_url, str) else ""
+    held_token = held_token if isinstance(held_token, str) else ""
+    lines = [
+        f"PlanFix holds PBX URL:   {held_url or '(empty)'}",
+        f"this service's URL:      {public_url or '(not set: [server] public_url)'}",
+    ]
+    if not public_url:
+        url_ok = False
+        lines.append("URL: cannot compare, [server] public_url is not set")
+    elif not held_url:
+        url_ok = False
+        lines.append(f"URL: MISMATCH, PlanFix holds no PBX URL; enter {public_url} in PlanFix's integration settings")
+    else:
+        url_ok = _normalize_url(held_url) == _normalize_url(public_url)
+        lines.append("URL: match" if url_ok else f"URL: MISMATCH, enter {public_url} in PlanFix's integration settings")
+    lines.append(f"PlanFix holds PBX token: {mask_secret(held_token)}")
+    lines.append(f"this service's token:    {mask_secret(pbx_token)}")
+    if not pbx_token:
+        token_ok = False
+        lines.append("token: cannot compare, [server] token is not set")
+    else:
+        token_ok = bool(held_token) and hmac.compare_digest(held_token.encode(), pbx_token.encode())
+        lines.append("token: match" if token_ok else "token: MISMATCH, enter [server] token in PlanFix's integration settings")
+    ok = url_ok and token_ok
+    lines.append("OK: PlanFix and this service agree" if ok else "NOT OK: PlanFix's integration settings differ from this service's")
+    return ok, lines
+
+
+def cli_ping(client: PlanfixClient, public_url: str, pbx_token: str) -> tuple[int, str]:
+    """`fsbridge ping`: (exit code, text to print). Exit 0 only when URL and token match."""
+    try:
+        reply = client.ping()
+    except PlanfixNotConfigured as exc:
+        return 2, f"cannot ping: {exc}; set [planfix] url and token (or switch the integration on in PlanFix)"
+    except PlanfixUnauthorized as exc:
+        return 1, f"PlanFix refused our planfix_token: {exc}"
+    except PlanfixError as exc:
+        return 1, f"ping failed: {exc}"
+    ok, lines = compare_ping(reply, public_url, pbx_token)
+    return (0 if ok else 1), "\n".join(lines)

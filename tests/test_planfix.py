@@ -1,0 +1,251 @@
+"""PlanfixClient against the fake PlanFix over real HTTP, and the `fsbridge ping` comparison."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from fsbridge.planfix import (
+    Contact,
+    Credentials,
+    Outcome,
+    PlanfixClient,
+    PlanfixNotConfigured,
+    PlanfixRejected,
+    PlanfixUnauthorized,
+    PlanfixUnavailable,
+    cli_ping,
+    compare_ping,
+    mask_secret,
+)
+from tests.fakes.fake_planfix import FakePlanfix
+
+COMPLETED = {
+    "cmd": "event",
+    "type": "out",
+    "event": "COMPLETED",
+    "phone": "79101234567",
+    "ext": "102",
+    "callid": "D10D0EB124F4E64AF4EA-1511",
+    "duration": "124",
+    "is_recorded": "1",
+    "status": "Success",
+    "record_link": "https://pbx.example.com/rec/file.mp3",
+    "data_utm_source": "site.io",
+}
+
+
+@pytest.fixture
+def fake():
+    with FakePlanfix() as server:
+        yield server
+
+
+def make_client(fake: FakePlanfix, token: str | None = None, **kw) -> PlanfixClient:
+    return PlanfixClient(lambda: Credentials(fake.url, token or fake.token), **kw)
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/tel/api"  # nothing listens there any more
+
+
+def test_send_delivers_form_with_token_and_reuses_the_connection(fake):
+    client = make_client(fake)
+    for _ in range(3):
+        result = client.send(COMPLETED)
+        assert result.outcome is Outcome.DELIVERED and result.status == 200 and result.reply == {}
+    got = fake.received
+    assert [r.form for r in got] == [dict(COMPLETED, planfix_token=fake.token)] * 3
+    assert len({r.client_port for r in got}) == 1, "each request opened a new connection"
+    fake.assert_no_violations()
+
+
+def test_send_utf8_values_arrive_intact(fake):
+    client = make_client(fake)
+    fields = {"cmd": "record", "callid": "c-1", "record_link": "https://pbx.example.com/r/Запись 1.mp3?a=1&b=2"}
+    assert client.send(fields).delivered
+    assert fake.requests[0]["record_link"] == fields["record_link"]
+    fake.assert_no_violations()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "outcome", "status"),
+    [(400, Outcome.REJECTED, 400), (401, Outcome.UNAUTHORIZED, 401), (503, Outcome.RETRY, 503),
+     (500, Outcome.RETRY, 500), ("garbage", Outcome.RETRY, 200), ("close", Outcome.RETRY, None)],
+)
+def test_send_classifies_answers(fake, behaviour, outcome, status):
+    fake.script(behaviour)
+    result = make_client(fake).send(COMPLETED)
+    assert (result.outcome, result.status) == (outcome, status)
+    assert result.error
+    if behaviour == 400:
+        assert result.reply == {"error": "Invalid parameters"}
+
+
+def test_wrong_token_is_unauthorized_and_logged_loudly(fake, caplog):
+    result = make_client(fake, token="not-the-token").send(COMPLETED)
+    assert result.outcome is Outcome.UNAUTHORIZED
+    assert result.reply == {"error": "Invalid token"}
+    assert any(r.levelname == "ERROR" and "401" in r.getMessage() for r in caplog.records)
+    assert "not-the-token" not in caplog.text
+
+
+def test_invalid_request_is_rejected_by_the_strict_fake(fake):
+    result = make_client(fake).send(dict(COMPLETED, status="Missed"))  # Missed is for incoming calls only
+    assert result.outcome is Outcome.REJECTED
+    assert "type=out" in fake.violations[0][1]
+
+
+def test_read_timeout_is_a_retry(fake):
+    fake.failure = "hang"
+    started = time.monotonic()
+    result = make_client(fake, read_timeout=0.2).send(COMPLETED)
+    assert result.outcome is Outcome.RETRY and "timeout" in result.error
+    assert time.monotonic() - started < 2
+
+
+def test_connection_refused_is_a_retry():
+    client = PlanfixClient(lambda: Credentials(dead_url(), "t" * 32), connect_timeout=0.5)
+    result = client.send(COMPLETED)
+    assert result.outcome is Outcome.RETRY and result.status is None
+
+
+def test_not_configured_sends_nothing(fake):
+    assert PlanfixClient(lambda: None).send(COMPLETED).outcome is Outcome.NOT_CONFIGURED
+    assert PlanfixClient(lambda: Credentials(fake.url, "")).send(COMPLETED).outcome is Outcome.NOT_CONFIGURED
+    assert fake.requests == []
+
+
+def test_credentials_are_read_on_every_request(fake):
+    current = {"creds": Credentials(fake.url, "old-token-xxxxxxxx")}
+    client = PlanfixClient(lambda: current["creds"])
+    assert client.send(COMPLETED).outcome is Outcome.UNAUTHORIZED
+    current["creds"] = Credentials(fake.url, fake.token)
+    assert client.send(COMPLETED).delivered
+
+
+def test_send_refuses_bad_fields(fake):
+    client = make_client(fake)
+    with pytest.raises(ValueError):
+        client.send(dict(COMPLETED, planfix_token="x"))
+    with pytest.raises(TypeError):
+        client.send(dict(COMPLETED, duration=124))
+    assert fake.requests == []
+
+
+def test_credentials_repr_masks_the_token():
+    creds = Credentials("https://x.planfix.ru/tel/api", "303cb962ac59075b964b07152d234b70")
+    assert "303cb962ac59075b964b07152d234b70" not in repr(creds)
+
+
+# ---- contact ------------------------------------------------------------------
+def test_contact_found_with_responsible(fake):
+    fake.contacts["79101234567"] = {"contact_name": "Иванов Иван Иванович", "responsible": 103}
+    assert make_client(fake).contact("79101234567", callid="abc") == Contact("Иванов Иван Иванович", "103")
+    assert fake.requests[0] == {"cmd": "contact", "phone": "79101234567", "callid": "abc", "planfix_token": fake.token}
+
+
+def test_contact_without_responsible(fake):
+    fake.contacts["79101234567"] = {"contact_name": "Petrov"}
+    assert make_client(fake).contact("79101234567") == Contact("Petrov", None)
+    assert "callid" not in fake.requests[0]
+
+
+def test_contact_not_found_is_none(fake):
+    assert make_client(fake).contact("70000000000") is None
+    fake.contact_not_found_reply = {"contact_name": ""}
+    assert make_client(fake).contact("70000000000") is None
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [(401, PlanfixUnauthorized), (400, PlanfixRejected), (503, PlanfixUnavailable), ("garbage", PlanfixUnavailable)],
+)
+def test_contact_failures_raise_distinctly(fake, behaviour, error):
+    fake.script(behaviour)
+    with pytest.raises(error):
+        make_client(fake).contact("79101234567")
+
+
+def test_contact_timeout_bounds_the_wait(fake):
+    fake.failure = "hang"
+    started = time.monotonic()
+    with pytest.raises(PlanfixUnavailable):
+        make_client(fake, read_timeout=10).contact("79101234567", timeout=0.2)
+    assert time.monotonic() - started < 2
+
+
+def test_contact_not_configured():
+    with pytest.raises(PlanfixNotConfigured):
+        PlanfixClient(lambda: None).contact("79101234567")
+
+
+# ---- ping and compare_ping --------------------------------------------------------
+PBX_TOKEN = "202cb962ac59075b964b07152d234b70"
+PBX_URL = "https://pbx.example.com/planfix"
+
+
+def test_ping_returns_what_planfix_holds(fake):
+    fake.ping_reply = {"pbxToken": PBX_TOKEN, "pbxUrl": PBX_URL}
+    assert make_client(fake).ping() == fake.ping_reply
+    assert fake.requests == [{"cmd": "ping", "planfix_token": fake.token}]
+
+
+def test_compare_ping_match_tolerates_trailing_slash_case_and_default_port():
+    ok, lines = compare_ping({"pbxToken": PBX_TOKEN, "pbxUrl": "HTTPS://PBX.example.com:443/planfix/"}, PBX_URL, PBX_TOKEN)
+    assert ok
+    assert "URL: match" in lines and "token: match" in lines
+    assert not any(PBX_TOKEN in line for line in lines)
+
+
+def test_compare_ping_url_mismatch():
+    ok, lines = compare_ping({"pbxToken": PBX_TOKEN, "pbxUrl": "https://old.example.com/planfix"}, PBX_URL, PBX_TOKEN)
+    assert not ok
+    assert any(line.startswith("URL: MISMATCH") for line in lines)
+    assert "token: match" in lines
+
+
+def test_compare_ping_token_mismatch_is_masked():
+    other = "ffffffffffffffffffffffffffffffff"
+    ok, lines = compare_ping({"pbxToken": other, "pbxUrl": PBX_URL}, PBX_URL, PBX_TOKEN)
+    assert not ok
+    assert any(line.startswith("token: MISMATCH") for line in lines)
+    text = "\n".join(lines)
+    assert other not in text and PBX_TOKEN not in text
+    assert mask_secret(other) in text and mask_secret(PBX_TOKEN) in text
+
+
+@pytest.mark.parametrize("reply", [{}, {"pbxToken": None, "pbxUrl": 5}, []])
+def test_compare_ping_empty_or_odd_reply_is_not_ok(reply):
+    ok, lines = compare_ping(reply, PBX_URL, PBX_TOKEN)
+    assert not ok and lines[-1].startswith("NOT OK")
+
+
+def test_compare_ping_without_our_settings():
+    ok, lines = compare_ping({"pbxToken": PBX_TOKEN, "pbxUrl": PBX_URL}, "", "")
+    assert not ok
+    assert any("public_url is not set" in line for line in lines)
+    assert any("[server] token is not set" in line for line in lines)
+
+
+def test_mask_secret_short_and_long():
+    assert mask_secret("") == "(empty)"
+    assert mask_secret("abc") == "***(3 chars)"
+    assert mask_secret(PBX_TOKEN) == "202c…70(32 chars)"
+
+
+def test_cli_ping_exit_codes(fake):
+    fake.ping_reply = {"pbxToken": PBX_TOKEN, "pbxUrl": PBX_URL}
+    code, text = cli_ping(make_client(fake), PBX_URL, PBX_TOKEN)
+    assert code == 0 and text.endswith("OK: PlanFix and this service agree")
+    code, text = cli_ping(make_client(fake), "https://elsewhere.example.com/", PBX_TOKEN)
+    assert code == 1 and "URL: MISMATCH" in text
+    code, text = cli_ping(make_client(fake, token="wrong-token-123456"), PBX_URL, PBX_TOKEN)
+    assert code == 1 and "refused our planfix_token" in text
+    code, text = cli_ping(PlanfixClient(lambda: None), PBX_URL, PBX_TOKEN)
+    assert code == 2 and "cannot ping" in text
