@@ -1,0 +1,207 @@
+"""FreeSWITCH channel events reduced to what call tracking reads.
+
+``channel_event`` turns one parsed plain event into a small frozen
+``ChannelEvent``.  It reads only the headers the tracker uses, through
+``EventHeaders.get`` (each lookup decodes one line; decoding all ~200
+headers of a channel event would cost more than everything else done with
+it), and returns ``None`` for events the tracker does not need.
+
+Values that end up in PlanFix fields (numbers, the DID, ``planfix_data_*``
+variables) come from SIP headers an outside caller controls, so they are
+sanitized here, once: control and format characters removed (no line
+breaks, no bidi overrides), length bounded.  Identifiers (UUIDs) are only
+used as dictionary keys and the PlanFix ``callid``; they are bounded too.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+from fsbridge.wire import EventHeaders
+
+# Everything the tracker needs, and nothing more: every event subscribed to
+# is parsed and costs CPU on a busy box.  Why each one is here:
+#   CHANNEL_CREATE           a call (A leg) or a ringing leg (B leg) appears
+#   CHANNEL_BRIDGE           the only reliable name of who answered
+#   CHANNEL_HANGUP_COMPLETE  a leg ended, with its cause, billsec, recording
+#   CHANNEL_DESTROY          fallback end of a leg whose HANGUP_COMPLETE was lost
+#   RECORD_STOP              the recording file FreeSWITCH closed
+#   BACKGROUND_JOB           results of our own bgapi (makeCall)
+#   HEARTBEAT                liveness of the ESL connection
+SUBSCRIBED_EVENTS: tuple[str, ...] = (
+    "CHANNEL_CREATE",
+    "CHANNEL_BRIDGE",
+    "CHANNEL_HANGUP_COMPLETE",
+    "CHANNEL_DESTROY",
+    "RECORD_STOP",
+    "BACKGROUND_JOB",
+    "HEARTBEAT",
+)
+
+# Names of the channel variables a click-to-call originate sets on the
+# manager leg (see originate.py); FreeSWITCH reports them as variable_<name>.
+CLICK_TO_CALL_VAR = "fsbridge_click_to_call"
+CLICK_TO_CALL_EXT_VAR = "fsbridge_ext"
+CLICK_TO_CALL_PHONE_VAR = "fsbridge_phone"
+# Dialplan-set variables planfix_data_<field> become PlanFix data_<field>.
+PLANFIX_DATA_PREFIX = "variable_planfix_data_"
+
+MAX_ID_CHARS = 64          # a UUID is 36; anything longer is not ours
+MAX_NUMBER_CHARS = 64      # phone numbers, extensions, DIDs
+MAX_TEXT_CHARS = 256       # data_* values, cause names
+MAX_PATH_CHARS = 1024      # recording file paths
+MAX_DATA_FIELDS = 32       # planfix_data_* variables carried per call
+MAX_DATA_NAME_CHARS = 64
+
+_EVENTS_WITH_DATA = frozenset({"CHANNEL_BRIDGE", "CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY"})
+_CHANNEL_EVENTS = frozenset(SUBSCRIBED_EVENTS) - {"BACKGROUND_JOB", "HEARTBEAT"}
+
+
+def sanitize(value: str | None, limit: int = MAX_TEXT_CHARS) -> str:
+    """Drop control/format/separator characters, trim, bound the length.
+
+    Unicode categories Cc (C0/C1 controls incl. CR/LF/NUL), Cf (bidi
+    overrides, zero-width joiners) and Zl/Zp (line/paragraph separators)
+    can forge lines or hide text in PlanFix; everything else is kept.
+    """
+    if not value:
+        return ""
+    if not value.isprintable():
+        value = "".join(
+            ch for ch in value
+            if ch == " " or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")
+        )
+    return value.strip()[:limit]
+
+
+def _int(value: str | None) -> int:
+    """An integer header; absent or garbage counts as 0 (FreeSWITCH's own default)."""
+    if not value:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelEvent:
+    """One FreeSWITCH event, reduced to plain values the tracker reads.
+
+    Times are microseconds since the epoch as FreeSWITCH stamped them
+    (0 = not happened / not present).  Strings are sanitized; an absent
+    header is "".
+    """
+
+    name: str                       # Event-Name
+    uuid: str                       # Unique-ID of the channel ("" for BACKGROUND_JOB)
+    call_uuid: str                  # Channel-Call-UUID (A leg's UUID, mostly)
+    direction: str                  # Call-Direction: inbound / outbound
+    channel_name: str               # sofia/internal/101@127.0.0.1:5091
+    caller_number: str              # Caller-Caller-ID-Number
+    destination_number: str         # Caller-Destination-Number
+    dialed_user: str                # variable_dialed_user (user/<x> legs)
+    user_name: str                  # variable_user_name (digest-authenticated phone)
+    other_leg_uuid: str             # Other-Leg-Unique-ID
+    other_type: str                 # Other-Type: originator (B leg) / originatee (A leg)
+    bridge_a_uuid: str              # Bridge-A-Unique-ID (CHANNEL_BRIDGE)
+    bridge_b_uuid: str              # Bridge-B-Unique-ID (CHANNEL_BRIDGE)
+    other_leg_answered_us: int      # Other-Leg-Channel-Answered-Time (on CHANNEL_BRIDGE)
+    hangup_cause: str               # Hangup-Cause
+    originate_disposition: str      # variable_originate_disposition
+    sip_term_status: str            # variable_sip_term_status (SIP final code of a failed leg)
+    billsec: int                    # variable_billsec (talk seconds; HANGUP_COMPLETE)
+    answered_us: int                # Caller-Channel-Answered-Time
+    hangup_us: int                  # Caller-Channel-Hangup-Time
+    timestamp_us: int               # Event-Date-Timestamp
+    record_file_path: str           # Record-File-Path (RECORD_STOP)
+    record_ms: int                  # variable_record_ms (-1 = not present)
+    click_to_call_id: str           # variable_fsbridge_click_to_call (our makeCall request id)
+    click_to_call_ext: str          # variable_fsbridge_ext
+    click_to_call_phone: str        # variable_fsbridge_phone
+    planfix_data: tuple[tuple[str, str], ...] = ()   # (field, value) from variable_planfix_data_<field>
+    job_uuid: str = ""              # Job-UUID (BACKGROUND_JOB)
+    job_body: str = ""              # BACKGROUND_JOB body: "+OK <uuid>" / "-ERR <CAUSE>"
+
+
+def _record_ms(headers: EventHeaders) -> int:
+    ms = headers.get("variable_record_ms")
+    if ms is not None and ms != "":
+        return max(_int(ms), 0)
+    seconds = headers.get("variable_record_seconds")
+    if seconds is not None and seconds != "":
+        return max(_int(seconds), 0) * 1000
+    return -1
+
+
+def _planfix_data(headers: EventHeaders) -> tuple[tuple[str, str], ...]:
+    found = headers.with_prefix(PLANFIX_DATA_PREFIX)
+    if not found:
+        return ()
+    fields: list[tuple[str, str]] = []
+    for name, value in found.items():
+        field = sanitize(name[len(PLANFIX_DATA_PREFIX):], MAX_DATA_NAME_CHARS)
+        # The field name becomes a form key: no separators that could
+        # confuse a reader of the form or the logs.
+        if not field or any(ch in field for ch in "=&% "):
+            continue
+        fields.append((field, sanitize(value, MAX_TEXT_CHARS)))
+        if len(fields) >= MAX_DATA_FIELDS:
+            break
+    return tuple(fields)
+
+
+def channel_event(headers: EventHeaders, body: bytes) -> ChannelEvent | None:
+    """Reduce one plain event to a ``ChannelEvent``; None if the tracker ignores it."""
+    name = headers.get("Event-Name") or ""
+    if name == "BACKGROUND_JOB":
+        return ChannelEvent(
+            name=name, uuid="", call_uuid="", direction="", channel_name="",
+            caller_number="", destination_number="", dialed_user="", user_name="",
+            other_leg_uuid="", other_type="", bridge_a_uuid="", bridge_b_uuid="",
+            other_leg_answered_us=0, hangup_cause="", originate_disposition="",
+            sip_term_status="", billsec=0, answered_us=0, hangup_us=0,
+            timestamp_us=_int(headers.get("Event-Date-Timestamp")),
+            record_file_path="", record_ms=-1, click_to_call_id="",
+            click_to_call_ext="", click_to_call_phone="",
+            job_uuid=sanitize(headers.get("Job-UUID"), MAX_ID_CHARS),
+            job_body=sanitize(body.decode("utf-8", "replace"), MAX_TEXT_CHARS),
+        )
+    if name not in _CHANNEL_EVENTS:
+        return None
+    uuid = sanitize(headers.get("Unique-ID"), MAX_ID_CHARS)
+    if not uuid:
+        return None
+    get = headers.get
+    is_bridge = name == "CHANNEL_BRIDGE"
+    ends_leg = name in ("CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY")
+    return ChannelEvent(
+        name=name,
+        uuid=uuid,
+        call_uuid=sanitize(get("Channel-Call-UUID"), MAX_ID_CHARS),
+        direction=sanitize(get("Call-Direction"), 16),
+        channel_name=sanitize(get("Channel-Name"), MAX_TEXT_CHARS),
+        caller_number=sanitize(get("Caller-Caller-ID-Number"), MAX_NUMBER_CHARS),
+        destination_number=sanitize(get("Caller-Destination-Number"), MAX_NUMBER_CHARS),
+        dialed_user=sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS),
+        user_name=sanitize(get("variable_user_name"), MAX_NUMBER_CHARS),
+        other_leg_uuid=sanitize(get("Other-Leg-Unique-ID"), MAX_ID_CHARS),
+        other_type=sanitize(get("Other-Type"), 16),
+        bridge_a_uuid=sanitize(get("Bridge-A-Unique-ID"), MAX_ID_CHARS) if is_bridge else "",
+        bridge_b_uuid=sanitize(get("Bridge-B-Unique-ID"), MAX_ID_CHARS) if is_bridge else "",
+        other_leg_answered_us=_int(get("Other-Leg-Channel-Answered-Time")) if is_bridge else 0,
+        hangup_cause=sanitize(get("Hangup-Cause"), 64) if ends_leg else "",
+        originate_disposition=sanitize(get("variable_originate_disposition"), 64) if ends_leg else "",
+        sip_term_status=sanitize(get("variable_sip_term_status"), 8) if ends_leg else "",
+        billsec=_int(get("variable_billsec")) if ends_leg else 0,
+        answered_us=_int(get("Caller-Channel-Answered-Time")),
+        hangup_us=_int(get("Caller-Channel-Hangup-Time")) if ends_leg else 0,
+        timestamp_us=_int(get("Event-Date-Timestamp")),
+        record_file_path=sanitize(get("Record-File-Path"), MAX_PATH_CHARS) if name == "RECORD_STOP" else "",
+        record_ms=_record_ms(headers) if name in ("RECORD_STOP", "CHANNEL_HANGUP_COMPLETE") else -1,
+        click_to_call_id=sanitize(get("variable_" + CLICK_TO_CALL_VAR), MAX_ID_CHARS),
+        click_to_call_ext=sanitize(get("variable_" + CLICK_TO_CALL_EXT_VAR), MAX_NUMBER_CHARS),
+        click_to_call_phone=sanitize(get("variable_" + CLICK_TO_CALL_PHONE_VAR), MAX_NUMBER_CHARS),
+        planfix_data=_planfix_data(headers) if name in _EVENTS_WITH_DATA else (),
+    )

@@ -1,0 +1,565 @@
+"""The call state machine: FreeSWITCH channel events in, PlanFix commands out.
+
+Pure: no sockets, no clock reads, no globals.  Time comes in with the
+events (their FreeSWITCH timestamps) and with ``reconcile(now_us=...)``.
+The full mapping of FreeSWITCH facts to PlanFix fields is documented in
+``docs/event-mapping.md``; the short version:
+
+* A call is keyed by its A leg (the channel with no originator): an inbound
+  channel from the carrier or a phone, or the manager leg of our own
+  click-to-call originate (tagged ``fsbridge_click_to_call``).  Its UUID is
+  the PlanFix ``callid``.
+* Legs the A leg originates (B legs) are attached through
+  ``Other-Leg-Unique-ID`` / ``Channel-Call-UUID`` on their CHANNEL_CREATE and
+  from then on found by their own ``Unique-ID`` (late B-leg events may carry
+  their own UUID as Channel-Call-UUID again).
+* Each extension taking part gets a *slot*: exactly one INCOMING or
+  OUTGOING, at most one ACCEPTED, exactly one COMPLETED, same ext and callid.
+* The winner comes only from CHANNEL_BRIDGE (``Other-Leg-*`` on the A leg's
+  CHANNEL_ANSWER can name a loser).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from fsbridge.events import ChannelEvent, sanitize
+
+__all__ = [
+    "CallTracker",
+    "PlanfixCommand",
+    "TrackerSettings",
+    "default_normalize_phone",
+    "live_uuids_from_show_json",
+    "outgoing_status",
+]
+
+TYPE_IN = "in"
+TYPE_OUT = "out"
+
+SUCCESS = "Success"
+MISSED = "Missed"
+CANCELLED = "Cancelled"
+BUSY = "Busy"
+NO_ANSWER = "NoAnswer"
+NOT_AVAILABLE = "NotAvailable"
+NOT_ALLOWED = "NotAllowed"
+
+_LEG_END_EVENTS = ("CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY")
+
+
+def default_normalize_phone(raw: str) -> str:
+    """Digits only (``+7 (910) 123-45-67`` -> ``79101234567``).
+
+    A value without any digit (``anonymous``) is kept as it is rather than
+    dropped: PlanFix should still see what the caller presented.  The
+    service replaces this with ``fsbridge.phone.normalize_phone``.
+    """
+    digits = "".join(ch for ch in raw if ch.isdigit() and ch.isascii())
+    return digits or raw
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerSettings:
+    # An extension (PlanFix "ext", an employee's short number).  Candidates
+    # come from the channel: variable_dialed_user / Caller-Destination-Number
+    # of a leg we ring, variable_user_name of a digest-authenticated phone.
+    extension_pattern: str = r"^\d{2,6}$"
+    # Calls from one extension to another are internal: not shown in PlanFix
+    # unless this is on (then reported as incoming to the called extension).
+    report_internal_calls: bool = False
+    # Applied to `phone` and `diversion`; the service plugs in phone.py.
+    normalize_phone: Callable[[str], str] = default_normalize_phone
+    # Bounds memory if FreeSWITCH never ends some channels (lost events and
+    # no reconnect): beyond this many open calls the oldest is closed.
+    max_open_calls: int = 10_000
+    # UUIDs of recently finished calls remembered so that a re-delivered
+    # CHANNEL_CREATE does not start the call again.
+    finished_memory: int = 4096
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.extension_pattern)
+        except re.error as exc:
+            raise ValueError(f"extension_pattern {self.extension_pattern!r} is not a valid regex: {exc}") from None
+        if self.max_open_calls < 1:
+            raise ValueError("max_open_calls must be at least 1")
+        if self.finished_memory < 0:
+            raise ValueError("finished_memory must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanfixCommand:
+    call_id: str                 # ordering key for the outbox: the PlanFix callid (A-leg UUID)
+    fields: dict[str, str]       # form fields WITHOUT planfix_token
+    recording_path: str | None = None   # on COMPLETED of a recorded answered call
+
+
+class _Slot:
+    """One extension's part in a call: one INCOMING/OUTGOING ... one COMPLETED."""
+
+    __slots__ = ("type", "ext", "phone", "diversion", "live_legs", "legs", "last_failed_leg")
+
+    def __init__(self, type_: str, ext: str, phone: str, diversion: str) -> None:
+        self.type = type_
+        self.ext = ext
+        self.phone = phone
+        self.diversion = diversion
+        self.live_legs = 0           # legs of this slot not ended yet
+        self.legs: list[_Leg] = []
+        self.last_failed_leg: _Leg | None = None
+
+    @property
+    def passed_over(self) -> bool:
+        """Every leg rung for this extension has ended (hunt moved on, or all failed)."""
+        return self.live_legs == 0 and bool(self.legs)
+
+
+class _Leg:
+    """A B leg: a channel the A leg originated."""
+
+    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status")
+
+    def __init__(self, uuid: str, slot: _Slot | None) -> None:
+        self.uuid = uuid
+        self.slot = slot
+        self.ended = False
+        self.billsec = -1            # -1: leg not ended (or ended without billsec)
+        self.cause = ""
+        self.sip_term_status = ""
+
+
+class _Call:
+    __slots__ = (
+        "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
+        "winner", "winner_answered_us", "recording_path", "record_ms", "data",
+    )
+
+    def __init__(self, uuid: str) -> None:
+        self.uuid = uuid
+        self.caller_ext = ""         # the A leg is this extension's phone / click-to-call manager
+        self.phone = ""              # inbound: the caller; outbound: set per slot
+        self.diversion = ""          # inbound: the DID dialled
+        self.click_to_call = False
+        self.slots: dict[int, _Slot] = {}   # open slots, in the order their first event went out
+        self.legs: dict[str, _Leg] = {}
+        self.winner: _Leg | None = None
+        self.winner_answered_us = 0
+        self.recording_path = ""
+        self.record_ms = -1          # -1: unknown
+        self.data: dict[str, str] = {}
+
+
+class CallTracker:
+    """Feed ``ChannelEvent``s in FreeSWITCH order; get PlanFix ``event`` commands.
+
+    COMPLETED contract (fields besides cmd/type/event/phone/diversion/ext/callid):
+
+    * ``status``: ``Success`` for the extension that talked; ``Cancelled``
+      for an extension another one answered before, or passed over by a hunt
+      (sent right before the next INCOMING); ``Missed`` for every extension
+      still ringing (or rung last) when an unanswered inbound call ended;
+      outgoing failures per ``outgoing_status``.  A click-to-call whose
+      manager leg fails before the client is rung ends ``NoAnswer``.
+    * ``duration``: talk seconds of the winning leg (its ``billsec``, or its
+      answer-to-hangup time when its HANGUP_COMPLETE has not arrived) for
+      ``Success``; ``0`` otherwise.
+    * ``is_recorded``: ``1`` only for ``Success`` when the call was recorded
+      with content: a RECORD_STOP or HANGUP_COMPLETE said ``record_ms``
+      (or ``record_seconds``) > 0, or RECORD_STOP named a file and no length
+      was reported at all.  ``0`` otherwise (also for every loser).
+    * ``PlanfixCommand.recording_path``: the ``Record-File-Path`` of the
+      last RECORD_STOP of the call, set only when ``is_recorded`` is ``1``
+      and a RECORD_STOP was seen.  The service checks that file on disk and
+      adds ``record_link`` (or downgrades ``is_recorded``) before sending.
+    * ``data_<field>``: every ``planfix_data_<field>`` variable seen on the
+      A leg so far (all of them on the final COMPLETED).
+    """
+
+    def __init__(self, settings: TrackerSettings | None = None) -> None:
+        self._settings = settings or TrackerSettings()
+        self._ext_re = re.compile(self._settings.extension_pattern)
+        self._normalize = self._settings.normalize_phone
+        self._calls: dict[str, _Call] = {}       # A-leg UUID -> call, oldest first
+        self._owner: dict[str, _Call] = {}       # B-leg UUID -> call
+        self._finished: dict[str, None] = {}     # recently finished A-leg UUIDs (ordered set)
+
+    # -- public ---------------------------------------------------------------
+
+    def open_calls(self) -> int:
+        return len(self._calls)
+
+    def feed(self, event: ChannelEvent) -> list[PlanfixCommand]:
+        name = event.name
+        if name == "CHANNEL_CREATE":
+            return self._on_create(event)
+        call = self._calls.get(event.uuid)
+        if call is not None:
+            return self._on_a_leg_event(call, event)
+        call = self._owner.get(event.uuid)
+        if call is not None:
+            return self._on_b_leg_event(call, call.legs[event.uuid], event)
+        # BACKGROUND_JOB, HEARTBEAT, channels we do not track, late events
+        # of calls already closed: nothing to say.
+        return []
+
+    def reconcile(self, live_call_uuids: set[str], now_us: int) -> list[PlanfixCommand]:
+        """Close every open call none of whose channels is still up.
+
+        Run after an ESL reconnect with the UUIDs from ``show calls/channels
+        as json`` (``live_uuids_from_show_json``): whatever ended while the
+        connection was down gets its COMPLETED, with ``now_us`` standing in
+        for the unknown hangup time.
+        """
+        out: list[PlanfixCommand] = []
+        for call in list(self._calls.values()):
+            if call.uuid in live_call_uuids or any(uuid in live_call_uuids for uuid in call.legs):
+                continue
+            out += self._finish(call, end_us=now_us, disposition="", a_cause="")
+        return out
+
+    # -- events ---------------------------------------------------------------
+
+    def _on_create(self, ev: ChannelEvent) -> list[PlanfixCommand]:
+        uuid = ev.uuid
+        if uuid in self._calls or uuid in self._owner or uuid in self._finished:
+            return []  # duplicate delivery
+        parent = self._parent_uuid(ev)
+        if parent:
+            call = self._calls.get(parent) or self._owner.get(parent)
+            if call is None:
+                return []  # a leg of something we do not track
+            return self._on_leg_created(call, ev)
+        return self._on_call_created(ev)
+
+    @staticmethod
+    def _parent_uuid(ev: ChannelEvent) -> str:
+        # A B leg names its originator in Other-Leg-Unique-ID
+        # (Other-Type: originator); Channel-Call-UUID is the A leg's on
+        # CHANNEL_CREATE.  An A leg's Other-Leg (originatee) is its child.
+        if ev.other_leg_uuid and ev.other_leg_uuid != ev.uuid and ev.other_type != "originatee":
+            return ev.other_leg_uuid
+        if ev.call_uuid and ev.call_uuid != ev.uuid:
+            return ev.call_uuid
+        return ""
+
+    def _on_call_created(self, ev: ChannelEvent) -> list[PlanfixCommand]:
+        out: list[PlanfixCommand] = []
+        if ev.click_to_call_id:
+            ext = ev.click_to_call_ext if self._is_ext(ev.click_to_call_ext) else ""
+            if not ext:
+                return []  # our tag without a usable extension: cannot be shown to anyone
+            call = self._new_call(ev, out)
+            call.click_to_call = True
+            call.caller_ext = ext
+            # The manager's phone rings first; the client leg comes after
+            # the manager answers.  PlanFix shows the call from now on.
+            slot = self._open_slot(call, TYPE_OUT, ext, self._phone(ev.click_to_call_phone), "")
+            out.append(self._command(call, slot, "OUTGOING"))
+            return out
+        if ev.direction != "inbound":
+            return []  # e.g. an `originate` from fs_cli: not a call we report
+        call = self._new_call(ev, out)
+        if self._is_ext(ev.user_name):
+            call.caller_ext = ev.user_name      # an extension's own phone dials
+        call.phone = self._phone(ev.caller_number)
+        call.diversion = self._phone(ev.destination_number)
+        return out
+
+    def _new_call(self, ev: ChannelEvent, out: list[PlanfixCommand]) -> _Call:
+        if len(self._calls) >= self._settings.max_open_calls:
+            oldest = next(iter(self._calls.values()))
+            out += self._finish(oldest, end_us=ev.timestamp_us, disposition="", a_cause="")
+        call = self._calls[ev.uuid] = _Call(ev.uuid)
+        return call
+
+    def _on_leg_created(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        ext = self._leg_ext(ev)
+        out: list[PlanfixCommand] = []
+        slot: _Slot | None = None
+        if call.click_to_call or (call.caller_ext and not ext):
+            # The leg to the client (click-to-call) or to the outside world
+            # (an extension dialling out): it decides the outgoing outcome.
+            slot = self._outgoing_slot(call, ev, out)
+        elif ext and (not call.caller_ext or self._settings.report_internal_calls):
+            slot = self._incoming_slot(call, ext, out)
+        leg = _Leg(ev.uuid, slot)
+        call.legs[ev.uuid] = leg
+        self._owner[ev.uuid] = call
+        if slot is not None:
+            slot.legs.append(leg)
+            slot.live_legs += 1
+        return out
+
+    def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand]) -> _Slot:
+        # Hunt: extensions whose legs all ended were passed over; close them
+        # before the next one is shown ringing.
+        winner_slot = call.winner.slot if call.winner is not None else None
+        for slot in list(call.slots.values()):
+            if slot.passed_over and slot is not winner_slot:
+                out.append(self._completed(call, slot, CANCELLED))
+        for slot in call.slots.values():
+            if slot.type == TYPE_IN and slot.ext == ext:
+                return slot  # another device of the same extension: one pop-up
+        if call.caller_ext:  # internal call, reported on request
+            phone, diversion = call.caller_ext, ""
+        else:
+            phone, diversion = call.phone, call.diversion
+        slot = self._open_slot(call, TYPE_IN, ext, phone, diversion)
+        out.append(self._command(call, slot, "INCOMING"))
+        return slot
+
+    def _outgoing_slot(self, call: _Call, ev: ChannelEvent, out: list[PlanfixCommand]) -> _Slot:
+        for slot in call.slots.values():
+            if slot.type == TYPE_OUT:
+                if not slot.diversion:
+                    # Click-to-call: the caller ID the client sees is known
+                    # only once the client leg exists.
+                    slot.diversion = self._phone(ev.caller_number)
+                return slot
+        slot = self._open_slot(
+            call, TYPE_OUT, call.caller_ext, self._phone(ev.destination_number), self._phone(ev.caller_number)
+        )
+        out.append(self._command(call, slot, "OUTGOING"))
+        return slot
+
+    def _on_a_leg_event(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        if ev.planfix_data:
+            call.data.update(ev.planfix_data)
+        name = ev.name
+        if name == "CHANNEL_BRIDGE":
+            return self._on_bridge(call, ev)
+        if name == "RECORD_STOP":
+            self._on_record_stop(call, ev)
+            return []
+        if name in _LEG_END_EVENTS:
+            if ev.record_ms >= 0:
+                call.record_ms = max(call.record_ms, ev.record_ms)
+            end_us = ev.hangup_us or ev.timestamp_us
+            return self._finish(call, end_us, ev.originate_disposition, ev.hangup_cause)
+        return []
+
+    def _on_b_leg_event(self, call: _Call, leg: _Leg, ev: ChannelEvent) -> list[PlanfixCommand]:
+        name = ev.name
+        if name == "RECORD_STOP":
+            self._on_record_stop(call, ev)
+        elif name in _LEG_END_EVENTS and not leg.ended:
+            leg.ended = True
+            leg.billsec = ev.billsec
+            leg.cause = ev.hangup_cause
+            leg.sip_term_status = ev.sip_term_status
+            slot = leg.slot
+            if slot is not None:
+                slot.live_legs -= 1
+                if leg is not call.winner:
+                    slot.last_failed_leg = leg
+        return []
+
+    def _on_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        if call.winner is not None:
+            return []  # a second bridge (transfer, duplicate): the talker is known
+        leg = call.legs.get(ev.bridge_b_uuid)
+        if leg is None:
+            return []  # bridged to a channel we did not see originate
+        call.winner = leg
+        call.winner_answered_us = ev.other_leg_answered_us or ev.timestamp_us
+        winner_slot = leg.slot
+        if winner_slot is None:
+            return []  # an internal call nobody is shown
+        winner_slot.last_failed_leg = None
+        out = [self._command(call, winner_slot, "ACCEPTED")]
+        for slot in list(call.slots.values()):
+            if slot is not winner_slot:
+                out.append(self._completed(call, slot, CANCELLED))
+        return out
+
+    @staticmethod
+    def _on_record_stop(call: _Call, ev: ChannelEvent) -> None:
+        if ev.record_file_path:
+            call.recording_path = ev.record_file_path
+        if ev.record_ms >= 0:
+            call.record_ms = max(call.record_ms, ev.record_ms)
+
+    # -- closing --------------------------------------------------------------
+
+    def _finish(self, call: _Call, end_us: int, disposition: str, a_cause: str) -> list[PlanfixCommand]:
+        """The A leg is gone: every slot still open gets its COMPLETED."""
+        out: list[PlanfixCommand] = []
+        winner = call.winner
+        for slot in list(call.slots.values()):
+            if winner is not None and slot is winner.slot:
+                out.append(self._completed_success(call, slot, end_us))
+            elif slot.type == TYPE_IN:
+                out.append(self._completed(call, slot, MISSED))
+            elif slot.last_failed_leg is not None:
+                failed = slot.last_failed_leg
+                out.append(self._completed(call, slot, outgoing_status(failed.cause, failed.sip_term_status, disposition, a_cause)))
+            elif call.click_to_call:
+                # The manager's own leg failed (busy, no answer, hung up)
+                # before any client leg ended: the manager did not take it.
+                out.append(self._completed(call, slot, NO_ANSWER))
+            else:
+                out.append(self._completed(call, slot, outgoing_status("", "", disposition, a_cause)))
+        self._forget(call)
+        return out
+
+    def _forget(self, call: _Call) -> None:
+        self._calls.pop(call.uuid, None)
+        for uuid in call.legs:
+            self._owner.pop(uuid, None)
+        finished = self._finished
+        limit = self._settings.finished_memory
+        if limit:
+            finished[call.uuid] = None
+            while len(finished) > limit:
+                del finished[next(iter(finished))]
+
+    def _completed_success(self, call: _Call, slot: _Slot, end_us: int) -> PlanfixCommand:
+        winner = call.winner
+        assert winner is not None
+        if winner.billsec >= 0:
+            duration = winner.billsec
+        elif call.winner_answered_us and end_us > call.winner_answered_us:
+            duration = (end_us - call.winner_answered_us) // 1_000_000
+        else:
+            duration = 0
+        recorded = call.record_ms > 0 or (call.record_ms < 0 and bool(call.recording_path))
+        path = call.recording_path if recorded and call.recording_path else None
+        return self._completed(call, slot, SUCCESS, duration=duration, is_recorded=recorded, recording_path=path)
+
+    def _completed(
+        self,
+        call: _Call,
+        slot: _Slot,
+        status: str,
+        duration: int = 0,
+        is_recorded: bool = False,
+        recording_path: str | None = None,
+    ) -> PlanfixCommand:
+        del call.slots[id(slot)]
+        command = self._command(call, slot, "COMPLETED", recording_path)
+        fields = command.fields
+        fields["duration"] = str(duration)
+        fields["is_recorded"] = "1" if is_recorded else "0"
+        fields["status"] = status
+        for name, value in call.data.items():
+            fields["data_" + name] = value
+        return command
+
+    # -- helpers --------------------------------------------------------------
+
+    @staticmethod
+    def _open_slot(call: _Call, type_: str, ext: str, phone: str, diversion: str) -> _Slot:
+        slot = _Slot(type_, ext, phone, diversion)
+        call.slots[id(slot)] = slot
+        return slot
+
+    @staticmethod
+    def _command(call: _Call, slot: _Slot, event: str, recording_path: str | None = None) -> PlanfixCommand:
+        return PlanfixCommand(
+            call_id=call.uuid,
+            fields={
+                "cmd": "event",
+                "type": slot.type,
+                "event": event,
+                "phone": slot.phone,
+                "diversion": slot.diversion,
+                "ext": slot.ext,
+                "callid": call.uuid,
+            },
+            recording_path=recording_path,
+        )
+
+    def _is_ext(self, value: str) -> bool:
+        return bool(value) and self._ext_re.search(value) is not None
+
+    def _leg_ext(self, ev: ChannelEvent) -> str:
+        """The extension a B leg rings, or "" for a leg to the outside."""
+        if self._is_ext(ev.dialed_user):
+            return ev.dialed_user
+        if self._is_ext(ev.destination_number):
+            return ev.destination_number
+        return ""
+
+    def _phone(self, raw: str) -> str:
+        if not raw:
+            return ""
+        return sanitize(self._normalize(raw), 64)
+
+
+# Causes (Hangup-Cause / originate_disposition) -> outgoing status.
+_BUSY_CAUSES = frozenset({"USER_BUSY"})
+_NO_ANSWER_CAUSES = frozenset({
+    "NO_ANSWER", "NO_USER_RESPONSE", "ORIGINATOR_CANCEL", "ALLOTTED_TIMEOUT",
+    "PROGRESS_TIMEOUT", "RECOVERY_ON_TIMER_EXPIRE", "LOSE_RACE",
+})
+_NOT_ALLOWED_CAUSES = frozenset({
+    "CALL_REJECTED", "OUTGOING_CALL_BARRED", "INCOMING_CALL_BARRED",
+    "BEARERCAPABILITY_NOTAUTH", "FACILITY_REJECTED",
+})
+# Values that say nothing about a failure.
+_NO_INFO = frozenset({"", "SUCCESS", "NORMAL_CLEARING", "NONE", "failure"})
+
+
+def outgoing_status(b_cause: str, sip_term_status: str, disposition: str, a_cause: str) -> str:
+    """Status of an outgoing call nobody answered.
+
+    The SIP final code of the failed leg is the most precise fact; then that
+    leg's cause; then the A leg's ``originate_disposition`` (the A leg's own
+    cause turns NO_ANSWER into NORMAL_CLEARING); then the A leg's cause.
+    ``480`` is NotAvailable by its code, although FreeSWITCH maps it to
+    NO_USER_RESPONSE.  Unknown failures are NotAvailable; no information at
+    all (a call closed by ``reconcile``) is NoAnswer.
+    """
+    code = sip_term_status.strip()
+    if code.isdigit():
+        value = int(code)
+        if value in (486, 600, 603):
+            return BUSY
+        if value in (401, 402, 403, 407, 608):
+            return NOT_ALLOWED
+        if value in (408, 487):
+            return NO_ANSWER
+        if 400 <= value < 700:
+            return NOT_AVAILABLE
+    for cause in (b_cause, disposition, a_cause):
+        if cause in _NO_INFO:
+            continue
+        if cause in _BUSY_CAUSES:
+            return BUSY
+        if cause in _NO_ANSWER_CAUSES:
+            return NO_ANSWER
+        if cause in _NOT_ALLOWED_CAUSES:
+            return NOT_ALLOWED
+        return NOT_AVAILABLE
+    return NO_ANSWER
+
+
+def live_uuids_from_show_json(text: str) -> set[str]:
+    """Channel UUIDs alive in ``show calls as json`` / ``show channels as json``.
+
+    Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
+    idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
+    Raises ValueError when the text is not such a reply (``-ERR ...``).
+    """
+    try:
+        reply = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not a JSON show reply: {text[:80]!r}") from exc
+    if not isinstance(reply, dict) or "row_count" not in reply:
+        raise ValueError(f"not a JSON show reply: {text[:80]!r}")
+    rows = reply.get("rows") or []
+    if not isinstance(rows, list):
+        raise ValueError("show reply: 'rows' is not a list")
+    live: set[str] = set()
+    for row in rows:
+        if not isinstance(row, dict):
+            raise ValueError("show reply: a row is not an object")
+        for key in ("uuid", "call_uuid", "b_uuid"):
+            value = row.get(key)
+            if isinstance(value, str) and value:
+                live.add(value)
+    return live
