@@ -96,13 +96,15 @@ def _parse_e164(text: str, region: str) -> str | None:
 
 
 def looks_like_extension(raw: str, pattern: str) -> bool:
-    """True when ``raw`` (stripped) is an internal extension per ``pattern``.
+    """True when all of ``raw`` is an internal extension per ``pattern``.
 
     ``pattern`` is ``[calls] extension_pattern`` (default ``^\\d{2,6}$``).
-    fullmatch, not search: with ``$`` a search would accept ``"101\\n"``.
-    Extensions are never looked up in PlanFix nor rewritten as phone numbers.
+    fullmatch, not search, and no stripping: with ``$`` a search would accept
+    ``"101\\n"``, and makeCall may use this to validate ``from`` before it goes
+    into an originate line as is.  Extensions are never looked up in PlanFix
+    nor rewritten as phone numbers.
     """
-    return re.fullmatch(pattern, raw.strip()) is not None
+    return isinstance(raw, str) and re.fullmatch(pattern, raw) is not None
 
 
 def clean_dial_number(raw: str, keep_plus: bool) -> str | None:
