@@ -340,6 +340,11 @@ class Mp3Converter:
             proc.kill()
             proc.communicate()
             raise ConversionError(f"{self.kind} took longer than {timeout:g} s") from None
+        except BaseException:
+            # The worker is being stopped: leave no orphan encoder behind.
+            proc.kill()
+            proc.wait()
+            raise
         if proc.returncode != 0:
             detail = output.decode("utf-8", "replace").strip()[-500:]
             raise ConversionError(f"{self.kind} exited with {proc.returncode}: {detail}")
@@ -621,8 +626,10 @@ class Recordings:
         name = entry.name_for(ext) if entry else None
         if not name or not self._dir:
             return 404, None, None
-        path = os.path.join(self._dir, name)
-        if not os.path.isfile(path):
+        path = os.path.realpath(os.path.join(self._dir, name))
+        # Re-checked at every request: the directory is shared with FreeSWITCH,
+        # and a file swapped for a symlink must not lead outside it.
+        if os.path.commonpath([self._dir, path]) != self._dir or not os.path.isfile(path):
             return 404, None, None
         return 200, path, ext
 
@@ -632,6 +639,8 @@ class Recordings:
 
         bp = flask.Blueprint("recordings", __name__)
 
+        @bp.get("/records/<call_id>", defaults={"signed_name": ""})
+        @bp.get("/records/<call_id>/", defaults={"signed_name": ""})
         @bp.get("/records/<call_id>/<signed_name>")
         def download(call_id: str, signed_name: str):
             status, path, ext = self.resolve(call_id, signed_name)

@@ -220,6 +220,8 @@ def test_bad_or_missing_signature_is_403_unknown_call_is_404(tmp_path, make, sit
     assert fetch(site, f"{base}/{signature}.mp3").status_code == 403  # extension is signed too
     assert fetch(site, f"{base}/.wav").status_code == 403
     assert fetch(site, f"{base}/x").status_code == 403
+    assert fetch(site, f"{base}/").status_code == 403
+    assert fetch(site, base).status_code == 403
     other = "e84e4329-8051-40a2-9c6c-a3d6cf741ee9"
     assert fetch(site, f"{site.url}/pbx/records/{other}/{signature}.wav").status_code == 403
     assert fetch(site, f"{site.url}/pbx/records/..%2F..%2Fetc/{signature}.wav").status_code in (403, 404)
@@ -501,3 +503,32 @@ def test_dialplan_snippet_names_files_as_the_service_expects(traces_dir, tmp_pat
     for trace in ("01-inbound-single-answer", "05a-outbound-answer", "06a-click-to-call-answer"):
         uuid, fs_path = traced_recording(traces_dir, trace)
         assert rec.on_completed(completed(uuid, fs_path))[0].fields["is_recorded"] == "1"
+
+
+def test_settings_from_the_config_file(tmp_path):
+    from fsbridge import config
+
+    ini = tmp_path / "fsbridge.ini"
+    ini.write_text(
+        "[server]\ntoken = t0ken-t0ken-t0ken-t0ken\npublic_url = https://pbx.example.com:8080\n"
+        f"[storage]\ndir = {tmp_path / 'state'}\n"
+        f"[recordings]\ndir = {tmp_path}\nfreeswitch_dir = /var/lib/freeswitch/recordings\n"
+        "convert = mp3\nretention_days = 30\n"
+    )
+    settings = RecordingSettings.from_config(config.load(str(ini)))
+    assert (settings.dir, settings.freeswitch_dir, settings.public_url, settings.storage_dir) == (
+        str(tmp_path), "/var/lib/freeswitch/recordings", "https://pbx.example.com:8080", str(tmp_path / "state")
+    )
+    assert (settings.convert, settings.retention_days) == ("mp3", 30)
+
+
+def test_file_swapped_for_a_symlink_is_not_served(tmp_path, make, site):
+    call = "c85e65ca-d501-4082-99f0-bb3f26a04d64"
+    path = local(tmp_path, f"{FS_DIR}/{call}.wav")
+    write_wav(path)
+    link = make().on_completed(completed(call, f"{FS_DIR}/{call}.wav"))[0].fields["record_link"]
+    outside = tmp_path / "private.wav"
+    write_wav(outside, seconds=0.1)
+    path.unlink()
+    path.symlink_to(outside)
+    assert fetch(site, link).status_code == 404
