@@ -532,3 +532,45 @@ def test_file_swapped_for_a_symlink_is_not_served(tmp_path, make, site):
     path.unlink()
     path.symlink_to(outside)
     assert fetch(site, link).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "trace, call_uuid, file_state",
+    [
+        ("01-inbound-single-answer", "e84e4329-8051-40a2-9c6c-a3d6cf741ee9", "wav"),
+        ("05a-outbound-answer", "c85e65ca-d501-4082-99f0-bb3f26a04d64", "wav"),
+        ("01-inbound-single-answer", "e84e4329-8051-40a2-9c6c-a3d6cf741ee9", "missing"),
+        ("05a-outbound-answer", "c85e65ca-d501-4082-99f0-bb3f26a04d64", "empty"),
+    ],
+)
+def test_trace_replay_through_the_tracker(traces_dir, tmp_path, make, site, trace, call_uuid, file_state):
+    """The real tracker's COMPLETED for the trace, through on_completed."""
+    from fsbridge.tracker import CallTracker, TrackerSettings
+    from tests.traces import channel_events, read_trace
+
+    _, fs_path = traced_recording(traces_dir, trace)
+    path = local(tmp_path, fs_path)
+    data = write_wav(path) if file_state == "wav" else None
+    if file_state == "empty":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    rec = make()
+    tracker = CallTracker(TrackerSettings())
+    out = []
+    for event in channel_events(read_trace(traces_dir / f"{trace}.plain.txt")):
+        for command in tracker.feed(event):
+            out.extend(rec.on_completed(command))
+
+    [done] = [c for c in out if c.fields.get("event") == "COMPLETED"]
+    assert done.call_id == call_uuid == done.fields["callid"]
+    assert done.fields["status"] == "Success"
+    if file_state != "wav":
+        assert done.fields["is_recorded"] == "0" and "record_link" not in done.fields
+        return
+    assert done.fields["is_recorded"] == "1"
+    got = fetch(site, done.fields["record_link"])
+    assert got.status_code == 200 and got.content == data
+    bad = done.fields["record_link"].replace(call_uuid + "/", call_uuid + "/0", 1)
+    assert fetch(site, bad).status_code == 403
+    part = fetch(site, done.fields["record_link"], Range="bytes=44-143")
+    assert part.status_code == 206 and part.content == data[44:144]
