@@ -1,0 +1,301 @@
+"""Every real call capture through events.py + tracker.py: the exact PlanFix commands.
+
+Only the events in SUBSCRIBED_EVENTS are fed, as the fake FreeSWITCH (and a
+real one subscribed with that list) delivers them.
+"""
+
+from __future__ import annotations
+
+import collections
+from urllib.parse import quote
+
+import pytest
+
+from fsbridge.events import SUBSCRIBED_EVENTS
+from fsbridge.tracker import CallTracker, PlanfixCommand
+from fsbridge.wire import parse_event_plain
+from tests.traces import channel_events, event_frames, frames_of, read_trace, rewrite_click_to_call
+
+CALLER = "79101234567"
+DID = "74950000000"
+RECORDINGS = "/usr/local/freeswitch/recordings/"
+
+MANAGER_UUID = "0f3c5a8e-7d1b-4c2a-9e6f-1b2c3d4e5f60"
+JOB_UUID = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+REQUEST_ID = "mc-42"
+
+
+def cmd(type_: str, event: str, ext: str, callid: str, phone: str, diversion: str, **completed: str) -> dict:
+    fields = {
+        "cmd": "event", "type": type_, "event": event, "phone": phone,
+        "diversion": diversion, "ext": ext, "callid": callid,
+    }
+    fields.update(completed)
+    return fields
+
+
+def completed(status: str, duration: int = 0, is_recorded: int = 0) -> dict:
+    return {"duration": str(duration), "is_recorded": str(is_recorded), "status": status}
+
+
+def incoming(callid: str, ext: str, event: str, **extra: str) -> dict:
+    return cmd("in", event, ext, callid, CALLER, DID, **extra)
+
+
+def outgoing(callid: str, event: str, diversion: str = DID, **extra: str) -> dict:
+    return cmd("out", event, "101", callid, CALLER, diversion, **extra)
+
+
+def replay(raw: bytes) -> tuple[list[PlanfixCommand], CallTracker]:
+    tracker = CallTracker()
+    commands: list[PlanfixCommand] = []
+    for event in channel_events(raw):
+        commands += tracker.feed(event)
+    return commands, tracker
+
+
+def click_to_call_capture(traces_dir, name: str) -> bytes:
+    return rewrite_click_to_call(
+        read_trace(traces_dir / f"{name}.plain.txt"),
+        manager_uuid=MANAGER_UUID, job_uuid=JOB_UUID, request_id=REQUEST_ID, ext="101", phone=CALLER,
+    )
+
+
+A01 = "e84e4329-8051-40a2-9c6c-a3d6cf741ee9"
+A02 = "fbb99a11-5242-4ac6-8ab4-c62a2873bdba"
+A03 = "5f890f50-37df-4503-b627-73bd40e2dcfd"
+A04A = "b6170806-2436-4e2e-a469-59b456b6a71e"
+A04B = "9ac487dd-b83d-40e1-89e0-b8e874e63809"
+A05A = "c85e65ca-d501-4082-99f0-bb3f26a04d64"
+A05B = "ba703b56-4ce0-43d1-9549-15f98c104e23"
+A05C = "5cc7d0c0-20d2-4e9e-9768-7f33cfb79fbe"
+A05E = "0d7a8756-497a-40e5-9526-5faec52e20fa"
+A05F = "352459e6-2a36-4f29-8a40-c1789aaf8e25"
+M = MANAGER_UUID
+
+# trace -> [(fields, recording_path)], in the order they must leave.
+EXPECTED = {
+    "01-inbound-single-answer": [
+        (incoming(A01, "101", "INCOMING"), None),
+        (incoming(A01, "101", "ACCEPTED"), None),
+        (incoming(A01, "101", "COMPLETED", **completed("Success", 3, 1)), RECORDINGS + A01 + ".wav"),
+    ],
+    "02-inbound-ring-group": [
+        (incoming(A02, "101", "INCOMING"), None),
+        (incoming(A02, "102", "INCOMING"), None),
+        (incoming(A02, "103", "INCOMING"), None),
+        (incoming(A02, "102", "ACCEPTED"), None),
+        (incoming(A02, "101", "COMPLETED", **completed("Cancelled")), None),
+        (incoming(A02, "103", "COMPLETED", **completed("Cancelled")), None),
+        (incoming(A02, "102", "COMPLETED", **completed("Success", 2, 1)), RECORDINGS + A02 + ".wav"),
+    ],
+    "03-inbound-hunt-sequential": [
+        (incoming(A03, "101", "INCOMING"), None),
+        (incoming(A03, "101", "COMPLETED", **completed("Cancelled")), None),
+        (incoming(A03, "102", "INCOMING"), None),
+        (incoming(A03, "102", "COMPLETED", **completed("Cancelled")), None),
+        (incoming(A03, "103", "INCOMING"), None),
+        (incoming(A03, "103", "ACCEPTED"), None),
+        (incoming(A03, "103", "COMPLETED", **completed("Success", 3, 1)), RECORDINGS + A03 + ".wav"),
+    ],
+    "04a-inbound-missed-caller-cancel": [
+        (incoming(A04A, "101", "INCOMING"), None),
+        (incoming(A04A, "102", "INCOMING"), None),
+        (incoming(A04A, "103", "INCOMING"), None),
+        (incoming(A04A, "101", "COMPLETED", **completed("Missed")), None),
+        (incoming(A04A, "102", "COMPLETED", **completed("Missed")), None),
+        (incoming(A04A, "103", "COMPLETED", **completed("Missed")), None),
+    ],
+    # FreeSWITCH created the legs 101, 103, 102 (CHANNEL_CREATE order).
+    "04b-inbound-missed-timeout": [
+        (incoming(A04B, "101", "INCOMING"), None),
+        (incoming(A04B, "103", "INCOMING"), None),
+        (incoming(A04B, "102", "INCOMING"), None),
+        (incoming(A04B, "101", "COMPLETED", **completed("Missed")), None),
+        (incoming(A04B, "103", "COMPLETED", **completed("Missed")), None),
+        (incoming(A04B, "102", "COMPLETED", **completed("Missed")), None),
+    ],
+    "05a-outbound-answer": [
+        (outgoing(A05A, "OUTGOING"), None),
+        (outgoing(A05A, "ACCEPTED"), None),
+        (outgoing(A05A, "COMPLETED", **completed("Success", 3, 1)), RECORDINGS + A05A + ".wav"),
+    ],
+    "05b-outbound-busy-486": [
+        (outgoing(A05B, "OUTGOING"), None),
+        (outgoing(A05B, "COMPLETED", **completed("Busy")), None),
+    ],
+    "05c-outbound-notfound-404": [
+        (outgoing(A05C, "OUTGOING"), None),
+        (outgoing(A05C, "COMPLETED", **completed("NotAvailable")), None),
+    ],
+    "05e-outbound-forbidden-403": [
+        (outgoing(A05E, "OUTGOING"), None),
+        (outgoing(A05E, "COMPLETED", **completed("NotAllowed")), None),
+    ],
+    "05f-outbound-noanswer-timeout": [
+        (outgoing(A05F, "OUTGOING"), None),
+        (outgoing(A05F, "COMPLETED", **completed("NoAnswer")), None),
+    ],
+    # Click-to-call: the caller ID shown to the client (diversion) is known
+    # only once the client leg exists, after the manager answered.
+    "06a-click-to-call-answer": [
+        (outgoing(M, "OUTGOING", diversion=""), None),
+        (outgoing(M, "ACCEPTED"), None),
+        (outgoing(M, "COMPLETED", **completed("Success", 2, 1)), RECORDINGS + M + ".wav"),
+    ],
+    "06b-click-to-call-manager-busy": [
+        (outgoing(M, "OUTGOING", diversion=""), None),
+        (outgoing(M, "COMPLETED", diversion="", **completed("NoAnswer")), None),
+    ],
+    "06d-click-to-call-manager-noanswer": [
+        (outgoing(M, "OUTGOING", diversion=""), None),
+        (outgoing(M, "COMPLETED", diversion="", **completed("NoAnswer")), None),
+    ],
+    # Inline &bridge: no dialplan ran, so no recording.
+    "06e-click-to-call-inline-bridge": [
+        (outgoing(M, "OUTGOING", diversion=""), None),
+        (outgoing(M, "ACCEPTED"), None),
+        (outgoing(M, "COMPLETED", **completed("Success", 2, 0)), None),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_call_trace_gives_exact_commands(traces_dir, name):
+    if name.startswith("06"):
+        raw = click_to_call_capture(traces_dir, name)
+    else:
+        raw = read_trace(traces_dir / f"{name}.plain.txt")
+    commands, tracker = replay(raw)
+    assert [(c.fields, c.recording_path) for c in commands] == EXPECTED[name]
+    assert all(c.call_id == c.fields["callid"] for c in commands)
+    assert tracker.open_calls() == 0
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_start_gets_exactly_one_completed(traces_dir, name):
+    """The invariant behind the lists above, checked independently of them."""
+    if name.startswith("06"):
+        raw = click_to_call_capture(traces_dir, name)
+    else:
+        raw = read_trace(traces_dir / f"{name}.plain.txt")
+    commands, _ = replay(raw)
+    open_slots: collections.Counter = collections.Counter()
+    for command in commands:
+        key = (command.fields["callid"], command.fields["ext"])
+        event = command.fields["event"]
+        if event in ("INCOMING", "OUTGOING"):
+            assert open_slots[key] == 0, f"second start for {key} before its COMPLETED"
+            open_slots[key] += 1
+        elif event == "ACCEPTED":
+            assert open_slots[key] == 1
+        else:
+            assert open_slots[key] == 1, f"COMPLETED without a start for {key}"
+            open_slots[key] -= 1
+    assert not +open_slots
+
+
+@pytest.mark.parametrize("name", ["06a-click-to-call-answer", "06b-click-to-call-manager-busy"])
+def test_untagged_click_to_call_is_not_reported(traces_dir, name):
+    """An originate that is not ours (fs_cli, another tool): the manager's
+    phone rings with the client's number, yet it is no INCOMING."""
+    commands, tracker = replay(read_trace(traces_dir / f"{name}.plain.txt"))
+    assert commands == []
+    assert tracker.open_calls() == 0
+
+
+def test_load_capture_100_interleaved_calls(traces_dir):
+    commands, tracker = replay(read_trace(traces_dir / "load-100-calls.plain.txt.gz"))
+    per_call: dict[str, list[dict]] = collections.defaultdict(list)
+    for command in commands:
+        per_call[command.call_id].append(command.fields)
+    assert len(per_call) == 100
+    callers = set()
+    for callid, fields in per_call.items():
+        caller = fields[0]["phone"]
+        callers.add(caller)
+        assert fields == [
+            cmd("in", "INCOMING", "101", callid, caller, DID),
+            cmd("in", "ACCEPTED", "101", callid, caller, DID),
+            cmd("in", "COMPLETED", "101", callid, caller, DID, **completed("Success", 2, 1)),
+        ]
+    assert callers == {f"791{n:08d}" for n in range(1, 101)}
+    assert tracker.open_calls() == 0
+    # Nothing is left behind: no leg index, only the bounded finished memory.
+    assert not tracker._owner
+
+
+def test_subscription_is_enough_for_the_service():
+    assert "BACKGROUND_JOB" in SUBSCRIBED_EVENTS and "HEARTBEAT" in SUBSCRIBED_EVENTS
+    assert len(set(SUBSCRIBED_EVENTS)) == len(SUBSCRIBED_EVENTS)
+
+
+# -- rewrite_click_to_call ---------------------------------------------------
+
+def test_rewrite_click_to_call_is_valid_esl(traces_dir):
+    original = read_trace(traces_dir / "06a-click-to-call-answer.plain.txt")
+    old_manager = "987741d5-a8ae-4322-a9eb-1a87a1af80df"
+    old_job = "3271e4ac-8b88-4d7f-acc7-443876e3a71d"
+    hostile_request = "r 1&x=%0A"
+    rewritten = rewrite_click_to_call(
+        original, manager_uuid=MANAGER_UUID, job_uuid=JOB_UUID, request_id=hostile_request,
+        ext="101", phone=CALLER, command_arg="originate {origination_uuid=%s}user/101 %s XML default" % (MANAGER_UUID, CALLER),
+    )
+    assert old_manager.encode() not in rewritten and old_job.encode() not in rewritten
+    original_frames = frames_of(original)
+    frames = frames_of(rewritten)   # raises if any Content-Length were wrong
+    assert len(frames) == len(original_frames)
+    for frame in frames:
+        if "Content-Length" in frame.headers:
+            assert int(frame.headers["Content-Length"]) == len(frame.body)
+
+    tagged = untagged = 0
+    for headers, body in event_frames(rewritten, names=None):
+        if headers.get("Event-Name") == "BACKGROUND_JOB":
+            assert headers.get("Job-UUID") == JOB_UUID
+            assert body == f"+OK {MANAGER_UUID}\n".encode()
+            assert headers.get("Job-Command-Arg").startswith("originate {origination_uuid=" + MANAGER_UUID)
+            continue
+        if headers.get("Unique-ID") != MANAGER_UUID:
+            assert headers.get("variable_fsbridge_click_to_call") is None
+            continue
+        if headers.get("variable_uuid") is None:  # CHANNEL_OUTGOING, CHANNEL_STATE: no variables
+            assert headers.get("variable_fsbridge_click_to_call") is None
+            untagged += 1
+            continue
+        assert headers.get("variable_fsbridge_click_to_call") == hostile_request
+        assert headers.get("variable_fsbridge_ext") == "101"
+        assert headers.get("variable_fsbridge_phone") == CALLER
+        assert headers.get("variable_origination_uuid") == MANAGER_UUID
+        assert headers.get("variable_uuid") == MANAGER_UUID
+        tagged += 1
+    assert tagged > 5 and untagged > 0
+    # The client leg now names the new manager UUID as its originator.
+    client_creates = [
+        h for h, _ in event_frames(rewritten, names=("CHANNEL_CREATE",)) if h.get("Unique-ID") != MANAGER_UUID
+    ]
+    assert [h.get("Other-Leg-Unique-ID") for h in client_creates] == [MANAGER_UUID]
+    # The encoded value is what FreeSWITCH would send: one line, no raw '&' or LF.
+    assert ("variable_fsbridge_click_to_call: " + quote(hostile_request, safe="")).encode() in rewritten
+
+
+def test_rewrite_changes_nothing_else(traces_dir):
+    """Frame by frame, the rewrite only adds our lines and swaps the Job-UUID."""
+    original = read_trace(traces_dir / "06b-click-to-call-manager-busy.plain.txt")
+    old_manager = "c5bbb1ea-1d87-4242-a1c0-279fb54a9fd5"
+    rewritten = rewrite_click_to_call(
+        original, manager_uuid=old_manager, job_uuid=JOB_UUID, request_id="x", ext="101", phone=CALLER,
+    )
+    old_job = next(h.get("Job-UUID") for h, _ in event_frames(original, names=("BACKGROUND_JOB",)))
+    ours = (b"variable_fsbridge_", b"variable_origination_uuid: ")
+    pairs = list(zip(frames_of(original), frames_of(rewritten), strict=True))
+    added = 0
+    for before, after in pairs:
+        lines = after.body.split(b"\n")
+        kept = [line for line in lines if not line.startswith(ours)]
+        added += len(lines) - len(kept)
+        assert b"\n".join(kept).replace(JOB_UUID.encode(), old_job.encode()) == before.body
+    assert added == 4 * sum(
+        1 for h, _ in event_frames(original, names=None)
+        if h.get("Unique-ID") == old_manager and h.get("variable_uuid") is not None
+    )
