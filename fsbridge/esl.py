@@ -96,6 +96,15 @@ class EslAuthError(EslError):
     """FreeSWITCH rejected the Event Socket password."""
 
 
+def _describe(command: str) -> str:
+    """A command for logs: ``api status``, ``bgapi originate`` -- never arguments
+    (``auth`` carries the password, originate a customer's number)."""
+    words = command.split(" ", 2)
+    if words[0] in ("api", "bgapi") and len(words) > 1:
+        return f"{words[0]} {words[1]}"
+    return words[0]
+
+
 class _Session(InboundESL):
     """One TCP connection: greenswitch's InboundESL with our reader and send.
 
@@ -217,22 +226,29 @@ class _Session(InboundESL):
         if not self.connected or self.closed.is_set():
             raise EslNotConnected("not connected to FreeSWITCH")
         pending = gevent.event.AsyncResult()
-        # Appending and sending under one lock keeps the FIFO in wire order.
-        with self._send_lock:
-            self._commands_sent.append(pending)
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                self.close(f"send failed: {exc}")
-                raise EslNotConnected(f"connection lost while sending: {exc}") from None
+        # One deadline covers the lock, the send (a FreeSWITCH that stopped
+        # reading fills the socket buffer) and the reply.
+        deadline = gevent.Timeout(timeout)
+        deadline.start()
         try:
-            frame: Frame = pending.get(timeout=timeout)
-        except gevent.Timeout:
-            verb = command.split(" ", 1)[0]
-            self.close(f"no reply to {verb!r} within {timeout:g}s")
-            raise EslTimeout(f"FreeSWITCH did not answer {verb!r} within {timeout:g}s") from None
+            # Appending and sending under one lock keeps the FIFO in wire order.
+            with self._send_lock:
+                self._commands_sent.append(pending)
+                self.sock.sendall(data)
+            frame: Frame = pending.get()
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            what = _describe(command)
+            self.close(f"no reply to {what!r} within {timeout:g}s")
+            raise EslTimeout(f"FreeSWITCH did not answer {what!r} within {timeout:g}s") from None
+        except OSError as exc:
+            self.close(f"send failed: {exc}")
+            raise EslNotConnected(f"connection lost while sending: {exc}") from None
+        finally:
+            deadline.close()
         if frame.content_type == "api/response":
-            if frame.body.startswith(b"-ERR"):
+            if frame.body.startswith((b"-ERR", b"-USAGE")):
                 raise EslCommandError(frame.body.decode("utf-8", "replace").strip())
         else:
             reply = frame.headers.get("Reply-Text", "")

@@ -165,6 +165,9 @@ def test_api_returns_the_body_and_raises_on_err(fake, connect, traces_dir):
     assert conn.api("status") == trace_api_bodies(traces_dir / "92-api-status-version.raw.txt")[0].decode()
     with pytest.raises(EslCommandError, match="nosuchcommand Command not found!"):
         conn.api("nosuchcommand")
+    fake.set_api("originate", "-USAGE: <call url> <exten>|&<application_name>(<app_args>)\n")
+    with pytest.raises(EslCommandError, match="USAGE"):
+        conn.api("originate")
     sent = len(fake.commands)
     with pytest.raises(ValueError):
         conn.api("status\n\nbgapi originate user/1 &park")
@@ -213,6 +216,7 @@ def test_wrong_password_is_auth_failed_then_connects_when_fixed(fake, connect, c
         assert wait_for(lambda: conn.state == "auth_failed")
         assert wait_for(lambda: fake.accepted >= 2)  # retried
     assert "rejected the ESL password" in caplog.text
+    assert "ClueCon" not in caplog.text  # the password is never logged
     assert not fake.wait_until(lambda: conn.state != "auth_failed", 0.1)  # stays visible while retrying
     fake.password = "ClueCon"
     assert wait_for(lambda: conn.connected)
