@@ -163,7 +163,7 @@ def load_or_create_key(storage_dir: str) -> bytes:
                 pass  # a concurrent start made it first: use theirs
         finally:
             os.unlink(tmp)
-        _fsync_dir(storage_dir)
+        _fsync(storage_dir)
         log.info("made a new recording-link key in %s", path)
     try:
         with open(path) as fh:
@@ -181,7 +181,8 @@ def load_or_create_key(storage_dir: str) -> bytes:
     return bytes.fromhex(text)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file's data, or a directory's entries (a create or rename), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -224,6 +225,9 @@ class IndexEntry:
         return self.mp3_name if ext == "mp3" else self.wav_name
 
 
+_COLUMNS = "call_id, wav_name, mp3_name, state, recorded_at"
+
+
 class RecordingIndex:
     """Durable mapping callid -> file names (relative to the recordings dir).
 
@@ -256,7 +260,7 @@ class RecordingIndex:
 
     def get(self, call_id: str) -> IndexEntry | None:
         rows = self._rows(
-            "SELECT call_id, wav_name, mp3_name, state, recorded_at FROM recordings WHERE call_id = ?",
+            f"SELECT {_COLUMNS} FROM recordings WHERE call_id = ?",
             (call_id,),
         )
         return rows[0] if rows else None
@@ -274,15 +278,13 @@ class RecordingIndex:
 
     def converting(self) -> list[IndexEntry]:
         return self._rows(
-            "SELECT call_id, wav_name, mp3_name, state, recorded_at FROM recordings"
-            " WHERE state = ? ORDER BY recorded_at",
+            f"SELECT {_COLUMNS} FROM recordings WHERE state = ? ORDER BY recorded_at",
             (_CONVERTING,),
         )
 
     def ready_before(self, cutoff: float) -> list[IndexEntry]:
         return self._rows(
-            "SELECT call_id, wav_name, mp3_name, state, recorded_at FROM recordings"
-            " WHERE state = ? AND recorded_at < ? ORDER BY recorded_at",
+            f"SELECT {_COLUMNS} FROM recordings WHERE state = ? AND recorded_at < ? ORDER BY recorded_at",
             (_READY, cutoff),
         )
 
@@ -534,7 +536,9 @@ class Recordings:
         linked = entry  # still "converting": a crash before the outbox has the link reruns the job
         try:
             self._converter.convert(wav, partial, self.settings.convert_timeout)
+            _fsync(partial)  # on disk before the WAV it replaces is deleted
             os.replace(partial, mp3)  # the complete MP3 appears at once, never half-written
+            _fsync(os.path.dirname(mp3))
             linked = dataclasses.replace(entry, mp3_name=mp3_name)
             ext = "mp3"
         except (ConversionError, OSError) as exc:
