@@ -126,7 +126,7 @@ def test_trace_events_arrive_in_order_with_headers_decoded_per_line(fake, connec
     events = trace_events("06a-click-to-call-answer.plain.txt")
     conn, rec = connect(fake.port)
     assert conn.wait_connected(2)
-    fake.replay(events).wait()
+    fake.replay("06a-click-to-call-answer.plain.txt").wait()
     wanted = [e for e in events if e.name in ("HEARTBEAT", *EVENTS)]
     assert wait_for(lambda: len(rec.events) == len(wanted))
     assert rec.names() == [e.name for e in wanted]

@@ -69,7 +69,8 @@ receive events.
   frames REPLACE the automatic BACKGROUND_JOB (a click-to-call rewrite
   returns the trace's own, rewritten).
 * ``replay(events, rate=None) -> ReplayJob`` (``.wait(timeout)``): send
-  frames now; ``replay_on_subscribe(events, rate=None)``: send them to each
+  frames now (``events``: a trace file name/path, or TraceEvents and/or
+  ``bytes`` holding one frame each); ``replay_on_subscribe(events, rate=None)``: send them to each
   connection right after its first ``event`` command.  Only events the
   connection subscribed to and passing its filters are sent, like
   FreeSWITCH.  ``rate`` = events per second, None = all at once.
@@ -373,6 +374,13 @@ class _Conn:
         self.sock.close()
 
 
+def _frames(events: Iterable | str | os.PathLike) -> list:
+    """Frames to send: a trace file's events, or the given TraceEvents / one-frame bytes."""
+    if isinstance(events, (str, os.PathLike)):
+        return trace_events(events)
+    return list(events)
+
+
 class ReplayJob:
     """Frames being sent in the background; ``wait()`` until all were sent."""
 
@@ -470,8 +478,8 @@ class FakeFreeSwitch:
                    rate: float | None = None) -> None:
         self._hooks.append((prefix, fn, rate))
 
-    def replay_on_subscribe(self, events: Iterable, rate: float | None = None) -> None:
-        self._on_subscribe.append((list(events), rate))
+    def replay_on_subscribe(self, events: Iterable | str | os.PathLike, rate: float | None = None) -> None:
+        self._on_subscribe.append((_frames(events), rate))
 
     # -- observation --------------------------------------------------------
 
@@ -496,8 +504,8 @@ class FakeFreeSwitch:
 
     # -- sending ------------------------------------------------------------
 
-    def replay(self, events: Iterable, rate: float | None = None) -> ReplayJob:
-        return ReplayJob(self, list(events), rate, None)
+    def replay(self, events: Iterable | str | os.PathLike, rate: float | None = None) -> ReplayJob:
+        return ReplayJob(self, _frames(events), rate, None)
 
     def inject(self, raw: bytes) -> None:
         for conn in self._live():
