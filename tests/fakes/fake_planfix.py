@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import json
 import secrets
+import select
 import socket
 import threading
 import time
@@ -164,7 +165,7 @@ class FakePlanfix:
         self._stopping = threading.Event()
         self._in_flight = 0
         self.max_in_flight = 0  # most requests being handled at the same time
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # ---- life cycle -------------------------------------------------
@@ -176,7 +177,7 @@ class FakePlanfix:
 
         Handler.fake = fake
         self._stopping.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -293,9 +294,20 @@ class FakePlanfix:
             self._cond.notify_all()
 
 
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 resets connections when an outbox opens 16 at once.
+    request_queue_size = 128
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakePlanfix
     protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse is exercised
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; without NODELAY, Nagle plus
+        # the client's delayed ACK adds ~40 ms to every answer.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
         pass
@@ -307,6 +319,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _hang(self) -> None:
+        """Answer nothing until the client gives up (closes), the fake stops, or hang_seconds pass."""
+        deadline = time.monotonic() + self.fake.hang_seconds
+        while time.monotonic() < deadline and not self.fake._stopping.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable:
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return  # EOF: the client timed out and closed
+                except OSError:
+                    return
 
     def _refuse(self, status: int, why: str) -> None:
         """A request the fake cannot even parse: recorded as a violation."""
@@ -351,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.delay:
             time.sleep(fake.delay)
         if behaviour == "hang":
-            fake._stopping.wait(fake.hang_seconds)
+            self._hang()
             self.close_connection = True
             return fake._answered(entry, None, "hang")
         if behaviour == "close":

@@ -1,0 +1,584 @@
+"""Durable outbox: every `event`/`record` for PlanFix goes through SQLite first.
+
+Guarantees
+- `put()` returns only after the commands are committed (one transaction per
+  batch).  A row leaves the table only after PlanFix answered 200.
+- Per-call order: a call's next command is sent only after the previous one
+  was delivered or kept aside.  Different calls go out in parallel, up to
+  `concurrency` requests in flight.
+- Failures (5xx, timeouts, connection errors, 401, not configured yet) are
+  retried with capped exponential backoff and jitter.  A command still
+  undeliverable `max_age_s` after it was queued is *kept aside* with its last
+  error (after at least one attempt), never dropped.  A 400 is kept aside at
+  once with PlanFix's reply: resending the same request cannot help.
+- Kept aside does not block the call: its next command is sent.  PlanFix
+  rejecting, say, an INCOMING (a bad phone) must not leave the call's
+  COMPLETED stuck forever; the later command is judged on its own.  The
+  price: after `retry_kept_aside()` the old command arrives after its
+  successors (the only case where per-call order can be broken, by the
+  operator's choice).
+- Restart: all pending rows are loaded in id order and resumed, once.
+
+Duplicates: a row is deleted right after the 200 is read, in the same
+greenlet step (SQLite calls do not yield to gevent), so the window is the
+time between PlanFix sending 200 and our DELETE commit: a crash exactly
+there resends that one command (at most `concurrency` commands).  PlanFix
+events are idempotent enough for that (same callid/event).  Nothing can
+close that window completely without PlanFix supporting idempotency keys.
+
+Durability: WAL with synchronous=NORMAL.  A commit is in the WAL (OS page
+cache) before `put()` returns, which survives a process crash or kill -9 —
+the failure this outbox is about.  Only a power loss / kernel crash can lose
+the last commits; paying an fsync per batch (FULL) would cap throughput for
+that rarer case.  WAL also lets `fsbridge outbox` read and requeue from a
+second process while the service runs.
+
+Threading: the service is gevent; all in-memory state is touched by
+greenlets between yields, and the one SQLite connection is guarded by a lock
+so the class also works from plain threads (tests, CLI).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
+
+log = logging.getLogger(__name__)
+
+OUTBOX_FILENAME = "outbox.sqlite3"
+SCHEMA_VERSION = 1
+# How often a running outbox looks whether another process (the CLI's
+# `--retry`) changed the database: a cheap `PRAGMA data_version` read.
+RESCAN_INTERVAL_S = 2.0
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,  -- global order; per-call order = id order
+    call_id       TEXT NOT NULL,
+    fields        TEXT NOT NULL,      -- JSON object of form fields, without planfix_token
+    created_at    REAL NOT NULL,      -- unix time it was queued
+    age_from      REAL NOT NULL,      -- unix time max_age counts from (reset by retry_kept_aside)
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    kept_aside_at REAL,               -- NULL while pending
+    kept_reason   TEXT,               -- 'rejected' (400) or 'max_age'
+    reply         TEXT                -- PlanFix's reply when rejected
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(kept_aside_at, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+class OutboxError(Exception):
+    """The outbox database cannot take the commands (disk full, I/O error, corrupt file)."""
+
+
+class Command(Protocol):
+    call_id: str
+    fields: dict[str, str]
+
+
+def db_path_for(storage_dir: str) -> str:
+    return os.path.join(storage_dir, OUTBOX_FILENAME)
+
+
+@dataclass
+class _Entry:
+    id: int
+    call_id: str
+    fields: dict[str, str]
+    created_at: float
+    age_from: float
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _CallQueue:
+    call_id: str
+    entries: collections.deque[_Entry] = field(default_factory=collections.deque)
+    # idle: waiting for nothing (in `ready` or about to be); active: a worker
+    # owns it; waiting: in backoff until `due` (monotonic).
+    state: str = "idle"
+    due: float = 0.0
+    in_flight: bool = False  # entries[0] is being sent
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One row as `fsbridge outbox` shows it."""
+
+    id: int
+    call_id: str
+    fields: dict[str, str]
+    created_at: float
+    attempts: int
+    last_error: str | None
+    kept_aside_at: float | None
+    kept_reason: str | None
+    reply: str | None
+
+    @property
+    def kept_aside(self) -> bool:
+        return self.kept_aside_at is not None
+
+
+def _connect(db_path: str) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one put() is
+    # exactly one transaction.
+    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        log.warning("outbox %s: journal_mode is %s, not WAL", db_path, mode)
+    conn.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise OutboxError(f"outbox {db_path}: schema version {version} is newer than this fsbridge ({SCHEMA_VERSION})")
+    conn.executescript(_SCHEMA)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    return conn
+
+
+def _open(db_path: str) -> sqlite3.Connection:
+    try:
+        return _connect(db_path)
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox database {db_path}: {exc}") from exc
+
+
+class Outbox:
+    def __init__(
+        self,
+        db_path: str,
+        client: PlanfixClient | Any,
+        concurrency: int = 16,
+        max_age_s: float = 7 * 86400,
+        min_backoff_s: float = 1.0,
+        max_backoff_s: float = 300.0,
+        rescan_interval_s: float = RESCAN_INTERVAL_S,
+    ):
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if not 0 < min_backoff_s <= max_backoff_s:
+            raise ValueError("need 0 < min_backoff_s <= max_backoff_s")
+        self.db_path = db_path
+        self.client = client
+        self.concurrency = concurrency
+        self.max_age_s = max_age_s
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.rescan_interval_s = rescan_interval_s
+        self._db_lock = threading.RLock()
+        self._conn = _open(db_path)
+        self._calls: dict[str, _CallQueue] = {}
+        self._known_ids: set[int] = set()  # pending ids held in memory
+        self._ready: collections.deque[str] = collections.deque()
+        self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
+        self._undeleted: set[int] = set()  # delivered, but the DELETE failed: retried later
+        self._depth = 0
+        self._kept_aside = 0
+        self._last_success_at: float | None = None
+        self._last_error = ""
+        self._storage_error = ""
+        self._kick = gevent.event.Event()
+        self._workers = gevent.pool.Group()
+        self._dispatcher: gevent.Greenlet | None = None
+        self._stopping = False
+        self._data_version = 0
+        self._load()
+
+    # ---- database helpers --------------------------------------------
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> None:
+        with self._db_lock:
+            self._conn.execute(sql, tuple(params))
+
+    def _load(self) -> None:
+        """Everything pending, in id order, into the in-memory index (start-up and rescans)."""
+        with self._db_lock:
+            rows = self._conn.execute(
+                "SELECT id, call_id, fields, created_at, age_from, attempts, last_error"
+                " FROM outbox WHERE kept_aside_at IS NULL ORDER BY id"
+            ).fetchall()
+            self._kept_aside = self._conn.execute("SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NOT NULL").fetchone()[0]
+            last = self._conn.execute("SELECT value FROM meta WHERE key='last_success_at'").fetchone()
+            self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if last and self._last_success_at is None:
+            self._last_success_at = float(last[0])
+        added = 0
+        for row_id, call_id, fields, created_at, age_from, attempts, last_error in rows:
+            if row_id in self._known_ids or row_id in self._undeleted:
+                continue
+            entry = _Entry(row_id, call_id, json.loads(fields), created_at, age_from, attempts, last_error or "")
+            self._index(entry, in_order=True)
+            added += 1
+        if added:
+            log.info("outbox: %d pending command(s) loaded from %s", added, self.db_path)
+            self._kick.set()
+
+    def _index(self, entry: _Entry, in_order: bool = False) -> None:
+        q = self._calls.get(entry.call_id)
+        if q is None:
+            q = self._calls[entry.call_id] = _CallQueue(entry.call_id)
+        if in_order and q.entries and q.entries[-1].id > entry.id:
+            # A requeued old row: place it by id, but never before the one in flight.
+            pos = len(q.entries)
+            while pos > (1 if q.in_flight else 0) and q.entries[pos - 1].id > entry.id:
+                pos -= 1
+            q.entries.insert(pos, entry)
+        else:
+            q.entries.append(entry)
+        self._known_ids.add(entry.id)
+        self._depth += 1
+        if q.state == "idle":  # ready/active/waiting calls pick the new entry up themselves
+            self._ready.append(q.call_id)
+            q.state = "ready"
+
+    # ---- producer side -------------------------------------------------
+    def put(self, commands: Iterable[Command]) -> None:
+        """Queue commands durably: one transaction, committed before return. Raises OutboxError."""
+        batch = []
+        for cmd in commands:
+            if not isinstance(cmd.call_id, str) or not cmd.call_id:
+                raise ValueError(f"outbox: command without call_id: {cmd!r}")
+            if not isinstance(cmd.fields, dict) or not cmd.fields.get("cmd"):
+                raise ValueError(f"outbox: command fields must be a dict with 'cmd': {cmd!r}")
+            if "planfix_token" in cmd.fields:
+                raise ValueError("outbox: fields must not carry planfix_token (the client adds the current one)")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in cmd.fields.items()):
+                raise ValueError(f"outbox: every field must be str -> str: {cmd.fields!r}")
+            batch.append((cmd.call_id, dict(cmd.fields)))
+        if not batch:
+            return
+        now = time.time()
+        entries = []
+        with self._db_lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                for call_id, fields in batch:
+                    cur = self._conn.execute(
+                        "INSERT INTO outbox(call_id, fields, created_at, age_from) VALUES (?, ?, ?, ?)",
+                        (call_id, json.dumps(fields, ensure_ascii=False, separators=(",", ":")), now, now),
+                    )
+                    entries.append(_Entry(cur.lastrowid, call_id, fields, now, now))
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # no transaction left to roll back: SQLite already did
+                self._storage_error = f"{exc.__class__.__name__}: {exc}"
+                raise OutboxError(f"outbox {self.db_path}: cannot queue {len(batch)} command(s): {exc}") from exc
+        self._storage_error = ""
+        for entry in entries:
+            self._index(entry)
+        self._kick.set()
+
+    # ---- delivery --------------------------------------------------------
+    def start(self) -> None:
+        if self._dispatcher is None:
+            self._stopping = False
+            self._dispatcher = gevent.spawn(self._dispatch_loop)
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Stop sending: let in-flight requests finish (up to drain_timeout), then close."""
+        self._stopping = True
+        self._kick.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout=1.0)
+            self._dispatcher.kill()
+            self._dispatcher = None
+        if not self._workers.join(timeout=drain_timeout):
+            # Killed mid-request: those rows stay pending and are resent on restart.
+            log.warning("outbox: %d request(s) still in flight after %.1fs, abandoning", len(self._workers), drain_timeout)
+            self._workers.kill(block=True, timeout=1.0)
+        self._flush_undeleted()
+        with self._db_lock:
+            try:
+                self._conn.close()
+            except sqlite3.Error as exc:
+                log.warning("outbox: closing %s: %s", self.db_path, exc)
+
+    def wake(self) -> None:
+        """Credentials changed: every call in backoff is retried now."""
+        for q in self._calls.values():
+            if q.state == "waiting":
+                q.state = "ready"
+                self._ready.append(q.call_id)
+        self._delayed.clear()
+        self._kick.set()
+
+    def _dispatch_loop(self) -> None:
+        next_rescan = time.monotonic() + self.rescan_interval_s
+        while not self._stopping:
+            self._kick.clear()
+            now = time.monotonic()
+            while self._delayed and self._delayed[0][0] <= now:
+                due, call_id = heapq.heappop(self._delayed)
+                q = self._calls.get(call_id)
+                if q is not None and q.state == "waiting" and q.due == due:
+                    q.state = "ready"
+                    self._ready.append(call_id)
+            while self._ready and len(self._workers) < self.concurrency:
+                q = self._calls.get(self._ready.popleft())
+                if q is None or q.state != "ready":
+                    continue
+                q.state = "active"
+                self._workers.spawn(self._work, q)
+            if now >= next_rescan:
+                next_rescan = now + self.rescan_interval_s
+                self._rescan_if_changed()
+            wait = next_rescan - now
+            if self._delayed:
+                wait = min(wait, self._delayed[0][0] - now)
+            self._kick.wait(max(wait, 0.0))
+
+    def _rescan_if_changed(self) -> None:
+        """Pick up rows another process requeued (`fsbridge outbox --retry`)."""
+        try:
+            with self._db_lock:
+                version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._load()
+        except sqlite3.Error as exc:
+            log.warning("outbox: rescanning %s: %s", self.db_path, exc)
+
+    def _work(self, q: _CallQueue) -> None:
+        try:
+            while q.entries and not self._stopping:
+                entry = q.entries[0]
+                q.in_flight = True
+                try:
+                    result = self.client.send(entry.fields)
+                finally:
+                    q.in_flight = False
+                if not self._settle(q, entry, result):
+                    return  # in backoff; the dispatcher brings it back
+        finally:
+            self._worker_done(q)
+
+    def _worker_done(self, q: _CallQueue) -> None:
+        if q.state == "active":
+            if q.entries:
+                q.state = "idle"
+                if not self._stopping:
+                    q.state = "ready"
+                    self._ready.append(q.call_id)
+            else:
+                del self._calls[q.call_id]
+        self._kick.set()
+
+    def _drop(self, q: _CallQueue, entry: _Entry) -> None:
+        q.entries.popleft()
+        self._known_ids.discard(entry.id)
+        self._depth -= 1
+
+    def _settle(self, q: _CallQueue, entry: _Entry, result: DeliveryResult) -> bool:
+        """Record the outcome of one attempt; False when the call must back off."""
+        if result.outcome is Outcome.DELIVERED:
+            self._drop(q, entry)
+            now = time.time()
+            self._last_success_at = now
+            try:
+                with self._db_lock:
+                    self._conn.execute("BEGIN")
+                    self._conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
+                    self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (repr(now),))
+                    self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                # PlanFix has it: never send it again from this process; the
+                # DELETE is retried later (a restart before that resends it).
+                self._undeleted.add(entry.id)
+                self._storage_error = f"{exc.__class__.__name__}: {exc}"
+                log.error("outbox: cannot remove delivered command %d: %s", entry.id, exc)
+            else:
+                if self._undeleted:
+                    self._flush_undeleted()
+            return True
+        if result.outcome is Outcome.REJECTED:
+            entry.attempts += 1
+            self._drop(q, entry)
+            self._keep_aside(entry, "rejected", result.error, result.reply)
+            return True
+        entry.attempts += 1
+        entry.last_error = result.error
+        self._last_error = result.error
+        if time.time() - entry.age_from > self.max_age_s:
+            self._drop(q, entry)
+            log.error("outbox: command %d (%s) undeliverable for over %.0fs, kept aside: %s", entry.id, entry.call_id, self.max_age_s, result.error)
+            self._keep_aside(entry, "max_age", result.error, result.reply)
+            return True
+        try:
+            self._write("UPDATE outbox SET attempts=?, last_error=? WHERE id=?", (entry.attempts, entry.last_error, entry.id))
+        except sqlite3.Error as exc:  # bookkeeping only; the row itself is safe
+            log.warning("outbox: recording attempt of command %d: %s", entry.id, exc)
+        backoff = min(self.max_backoff_s, self.min_backoff_s * 2 ** min(entry.attempts - 1, 30))
+        # Jitter in [50%, 100%]: calls failing together do not retry together.
+        q.due = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+        q.state = "waiting"
+        heapq.heappush(self._delayed, (q.due, q.call_id))
+        return False
+
+    def _keep_aside(self, entry: _Entry, reason: str, error: str, reply: Any) -> None:
+        reply_text = reply if isinstance(reply, str) or reply is None else json.dumps(reply, ensure_ascii=False)
+        try:
+            self._write(
+                "UPDATE outbox SET kept_aside_at=?, kept_reason=?, last_error=?, reply=?, attempts=? WHERE id=?",
+                (time.time(), reason, error, reply_text, entry.attempts, entry.id),
+            )
+        except sqlite3.Error as exc:
+            # The row stays pending on disk: a restart retries it, which is the safe side.
+            self._storage_error = f"{exc.__class__.__name__}: {exc}"
+            log.error("outbox: cannot mark command %d kept aside: %s", entry.id, exc)
+        self._kept_aside += 1
+
+    def _rollback(self) -> None:
+        try:
+            with self._db_lock:
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # nothing to roll back
+
+    def _flush_undeleted(self) -> None:
+        if not self._undeleted:
+            return
+        ids = sorted(self._undeleted)
+        try:
+            with self._db_lock:
+                self._conn.execute("BEGIN")
+                self._conn.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+                self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.error("outbox: still cannot remove %d delivered command(s): %s", len(ids), exc)
+        else:
+            self._undeleted.difference_update(ids)
+
+    # ---- observation and operator actions --------------------------------
+    def stats(self) -> dict[str, Any]:
+        now = time.time()
+        oldest = min((q.entries[0].created_at for q in self._calls.values() if q.entries), default=None)
+        return {
+            "depth": self._depth,
+            "oldest_pending_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
+            "last_success_at": self._last_success_at,
+            "kept_aside": self._kept_aside,
+            "in_flight": len(self._workers),
+            "last_error": self._last_error,
+            "storage_error": self._storage_error,
+        }
+
+    def list_entries(self, include_kept_aside: bool = True) -> list[OutboxEntry]:
+        with self._db_lock:
+            return _list(self._conn, include_kept_aside)
+
+    def retry_kept_aside(self) -> int:
+        """Put every kept-aside command back in line (max_age counts from now); returns how many."""
+        with self._db_lock:
+            count = _requeue(self._conn)
+        self._load()
+        return count
+
+
+# ---- used by the CLI, with or without the service running ----------------
+def _list(conn: sqlite3.Connection, include_kept_aside: bool) -> list[OutboxEntry]:
+    where = "" if include_kept_aside else " WHERE kept_aside_at IS NULL"
+    rows = conn.execute(
+        "SELECT id, call_id, fields, created_at, attempts, last_error, kept_aside_at, kept_reason, reply"
+        f" FROM outbox{where} ORDER BY id"
+    ).fetchall()
+    return [OutboxEntry(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+
+def _requeue(conn: sqlite3.Connection) -> int:
+    now = time.time()
+    cur = conn.execute(
+        "UPDATE outbox SET kept_aside_at=NULL, kept_reason=NULL, reply=NULL, attempts=0, age_from=?"
+        " WHERE kept_aside_at IS NOT NULL",
+        (now,),
+    )
+    return cur.rowcount
+
+
+def list_entries(db_path: str, include_kept_aside: bool = True) -> list[OutboxEntry]:
+    if not os.path.exists(db_path):
+        return []
+    conn = _open(db_path)
+    try:
+        return _list(conn, include_kept_aside)
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox {db_path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def retry_kept_aside(db_path: str) -> int:
+    """Requeue kept-aside commands; a running service picks them up within RESCAN_INTERVAL_S."""
+    if not os.path.exists(db_path):
+        return 0
+    conn = _open(db_path)
+    try:
+        return _requeue(conn)
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox {db_path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _fmt_time(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def format_entries(entries: list[OutboxEntry]) -> str:
+    pending = [e for e in entries if not e.kept_aside]
+    kept = [e for e in entries if e.kept_aside]
+    lines = [f"pending: {len(pending)}, kept aside: {len(kept)}"]
+    for title, group in (("pending", pending), ("kept aside", kept)):
+        if not group:
+            continue
+        lines.append(f"-- {title} --")
+        for e in group:
+            what = " ".join(e.fields.get(k, "") for k in ("cmd", "type", "event", "status") if e.fields.get(k))
+            line = f"#{e.id} {_fmt_time(e.created_at)} callid={e.call_id} {what} attempts={e.attempts}"
+            if e.kept_aside:
+                line += f" kept={e.kept_reason} at {_fmt_time(e.kept_aside_at)}"
+            if e.last_error:
+                line += f" last_error={e.last_error!r}"
+            if e.reply:
+                line += f" reply={e.reply}"
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def cli_list(db_path: str) -> str:
+    """`fsbridge outbox -c FILE`: what is pending or kept aside (raises OutboxError)."""
+    if not os.path.exists(db_path):
+        return f"no outbox database at {db_path} yet: nothing was ever queued"
+    return format_entries(list_entries(db_path))
+
+
+def cli_retry(db_path: str) -> str:
+    """`fsbridge outbox -c FILE --retry`: requeue kept-aside commands (raises OutboxError)."""
+    count = retry_kept_aside(db_path)
+    return (
+        f"{count} kept-aside command(s) put back in line"
+        + (f"; a running service sends them within {RESCAN_INTERVAL_S:.0f}s" if count else "")
+    )

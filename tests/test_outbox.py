@@ -1,0 +1,330 @@
+"""The durable outbox against the fake PlanFix over real HTTP."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+from fsbridge import outbox as outbox_mod
+from fsbridge.outbox import Outbox, OutboxError
+from fsbridge.planfix import Credentials, PlanfixClient
+from tests.conftest import REPO
+from tests.fakes.fake_planfix import FakePlanfix
+from tests.outbox_helpers import Cmd, assert_each_once_in_call_order, call_commands, key, many_calls
+
+
+@pytest.fixture
+def fake():
+    with FakePlanfix() as server:
+        yield server
+
+
+class Creds:
+    """Credentials that a test can change, like `setup` does."""
+
+    def __init__(self, url: str, token: str):
+        self.current: Credentials | None = Credentials(url, token)
+
+    def __call__(self) -> Credentials | None:
+        return self.current
+
+
+@pytest.fixture
+def make_outbox(tmp_path, fake):
+    made: list[Outbox] = []
+
+    def make(creds=None, read_timeout=2.0, **kw) -> Outbox:
+        kw = {"min_backoff_s": 0.02, "max_backoff_s": 0.1, "rescan_interval_s": 0.1} | kw
+        client = PlanfixClient(creds or Creds(fake.url, fake.token), connect_timeout=0.5, read_timeout=read_timeout,
+                               pool_size=kw.get("concurrency", 16))
+        box = Outbox(str(tmp_path / "outbox.sqlite3"), client, **kw)
+        made.append(box)
+        return box
+
+    yield make
+    for box in made:
+        if box._dispatcher is not None:
+            box.stop(drain_timeout=1)
+
+
+def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        gevent.sleep(0.01)
+
+
+def drained(box: Outbox, timeout: float = 5.0) -> None:
+    wait_until(lambda: box.stats()["depth"] == 0 and box.stats()["in_flight"] == 0, timeout, f"outbox to drain ({box.stats()})")
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/tel/api"
+
+
+def test_delivers_with_token_in_order_and_forgets_delivered_rows(fake, make_outbox, tmp_path):
+    box = make_outbox()
+    cmds = many_calls(3, 4)
+    box.put(cmds)
+    assert box.stats()["depth"] == 12
+    assert len(outbox_mod.list_entries(box.db_path)) == 12  # durable before anything was sent
+    box.start()
+    drained(box)
+    assert_each_once_in_call_order(fake.delivered, cmds)
+    assert all(f["planfix_token"] == fake.token for f in fake.delivered)
+    assert outbox_mod.list_entries(box.db_path) == []
+    stats = box.stats()
+    assert stats["kept_aside"] == 0 and stats["oldest_pending_age_s"] is None
+    assert stats["last_success_at"] and abs(stats["last_success_at"] - time.time()) < 5
+    fake.assert_no_violations()
+
+
+def test_put_while_running_and_record_command(fake, make_outbox):
+    box = make_outbox()
+    box.start()
+    box.put(call_commands("c1", 3))
+    box.put([Cmd("c1", {"cmd": "record", "callid": "c1", "record_link": "https://pbx.example.com/r/c1.mp3"})])
+    drained(box)
+    assert [f.get("event", f["cmd"]) for f in fake.delivered] == ["INCOMING", "ACCEPTED", "COMPLETED", "record"]
+    fake.assert_no_violations()
+
+
+def test_401_is_kept_until_credentials_change_and_wake(fake, make_outbox):
+    creds = Creds(fake.url, "wrong-token-0000000000")
+    box = make_outbox(creds, min_backoff_s=5, max_backoff_s=5)  # only wake() can bring them back quickly
+    cmds = many_calls(2, 3)
+    box.put(cmds)
+    box.start()
+    fake.wait_for(2)  # the head of each call tried once, refused
+    gevent.sleep(0.1)
+    assert box.stats()["depth"] == 6 and box.stats()["kept_aside"] == 0
+    assert "401" in box.stats()["last_error"]
+    assert [e.attempts for e in box.list_entries()[:2]] == [1, 1]
+    creds.current = Credentials(fake.url, fake.token)
+    box.wake()
+    drained(box, timeout=3)
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_400_is_kept_aside_with_the_reply_and_the_call_continues(fake, make_outbox):
+    fake.decide = lambda form: 400 if form.get("event") == "ACCEPTED" else None
+    box = make_outbox()
+    box.put(call_commands("c1", 3))
+    box.start()
+    drained(box)
+    assert [f["event"] for f in fake.delivered] == ["INCOMING", "COMPLETED"]
+    assert len(fake.requests) == 3  # the rejected one was not retried
+    assert box.stats()["kept_aside"] == 1
+    (kept,) = box.list_entries()
+    assert kept.kept_aside and kept.kept_reason == "rejected" and kept.fields["event"] == "ACCEPTED"
+    assert "Invalid parameters" in kept.reply and kept.attempts == 1
+
+
+def test_503_then_recovery(fake, make_outbox):
+    fake.fail_next(3, 503)
+    box = make_outbox()
+    cmds = call_commands("c1", 3)
+    box.put(cmds)
+    box.start()
+    drained(box)
+    assert len(fake.requests) == 6
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_timeouts_garbage_and_dropped_connections_are_retried(fake, make_outbox):
+    fake.script("hang", "garbage", "close")
+    box = make_outbox(read_timeout=0.2)
+    cmds = call_commands("c1", 2)
+    box.put(cmds)
+    box.start()
+    drained(box)
+    assert [r.outcome for r in fake.received] == ["hang", "garbage", "close", "ok", "ok"]
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_planfix_down_for_a_while_then_back(fake, make_outbox):
+    creds = Creds(dead_url(), fake.token)  # connection refused
+    box = make_outbox(creds)
+    first = many_calls(10, 2, prefix="early")
+    box.put(first)
+    box.start()
+    gevent.sleep(0.3)
+    fake.failure = 503  # now it answers, badly
+    creds.current = Credentials(fake.url, fake.token)
+    late = many_calls(10, 2, prefix="late")
+    box.put(late)
+    gevent.sleep(0.3)
+    assert box.stats()["depth"] == 40 and box.stats()["oldest_pending_age_s"] >= 0.5
+    fake.failure = None  # back; no wake(): backoff alone brings everything
+    drained(box)
+    assert_each_once_in_call_order(fake.delivered, first + late)
+    fake.assert_no_violations()
+
+
+def test_concurrency_across_calls_with_per_call_order(fake, make_outbox):
+    fake.delay = 0.1
+    box = make_outbox(concurrency=16)
+    cmds = many_calls(40, 5)  # 200 commands
+    box.put(cmds)
+    started = time.monotonic()
+    box.start()
+    drained(box, timeout=15)
+    elapsed = time.monotonic() - started
+    # 200 requests x 100 ms / 16 = 1.25 s ideal; 40 calls of 5 in waves of 16 need >= 1.5 s.
+    assert 1.2 <= elapsed < 3.0, elapsed
+    assert fake.max_in_flight <= 16
+    assert fake.max_in_flight >= 12  # really parallel
+    assert_each_once_in_call_order(fake.delivered, cmds)
+    assert len({r.client_port for r in fake.received}) <= 16 + 4  # connections reused
+
+
+def test_max_age_keeps_aside_and_retry_puts_back(fake, make_outbox):
+    fake.failure = 503
+    box = make_outbox(max_age_s=0.3)
+    cmds = call_commands("c1", 2)
+    box.put(cmds)
+    box.start()
+    wait_until(lambda: box.stats()["kept_aside"] == 2, what="both kept aside")
+    stats = box.stats()
+    assert stats["depth"] == 0 and stats["oldest_pending_age_s"] is None
+    kept = box.list_entries()
+    assert [e.kept_reason for e in kept] == ["max_age", "max_age"]
+    assert all("503" in e.last_error and e.attempts >= 1 for e in kept)
+    assert box.list_entries(include_kept_aside=False) == []
+    fake.failure = None
+    assert box.retry_kept_aside() == 2
+    drained(box)
+    assert box.stats()["kept_aside"] == 0
+    assert_each_once_in_call_order(fake.delivered, cmds)
+    assert box.list_entries() == []
+
+
+def test_cli_retry_from_another_connection_reaches_the_running_service(fake, make_outbox):
+    fake.script(400)
+    box = make_outbox()
+    box.put(call_commands("c1", 1))
+    box.start()
+    wait_until(lambda: box.stats()["kept_aside"] == 1)
+    listing = outbox_mod.cli_list(box.db_path)
+    assert listing.startswith("pending: 0, kept aside: 1")
+    assert "kept=rejected" in listing and "Invalid parameters" in listing and "callid=c1" in listing
+    assert outbox_mod.cli_retry(box.db_path).startswith("1 kept-aside command(s) put back")
+    drained(box)
+    wait_until(lambda: len(fake.delivered) == 1)
+    wait_until(lambda: box.stats()["kept_aside"] == 0)
+    assert outbox_mod.cli_list(box.db_path) == "pending: 0, kept aside: 0"
+
+
+def test_cli_on_a_missing_database(tmp_path):
+    path = str(tmp_path / "none.sqlite3")
+    assert "nothing was ever queued" in outbox_mod.cli_list(path)
+    assert outbox_mod.cli_retry(path).startswith("0 kept-aside")
+    assert not (tmp_path / "none.sqlite3").exists()
+
+
+def test_restart_resumes_pending_in_order_once(fake, make_outbox):
+    first = make_outbox()
+    cmds = many_calls(5, 3)
+    first.put(cmds)
+    first.stop(drain_timeout=1)  # never started: nothing sent
+    assert fake.requests == []
+    second = make_outbox()
+    assert second.stats()["depth"] == 15
+    second.start()
+    drained(second)
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_stop_lets_the_in_flight_request_finish(fake, make_outbox):
+    fake.delay = 0.3
+    box = make_outbox()
+    box.put(call_commands("c1", 2))
+    box.start()
+    fake.wait_for(1)
+    box.stop(drain_timeout=2)
+    assert len(fake.delivered) == 1 and len(fake.requests) == 1  # no new request after stop
+    left = outbox_mod.list_entries(box.db_path)
+    assert [e.fields["event"] for e in left] == ["COMPLETED"]
+
+
+def test_put_validates_commands(make_outbox):
+    box = make_outbox()
+    with pytest.raises(ValueError):
+        box.put([Cmd("", {"cmd": "event"})])
+    with pytest.raises(ValueError):
+        box.put([Cmd("c1", {"cmd": "event", "planfix_token": "x"})])
+    with pytest.raises(ValueError):
+        box.put([Cmd("c1", {"cmd": "event", "duration": 5})])
+    assert box.stats()["depth"] == 0
+
+
+def test_full_disk_raises_a_clear_error_and_keeps_the_database_sound(make_outbox):
+    box = make_outbox()
+    box.put(call_commands("c1", 3))
+    # Simulate a full disk: SQLite answers SQLITE_FULL exactly as on ENOSPC.
+    pages = box._conn.execute("PRAGMA page_count").fetchone()[0]
+    box._conn.execute(f"PRAGMA max_page_count={pages}")
+    big = [Cmd(f"c{i}", dict(call_commands(f"c{i}", 1)[0].fields, phone="7" * 2000)) for i in range(200)]
+    with pytest.raises(OutboxError, match="cannot queue 200"):
+        box.put(big)
+    stats = box.stats()
+    assert stats["depth"] == 3 and "full" in stats["storage_error"]
+    conn = sqlite3.connect(box.db_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 3  # the failed batch left nothing
+    conn.close()
+
+
+def test_sigkill_mid_queue_then_restart_loses_nothing_and_resends_nothing_answered(fake, tmp_path):
+    db = str(tmp_path / "outbox.sqlite3")
+    expected = many_calls(30, 4)
+    fake.delay = 0.005
+
+    def worker(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.outbox_worker", db, fake.url, fake.token, "--concurrency", "8", *extra],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )
+
+    proc = worker("--put", "30", "4")
+    try:
+        fake.wait_for(40, timeout=20, delivered=True)
+        # Freeze PlanFix: new requests hang unanswered, so once the answered
+        # ones have been settled the process is killed mid-queue with
+        # requests in flight (which, unanswered, may be sent again).
+        fake.hang_seconds = 3
+        fake.failure = "hang"
+        answered = -1
+        while answered != len(fake.delivered):
+            answered = len(fake.delivered)
+            gevent.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = len(fake.delivered)
+    assert before < len(expected), "the worker finished before it could be killed"
+    fake.failure = None
+    proc = worker()
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "drained" in out
+    assert_each_once_in_call_order(fake.delivered, expected)
+    fake.assert_no_violations()
+    assert outbox_mod.list_entries(db) == []
+    assert len(set(map(key, fake.requests))) == len(expected)
