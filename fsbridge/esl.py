@@ -383,6 +383,15 @@ class EslConnection:
     def connected(self) -> bool:
         return self._state == CONNECTED
 
+    def health(self) -> dict[str, object]:
+        """For /healthz: state, why, Core-UUID and connection count (no password)."""
+        return {
+            "state": self._state,
+            "detail": self._detail,
+            "core_uuid": self.core_uuid,
+            "connections": self.connections,
+        }
+
     def start(self) -> None:
         if self._supervisor is not None:
             raise RuntimeError("EslConnection already started")

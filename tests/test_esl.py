@@ -97,6 +97,8 @@ def test_connects_authenticates_and_subscribes_to_exactly_the_given_events(fake,
     ]
     assert rec.connected == [fake.core_uuid] and conn.core_uuid == fake.core_uuid
     assert [s for s, _ in rec.states] == ["connecting", "connected"]
+    assert conn.health() == {"state": "connected", "detail": f"connected to 127.0.0.1:{fake.port}",
+                             "core_uuid": fake.core_uuid, "connections": 1}
     conn.stop()
     assert fake.commands[-1] == "exit" and conn.state == "stopped"
     accepted = fake.accepted
