@@ -398,6 +398,8 @@ class Recordings:
             log.info("recordings: converting to MP3 with %s", self._converter.executable)
         self._jobs: gevent.queue.Queue = gevent.queue.Queue(maxsize=settings.convert_queue_size)
         self._workers: list[gevent.Greenlet] = []
+        self._deferred_jobs = 0  # asked for by on_completed, not yet in self._jobs
+        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -406,7 +408,7 @@ class Recordings:
         if self._converter is None or self._workers:
             return
         for entry in self._index.converting():
-            self._enqueue(entry.call_id)
+            self._start_job(entry.call_id)
         self._workers = [gevent.spawn(self._work) for _ in range(self.settings.converter_workers)]
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -415,6 +417,7 @@ class Recordings:
         self._workers = []
 
     def close(self) -> None:
+        self._closed = True
         self.stop()
         self._index.close()
 
@@ -423,27 +426,58 @@ class Recordings:
 
     # -- the event path ------------------------------------------------------------
 
+    def process(self, commands: Iterable[CommandLike], put: Callable[[list[CommandLike]], None]) -> None:
+        """The event-path stage: on_completed() for each command, put() the
+        result (the outbox), then start the conversions it asked for.
+
+        Conversions start only after put() returned, so a `record` can never
+        reach the outbox before its COMPLETED.
+        """
+        jobs: list[str] = []
+        out: list[CommandLike] = []
+        for command in commands:
+            out.extend(self._complete(command, jobs))
+        put(out)
+        for call_id in jobs:
+            self._start_job(call_id)
+
     def on_completed(self, command: CommandLike) -> list[CommandLike]:
         """Fill in is_recorded / record_link of a COMPLETED; other commands pass.
 
-        Only local file checks and one SQLite commit: fast enough for the event path.
+        Only local file checks and one SQLite commit: fast enough for the
+        event path.  A conversion it asks for starts when this greenlet next
+        yields, so put the result into the outbox before yielding (or use
+        process(), which orders that for you).
         """
+        jobs: list[str] = []
+        out = self._complete(command, jobs)
+        for call_id in jobs:
+            self._deferred_jobs += 1
+            gevent.get_hub().loop.run_callback(self._start_deferred_job, call_id)
+        return out
+
+    def _start_deferred_job(self, call_id: str) -> None:
+        self._deferred_jobs -= 1
+        self._start_job(call_id)
+
+    def _complete(self, command: CommandLike, jobs: list[str]) -> list[CommandLike]:
         fields = command.fields
         if fields.get("cmd") != "event" or fields.get("event") != "COMPLETED":
             return [command]
         new_fields = {k: v for k, v in fields.items() if k != "record_link"}
         new_fields["is_recorded"] = "0"
         if self.enabled and command.recording_path:
-            link_ext = self._register(command.call_id, command.recording_path)
+            link_ext = self._register(command.call_id, command.recording_path, jobs)
             if link_ext is not None:
                 new_fields["is_recorded"] = "1"
                 if link_ext:
                     new_fields["record_link"] = self._signer.link(command.call_id, link_ext)
         return [_with_fields(command, new_fields)]
 
-    def _register(self, call_id: str, fs_path: str) -> str | None:
+    def _register(self, call_id: str, fs_path: str, jobs: list[str]) -> str | None:
         """Index the call's file.  None: not recorded; "": link follows via
-        `record`; otherwise the extension of the link to send now."""
+        `record` (call_id appended to jobs); otherwise the extension of the
+        link to send now."""
         if not _CALL_ID.fullmatch(call_id):
             log.error("recording of call %r: not a valid callid; reported as not recorded", call_id)
             return None
@@ -473,9 +507,9 @@ class Recordings:
             self._index.put(IndexEntry(call_id, None, name, _READY, st.st_mtime))
             return "mp3"
         if self._converter is not None:
-            entry = IndexEntry(call_id, name, None, _CONVERTING, st.st_mtime)
-            self._index.put(entry)
-            if self._enqueue(call_id):
+            if self._jobs.qsize() + self._deferred_jobs + len(jobs) < self.settings.convert_queue_size:
+                self._index.put(IndexEntry(call_id, name, None, _CONVERTING, st.st_mtime))
+                jobs.append(call_id)
                 return ""
             log.warning("call %s: conversion queue full; PlanFix gets the WAV link", call_id)
         self._index.put(IndexEntry(call_id, name, None, _READY, st.st_mtime))
@@ -508,12 +542,18 @@ class Recordings:
 
     # -- conversion ------------------------------------------------------------------
 
-    def _enqueue(self, call_id: str) -> bool:
+    def _start_job(self, call_id: str) -> None:
+        if self._closed:
+            return  # still "converting" in the index: resumed by the next start()
         try:
             self._jobs.put_nowait(call_id)
-            return True
         except gevent.queue.Full:
-            return False
+            # Filled up since on_completed looked (jobs resumed by start()):
+            # PlanFix already waits for a `record`, so send the WAV link now.
+            entry = self._index.get(call_id)
+            if entry is not None and entry.state == _CONVERTING:
+                log.warning("call %s: conversion queue full; PlanFix gets the WAV link", call_id)
+                self._send_record(entry, "wav")
 
     def _work(self) -> None:
         while True:
@@ -545,6 +585,11 @@ class Recordings:
             log.error("call %s: MP3 conversion of %s failed (%s); PlanFix gets the WAV link", call_id, wav, exc)
             _unlink_quietly(partial)
             ext = "wav"
+        self._send_record(linked, ext)
+
+    def _send_record(self, entry: IndexEntry, ext: str) -> None:
+        """Emit the `record` command with the link of `ext`, then mark the call ready."""
+        call_id = entry.call_id
         record = RecordCommand(
             call_id,
             {"cmd": "record", "callid": call_id, "record_link": self._signer.link(call_id, ext), "is_temp": "0"},
@@ -552,15 +597,15 @@ class Recordings:
         # Index before the outbox: the link must resolve by the time PlanFix
         # follows it.  Marked ready only after the outbox has it, so a crash
         # in between repeats the `record` (harmless) rather than losing it.
-        self._index.put(linked)
+        self._index.put(entry)
         if self._emit is not None:
             self._emit([record])
-        if ext == "mp3":
+        if ext == "mp3" and entry.wav_name:
             # The WAV link was never handed out: the MP3 replaces the WAV on disk.
-            self._index.put(dataclasses.replace(linked, state=_READY, wav_name=None))
-            _unlink_quietly(wav)
+            self._index.put(dataclasses.replace(entry, state=_READY, wav_name=None))
+            _unlink_quietly(os.path.join(self._dir, entry.wav_name))
         else:
-            self._index.put(dataclasses.replace(linked, state=_READY))
+            self._index.put(dataclasses.replace(entry, state=_READY))
 
     # -- retention ---------------------------------------------------------------------
 

@@ -574,3 +574,28 @@ def test_trace_replay_through_the_tracker(traces_dir, tmp_path, make, site, trac
     assert fetch(site, bad).status_code == 403
     part = fetch(site, done.fields["record_link"], Range="bytes=44-143")
     assert part.status_code == 206 and part.content == data[44:144]
+
+
+def test_process_puts_completed_before_its_record(tmp_path, make, lame):
+    calls = ["c85e65ca-d501-4082-99f0-bb3f26a04d64", "e84e4329-8051-40a2-9c6c-a3d6cf741ee9"]
+    for call in calls:
+        write_wav(local(tmp_path, f"{FS_DIR}/{call}.wav"))
+    outbox: list[tuple[str, str]] = []
+    emitted, emit = collect_emitted()
+
+    def emit_to_outbox(commands):
+        outbox.extend((c.fields["cmd"], c.call_id) for c in commands)
+        emit(commands)
+
+    def put(commands):
+        gevent.sleep(0.05)  # an outbox that yields must still come first
+        outbox.extend((c.fields.get("event", c.fields["cmd"]), c.call_id) for c in commands)
+
+    rec = make(convert="mp3", emit=emit_to_outbox, converter=lame)
+    rec.start()
+    incoming = Command(calls[0], {"cmd": "event", "event": "INCOMING", "callid": calls[0]})
+    rec.process([incoming] + [completed(c, f"{FS_DIR}/{c}.wav") for c in calls], put)
+    for _ in calls:
+        emitted.get(timeout=30)
+    assert outbox[:3] == [("INCOMING", calls[0]), ("COMPLETED", calls[0]), ("COMPLETED", calls[1])]
+    assert sorted(outbox[3:]) == sorted(("record", c) for c in calls)
