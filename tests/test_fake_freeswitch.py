@@ -180,6 +180,11 @@ def test_replay_sends_only_subscribed_events_with_exact_bytes(fake, client_facto
     assert fake.replay(events).wait()
     assert len(client.read_frames(len(wanted))) == len(wanted)
     assert client.received[before:] == b"".join(e.raw for e in wanted)
+    # A whole capture as one byte stream: its replies are skipped, its events filtered the same way.
+    before = len(client.received)
+    assert fake.replay([read_trace("01-inbound-single-answer.plain.txt")]).wait()
+    assert len(client.read_frames(len(wanted))) == len(wanted)
+    assert client.received[before:] == b"".join(e.raw for e in wanted)
 
 
 def test_custom_subclass_and_filter(fake, client_factory):

@@ -21,6 +21,8 @@ Trace helpers (reused by other tests)
     ``TraceEvent(name, subclass, raw, body)``: ``raw`` is the exact frame
     (outer headers and body) to send, ``body`` the event's plain body,
     ``name`` its Event-Name, ``subclass`` the decoded Event-Subclass or "".
+``events_of(data) -> list[TraceEvent]``
+    The same for any byte stream (e.g. a capture rewritten in memory).
 ``trace_api_bodies(path) -> list[bytes]``
     The ``api/response`` bodies of a trace, in order.
 ``event_frame(headers, body=b"", encode=True) -> bytes``
@@ -63,14 +65,15 @@ receive events.
   Default: ``+OK <origination_uuid or a new uuid>\\n`` for originate, else
   the api body of the same command.
 * ``on_command(prefix, fn)``: after replying to a command starting with
-  ``prefix`` call ``fn(command, headers, job_uuid)``; its return (a list of
-  ``bytes``/``TraceEvent`` frames, or None) is sent to subscribed
+  ``prefix`` call ``fn(command, headers, job_uuid)``; its return (as for
+  ``replay``: TraceEvents and/or bytes, or None) is sent to subscribed
   connections, paced by ``rate`` given to ``on_command``.  For a bgapi the
   frames REPLACE the automatic BACKGROUND_JOB (a click-to-call rewrite
   returns the trace's own, rewritten).
 * ``replay(events, rate=None) -> ReplayJob`` (``.wait(timeout)``): send
-  frames now (``events``: a trace file name/path, or TraceEvents and/or
-  ``bytes`` holding one frame each); ``replay_on_subscribe(events, rate=None)``: send them to each
+  frames now (``events``: a trace file name/path, or a list of TraceEvents
+  and/or ``bytes`` -- one frame or a whole rewritten capture, of which only
+  the event frames are sent); ``replay_on_subscribe(events, rate=None)``: send them to each
   connection right after its first ``event`` command.  Only events the
   connection subscribed to and passing its filters are sent, like
   FreeSWITCH.  ``rate`` = events per second, None = all at once.
@@ -185,14 +188,19 @@ def _event_name(body: bytes) -> tuple[str, str]:
     return headers.get("Event-Name", "") or "", headers.get("Event-Subclass", "") or ""
 
 
-@lru_cache(maxsize=32)
-def _trace_events_cached(path: str) -> tuple[TraceEvent, ...]:
+def events_of(data: bytes) -> list[TraceEvent]:
+    """The text/event-plain frames of an ESL byte stream (other frames skipped)."""
     events = []
-    for frame in split_frames(read_trace(path)):
+    for frame in split_frames(data):
         if frame.headers.get("Content-Type") == "text/event-plain":
             name, subclass = _event_name(frame.body)
             events.append(TraceEvent(name, subclass, frame.raw, frame.body))
-    return tuple(events)
+    return events
+
+
+@lru_cache(maxsize=32)
+def _trace_events_cached(path: str) -> tuple[TraceEvent, ...]:
+    return tuple(events_of(read_trace(path)))
 
 
 def trace_events(path: str | os.PathLike) -> list[TraceEvent]:
@@ -374,11 +382,17 @@ class _Conn:
         self.sock.close()
 
 
-def _frames(events: Iterable | str | os.PathLike) -> list:
-    """Frames to send: a trace file's events, or the given TraceEvents / one-frame bytes."""
+def _frames(events: Iterable | str | os.PathLike) -> list[TraceEvent]:
+    """Events to send: a trace file's, or TraceEvents and byte streams (their event frames)."""
     if isinstance(events, (str, os.PathLike)):
         return trace_events(events)
-    return list(events)
+    frames: list[TraceEvent] = []
+    for item in events:
+        if isinstance(item, TraceEvent):
+            frames.append(item)
+        else:
+            frames.extend(events_of(bytes(item)))
+    return frames
 
 
 class ReplayJob:
@@ -529,19 +543,11 @@ class FakeFreeSwitch:
         with self._lock:
             return [c for c in self._conns if not c.closed]
 
-    def _deliver(self, frame: bytes | TraceEvent, targets: list[_Conn] | None) -> bool:
-        if isinstance(frame, TraceEvent):
-            raw, name, subclass = frame.raw, frame.name, frame.subclass
-            body = frame.body
-        else:
-            raw = frame
-            parsed = split_frames(raw)[0]
-            body = parsed.body
-            name, subclass = _event_name(body)
+    def _deliver(self, event: TraceEvent, targets: list[_Conn] | None) -> bool:
         delivered = False
         for conn in targets if targets is not None else self._live():
-            if conn.authed and _matches_event(conn, name, subclass, body):
-                delivered = conn.send(raw) or delivered
+            if conn.authed and _matches_event(conn, event.name, event.subclass, event.body):
+                delivered = conn.send(event.raw) or delivered
         return delivered
 
     # -- the protocol -------------------------------------------------------
@@ -696,7 +702,8 @@ class FakeFreeSwitch:
         }
         if arg:
             event["Job-Command-Arg"] = arg
-        self._deliver(event_frame(event, self._bgapi_result(command)), None)
+        for job in events_of(event_frame(event, self._bgapi_result(command))):
+            self._deliver(job, None)
 
     def _run_hooks(self, first: str, headers: dict[str, str], job_uuid: str | None) -> bool:
         """Run the first hook matching the command; True if it produced frames."""
@@ -705,6 +712,6 @@ class FakeFreeSwitch:
                 frames = fn(first, headers, job_uuid)
                 if frames is None:
                     return False
-                ReplayJob(self, list(frames), rate, None)
+                ReplayJob(self, _frames(frames), rate, None)
                 return True
         return False
