@@ -94,35 +94,34 @@ class ChannelEvent:
     header is "".
     """
 
-    name: str                       # Event-Name
-    uuid: str                       # Unique-ID of the channel ("" for BACKGROUND_JOB)
-    call_uuid: str                  # Channel-Call-UUID (A leg's UUID, mostly)
-    direction: str                  # Call-Direction: inbound / outbound
-    channel_name: str               # sofia/internal/101@127.0.0.1:5091
-    caller_number: str              # Caller-Caller-ID-Number
-    destination_number: str         # Caller-Destination-Number
-    dialed_user: str                # variable_dialed_user (user/<x> legs)
-    user_name: str                  # variable_user_name (digest-authenticated phone)
-    other_leg_uuid: str             # Other-Leg-Unique-ID
-    other_type: str                 # Other-Type: originator (B leg) / originatee (A leg)
-    bridge_a_uuid: str              # Bridge-A-Unique-ID (CHANNEL_BRIDGE)
-    bridge_b_uuid: str              # Bridge-B-Unique-ID (CHANNEL_BRIDGE)
-    other_leg_answered_us: int      # Other-Leg-Channel-Answered-Time (on CHANNEL_BRIDGE)
-    hangup_cause: str               # Hangup-Cause
-    originate_disposition: str      # variable_originate_disposition
-    sip_term_status: str            # variable_sip_term_status (SIP final code of a failed leg)
-    billsec: int                    # variable_billsec (talk seconds; HANGUP_COMPLETE)
-    answered_us: int                # Caller-Channel-Answered-Time
-    hangup_us: int                  # Caller-Channel-Hangup-Time
-    timestamp_us: int               # Event-Date-Timestamp
-    record_file_path: str           # Record-File-Path (RECORD_STOP)
-    record_ms: int                  # variable_record_ms (-1 = not present)
-    click_to_call_id: str           # variable_fsbridge_click_to_call (our makeCall request id)
-    click_to_call_ext: str          # variable_fsbridge_ext
-    click_to_call_phone: str        # variable_fsbridge_phone
-    planfix_data: tuple[tuple[str, str], ...] = ()   # (field, value) from variable_planfix_data_<field>
-    job_uuid: str = ""              # Job-UUID (BACKGROUND_JOB)
-    job_body: str = ""              # BACKGROUND_JOB body: "+OK <uuid>" / "-ERR <CAUSE>"
+    name: str                                 # Event-Name
+    uuid: str                                 # Unique-ID of the channel ("" for BACKGROUND_JOB)
+    call_uuid: str = ""                       # Channel-Call-UUID (A leg's UUID, mostly)
+    direction: str = ""                       # Call-Direction: inbound / outbound
+    caller_number: str = ""                   # Caller-Caller-ID-Number
+    destination_number: str = ""              # Caller-Destination-Number
+    dialed_user: str = ""                     # variable_dialed_user (user/<x> legs)
+    user_name: str = ""                       # variable_user_name (digest-authenticated phone)
+    other_leg_uuid: str = ""                  # Other-Leg-Unique-ID
+    other_type: str = ""                      # Other-Type: originator (B leg) / originatee (A leg)
+    bridge_a_uuid: str = ""                   # Bridge-A-Unique-ID (CHANNEL_BRIDGE)
+    bridge_b_uuid: str = ""                   # Bridge-B-Unique-ID (CHANNEL_BRIDGE)
+    other_leg_answered_us: int = 0            # Other-Leg-Channel-Answered-Time (on CHANNEL_BRIDGE)
+    hangup_cause: str = ""                    # Hangup-Cause
+    originate_disposition: str = ""           # variable_originate_disposition
+    sip_term_status: str = ""                 # variable_sip_term_status (SIP final code of a failed leg)
+    billsec: int = 0                          # variable_billsec (talk seconds; HANGUP_COMPLETE)
+    hangup_us: int = 0                        # Caller-Channel-Hangup-Time
+    timestamp_us: int = 0                     # Event-Date-Timestamp
+    record_file_path: str = ""                # Record-File-Path (RECORD_STOP)
+    record_ms: int = -1                       # variable_record_ms (-1 = not present)
+    click_to_call_id: str = ""                # variable_fsbridge_click_to_call (our makeCall request id)
+    click_to_call_ext: str = ""               # variable_fsbridge_ext
+    click_to_call_phone: str = ""             # variable_fsbridge_phone
+    # (field, value) pairs from variable_planfix_data_<field>
+    planfix_data: tuple[tuple[str, str], ...] = ()
+    job_uuid: str = ""                        # Job-UUID (BACKGROUND_JOB)
+    job_body: str = ""                        # BACKGROUND_JOB body: "+OK <uuid>" / "-ERR <CAUSE>"
 
 
 def _record_ms(headers: EventHeaders) -> int:
@@ -157,14 +156,9 @@ def channel_event(headers: EventHeaders, body: bytes) -> ChannelEvent | None:
     name = headers.get("Event-Name") or ""
     if name == "BACKGROUND_JOB":
         return ChannelEvent(
-            name=name, uuid="", call_uuid="", direction="", channel_name="",
-            caller_number="", destination_number="", dialed_user="", user_name="",
-            other_leg_uuid="", other_type="", bridge_a_uuid="", bridge_b_uuid="",
-            other_leg_answered_us=0, hangup_cause="", originate_disposition="",
-            sip_term_status="", billsec=0, answered_us=0, hangup_us=0,
+            name=name,
+            uuid="",
             timestamp_us=_int(headers.get("Event-Date-Timestamp")),
-            record_file_path="", record_ms=-1, click_to_call_id="",
-            click_to_call_ext="", click_to_call_phone="",
             job_uuid=sanitize(headers.get("Job-UUID"), MAX_ID_CHARS),
             job_body=sanitize(body.decode("utf-8", "replace"), MAX_TEXT_CHARS),
         )
@@ -181,7 +175,6 @@ def channel_event(headers: EventHeaders, body: bytes) -> ChannelEvent | None:
         uuid=uuid,
         call_uuid=sanitize(get("Channel-Call-UUID"), MAX_ID_CHARS),
         direction=sanitize(get("Call-Direction"), 16),
-        channel_name=sanitize(get("Channel-Name"), MAX_TEXT_CHARS),
         caller_number=sanitize(get("Caller-Caller-ID-Number"), MAX_NUMBER_CHARS),
         destination_number=sanitize(get("Caller-Destination-Number"), MAX_NUMBER_CHARS),
         dialed_user=sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS),
@@ -195,7 +188,6 @@ def channel_event(headers: EventHeaders, body: bytes) -> ChannelEvent | None:
         originate_disposition=sanitize(get("variable_originate_disposition"), 64) if ends_leg else "",
         sip_term_status=sanitize(get("variable_sip_term_status"), 8) if ends_leg else "",
         billsec=_int(get("variable_billsec")) if ends_leg else 0,
-        answered_us=_int(get("Caller-Channel-Answered-Time")),
         hangup_us=_int(get("Caller-Channel-Hangup-Time")) if ends_leg else 0,
         timestamp_us=_int(get("Event-Date-Timestamp")),
         record_file_path=sanitize(get("Record-File-Path"), MAX_PATH_CHARS) if name == "RECORD_STOP" else "",

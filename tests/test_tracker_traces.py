@@ -13,7 +13,6 @@ import pytest
 
 from fsbridge.events import SUBSCRIBED_EVENTS
 from fsbridge.tracker import CallTracker, PlanfixCommand
-from fsbridge.wire import parse_event_plain
 from tests.traces import channel_events, event_frames, frames_of, read_trace, rewrite_click_to_call
 
 CALLER = "79101234567"
