@@ -60,6 +60,13 @@ def click_to_call_capture(traces_dir, name: str) -> bytes:
     )
 
 
+def capture(traces_dir, name: str) -> bytes:
+    """A call capture; click-to-call ones as our own originate would have produced them."""
+    if name.startswith("06"):
+        return click_to_call_capture(traces_dir, name)
+    return read_trace(traces_dir / f"{name}.plain.txt")
+
+
 A01 = "e84e4329-8051-40a2-9c6c-a3d6cf741ee9"
 A02 = "fbb99a11-5242-4ac6-8ab4-c62a2873bdba"
 A03 = "5f890f50-37df-4503-b627-73bd40e2dcfd"
@@ -161,10 +168,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_call_trace_gives_exact_commands(traces_dir, name):
-    if name.startswith("06"):
-        raw = click_to_call_capture(traces_dir, name)
-    else:
-        raw = read_trace(traces_dir / f"{name}.plain.txt")
+    raw = capture(traces_dir, name)
     commands, tracker = replay(raw)
     assert [(c.fields, c.recording_path) for c in commands] == EXPECTED[name]
     assert all(c.call_id == c.fields["callid"] for c in commands)
@@ -174,10 +178,7 @@ def test_call_trace_gives_exact_commands(traces_dir, name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_every_start_gets_exactly_one_completed(traces_dir, name):
     """The invariant behind the lists above, checked independently of them."""
-    if name.startswith("06"):
-        raw = click_to_call_capture(traces_dir, name)
-    else:
-        raw = read_trace(traces_dir / f"{name}.plain.txt")
+    raw = capture(traces_dir, name)
     commands, _ = replay(raw)
     open_slots: collections.Counter = collections.Counter()
     for command in commands:
