@@ -368,8 +368,9 @@ def _looks_like_mp3(path: str) -> bool:
 
 
 class Recordings:
-    """on_completed() on the event path, a worker for conversions, cleanup(),
-    and the download route (blueprint())."""
+    """process() / on_completed() on the event path, conversion workers
+    (start()/stop()), cleanup() for retention, and the download route
+    (blueprint() or register_routes())."""
 
     def __init__(
         self,
