@@ -397,11 +397,13 @@ class CallTracker:
             elif slot.last_failed_leg is not None:
                 failed = slot.last_failed_leg
                 out.append(self._completed(call, slot, outgoing_status(failed.cause, failed.sip_term_status, disposition, a_cause)))
-            elif call.click_to_call:
+            elif call.click_to_call and not slot.legs:
                 # The manager's own leg failed (busy, no answer, hung up)
-                # before any client leg ended: the manager did not take it.
+                # before the client was rung: the manager did not take it.
                 out.append(self._completed(call, slot, NO_ANSWER))
             else:
+                # The far leg's own end has not arrived yet: the A leg's
+                # originate_disposition still names the outcome.
                 out.append(self._completed(call, slot, outgoing_status("", "", disposition, a_cause)))
         self._forget(call)
         return out

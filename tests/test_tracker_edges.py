@@ -443,3 +443,35 @@ def test_default_normalize_phone_and_sanitize():
     assert default_normalize_phone("anonymous") == "anonymous"
     assert default_normalize_phone("٣٤٥") == "٣٤٥"      # non-ASCII digits are not ASCII digits: kept as presented
     assert sanitize("a\tb\u200bc\u2028d ", 10) == "abcd"
+
+
+# -- click-to-call ---------------------------------------------------------------
+
+def _manager(uuid: str = "m1", **extra: str) -> ChannelEvent:
+    return event("CHANNEL_CREATE", uuid, Channel__Call__UUID=uuid, Call__Direction="outbound",
+                 Caller__Caller__ID__Number="79101234567", Caller__Destination__Number="101",
+                 variable_fsbridge_click_to_call="req-1", variable_fsbridge_ext="101",
+                 variable_fsbridge_phone="+7 910 123-45-67", **extra)
+
+
+@pytest.mark.parametrize("client_end_first", [True, False])
+def test_click_to_call_client_busy(client_end_first):
+    manager = Call("m1")
+    client_end = manager.leg_end("c1", 3, cause="USER_BUSY", variable_sip_term_status="486")
+    manager_end = manager.end(3, variable_originate_disposition="USER_BUSY")
+    ends = [client_end, manager_end] if client_end_first else [manager_end, client_end]
+    tracker = CallTracker()
+    commands = feed_all(tracker, [_manager(), manager.outside_leg("c1", "79101234567", cid="74950000000", t=2), *ends])
+    assert [(c.fields["type"], c.fields["event"], c.fields["ext"], c.fields["phone"], c.fields.get("status"))
+            for c in commands] == [("out", "OUTGOING", "101", "79101234567", None),
+                                   ("out", "COMPLETED", "101", "79101234567", "Busy")]
+    assert tracker.open_calls() == 0
+
+
+def test_click_to_call_manager_failure_closes_what_was_sent():
+    manager = Call("m1")
+    tracker = CallTracker()
+    commands = feed_all(tracker, [_manager(), manager.end(8, cause="NO_ANSWER")])
+    assert summary(commands) == [("101", "OUTGOING", "", ""), ("101", "COMPLETED", "NoAnswer", "0")]
+    # Even a ringing client leg never makes it an INCOMING for the manager.
+    assert all(c.fields["type"] == "out" for c in commands)

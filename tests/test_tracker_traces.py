@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from fsbridge.events import SUBSCRIBED_EVENTS
+from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
 from fsbridge.tracker import CallTracker, PlanfixCommand
 from tests.traces import channel_events, event_frames, frames_of, read_trace, rewrite_click_to_call
 
@@ -173,6 +173,19 @@ def test_call_trace_gives_exact_commands(traces_dir, name):
     assert [(c.fields, c.recording_path) for c in commands] == EXPECTED[name]
     assert all(c.call_id == c.fields["callid"] for c in commands)
     assert tracker.open_calls() == 0
+
+
+@pytest.mark.parametrize("name", ["02-inbound-ring-group", "06a-click-to-call-answer"])
+def test_subscribing_to_all_events_changes_nothing(traces_dir, name):
+    """Events outside SUBSCRIBED_EVENTS (an `event plain ALL` listener) are ignored."""
+    raw = capture(traces_dir, name)
+    tracker = CallTracker()
+    commands = []
+    for headers, body in event_frames(raw, names=None):
+        event = channel_event(headers, body)
+        if event is not None:
+            commands += tracker.feed(event)
+    assert [(c.fields, c.recording_path) for c in commands] == EXPECTED[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
