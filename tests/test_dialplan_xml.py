@@ -1,0 +1,391 @@
+"""dialplan/*.xml against the service: parse, agree on every URL, port, variable and format.
+
+A change on one side (the lookup's path, port, answer format, the phone
+normalisation, a variable name) must break a test here, not a live PBX.  The
+inbound route is checked end to end: the URL the dialplan builds is sent to the
+real lookup app, and its answer is run through the dialplan's own conditions by
+a small simulation of FreeSWITCH's XML hunt (pre-processor variables, inline
+`set`, `continue="true"`, regex captures).
+
+Defaults come from fsbridge.lookup and are tied to fsbridge.config's schema
+(the values an admin gets without touching the config).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import urllib.parse
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+import pytest
+
+from fsbridge import config
+from fsbridge.lookup import (
+    ANSWER_REGEX,
+    CONTACT_PATH,
+    DEFAULT_LISTEN,
+    ContactLookup,
+    LookupSettings,
+    create_lookup_app,
+)
+from fsbridge.phone import dial_number
+
+DIALPLAN = pathlib.Path(__file__).resolve().parent.parent / "dialplan"
+VARS_FILE = DIALPLAN / "fsbridge-vars.xml"
+INBOUND = DIALPLAN / "fsbridge-inbound.xml"
+OUTBOUND = DIALPLAN / "fsbridge-outbound.xml"
+RECORD_SNIPPET = "fsbridge-record.xml"  # written with the recordings (issue 6)
+INCLUDE_DIR = "fsbridge"  # where the README tells admins to copy dialplan/ under conf_dir
+# FreeSWITCH's own pre-processor variables (vars.xml) the files may use.
+STOCK_GLOBALS = {"domain": "pbx.example", "conf_dir": "/etc/freeswitch", "recordings_dir": "/var/lib/freeswitch/recordings"}
+OUR_FILES = sorted(p for p in DIALPLAN.glob("*.xml") if not p.name.startswith("fsbridge-record"))
+SCHEMA = config.defaults()
+
+
+def _preprocess_vars() -> dict[str, str]:
+    values = {}
+    for element in ET.parse(VARS_FILE).getroot():
+        assert element.tag == "X-PRE-PROCESS" and element.get("cmd") == "set", ET.tostring(element)
+        name, _, value = element.get("data", "").partition("=")
+        assert name and value, element.get("data")
+        values[name] = value
+    return values
+
+
+VARS = _preprocess_vars()
+
+
+def _uses(text: str) -> set[str]:
+    return set(re.findall(r"\$\$\{(\w+)\}", text))
+
+
+def _without_comments(text: str) -> str:
+    return re.sub(r"<!--.*?-->", "", text, flags=re.S)
+
+
+def _loaded(path: pathlib.Path) -> ET.Element:
+    """The file as FreeSWITCH sees it: `$${...}` substituted, X-PRE-PROCESS includes inlined."""
+    text = path.read_text(encoding="utf-8")
+    every = {**STOCK_GLOBALS, **VARS}
+    root = ET.fromstring(re.sub(r"\$\$\{(\w+)\}", lambda m: every[m.group(1)], text))
+    for parent in list(root.iter()):
+        for index, child in reversed(list(enumerate(parent))):
+            if child.tag == "X-PRE-PROCESS" and child.get("cmd") == "include":
+                included = DIALPLAN / child.get("data").removeprefix(f"{INCLUDE_DIR}/")
+                parent.remove(child)
+                for offset, element in enumerate(_loaded(included)):
+                    parent.insert(index + offset, element)
+    return root
+
+
+# ---- every file ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", OUR_FILES, ids=lambda p: p.name)
+def test_file_parses_and_starts_with_its_documentation(path):
+    text = path.read_text(encoding="utf-8")
+    root = ET.fromstring(text)
+    assert root.tag == "include"
+    assert text.startswith("<!--"), "each file starts with a comment"
+    head = text[: text.index("-->")]
+    assert path.name in head
+    for topic in ("What it does", "Where to include it", "Variables to set"):
+        assert topic in head, f"{path.name}: the opening comment must say {topic!r}"
+    # Pre-processor includes name files under conf_dir/fsbridge/, as documented.
+    for element in root.iter("X-PRE-PROCESS"):
+        if element.get("cmd") == "include":
+            assert element.get("data").startswith(f"{INCLUDE_DIR}/")
+
+
+def test_every_variable_is_defined_in_the_one_vars_file_and_used():
+    used = set()
+    for path in (INBOUND, OUTBOUND):
+        names = _uses(_without_comments(path.read_text(encoding="utf-8")))
+        undefined = names - VARS.keys() - STOCK_GLOBALS.keys()
+        assert not undefined, f"{path.name} uses $${{}} not set in {VARS_FILE.name}: {undefined}"
+        used |= names
+    # The values themselves may reference others (none today), count those too.
+    assert set(VARS) <= used, f"set but never used: {set(VARS) - used}"
+
+
+# ---- the lookup URL, port and timeouts ----------------------------------
+
+
+def test_defaults_agree_with_the_config_schema():
+    section = SCHEMA["dialplan"]
+    assert DEFAULT_LISTEN == section["listen"]
+    defaults = LookupSettings()
+    assert defaults.deadline == float(section["deadline"])
+    assert defaults.cache_ttl == float(section["cache_ttl"])
+    assert defaults.cache_ttl_not_found == float(section["cache_ttl_not_found"])
+    assert defaults.region == SCHEMA["phone"]["default_region"]
+    assert defaults.phone_format == SCHEMA["phone"]["format"]
+    assert defaults.extension_pattern == SCHEMA["calls"]["extension_pattern"]
+
+
+def test_lookup_url_points_at_the_lookup_listener():
+    url = urllib.parse.urlsplit(VARS["fsbridge_lookup_url"])
+    assert url.scheme == "http"
+    assert url.netloc == DEFAULT_LISTEN  # loopback: never the public listener
+    assert url.netloc != SCHEMA["server"]["listen"]
+    assert url.path == CONTACT_PATH
+    assert not url.query and not url.fragment
+
+
+def test_curl_timeouts_are_set_and_outlast_the_deadline():
+    connect, total = int(VARS["fsbridge_lookup_connect_timeout"]), int(VARS["fsbridge_lookup_timeout"])
+    assert 1 <= connect <= total
+    # fsbridge answers by its deadline; curl must not give up before that answer.
+    assert total > LookupSettings().deadline
+    actions = _actions(_loaded(INBOUND))
+    assert ("set", f"curl_connect_timeout={connect}") in actions
+    assert ("set", f"curl_timeout={total}") in actions
+    call = _curl_call(_loaded(INBOUND))
+    assert (call.connect_timeout, call.timeout) == (connect, total)
+
+
+@dataclass
+class CurlCall:
+    variable: str
+    url: str
+    connect_timeout: int
+    timeout: int
+
+
+def _curl_call(root: ET.Element) -> CurlCall:
+    calls = []
+    for extension in root.iter("extension"):
+        for action in extension.iter("action"):
+            match = re.fullmatch(
+                r"(\w+)=\$\{curl\((\S+) connect-timeout (\d+) timeout (\d+)\)\}", action.get("data", "")
+            )
+            if match:
+                assert action.get("application") == "set" and action.get("inline") == "true"
+                assert extension.get("continue") == "true"
+                calls.append(CurlCall(match.group(1), match.group(2), int(match.group(3)), int(match.group(4))))
+    assert len(calls) == 1, calls
+    return calls[0]
+
+
+def test_lookup_query_passes_every_value_through_url_encode():
+    url = _curl_call(_loaded(INBOUND)).url
+    base, _, query = url.partition("?")
+    assert base == VARS["fsbridge_lookup_url"]
+    params = dict(pair.split("=", 1) for pair in query.split("&"))
+    assert set(params) == {"phone", "callid"}
+    for value in params.values():
+        assert re.fullmatch(r"\$\{url_encode\(\$\{\w+\}\)\}", value), value
+
+
+# ---- a small simulation of FreeSWITCH's XML dialplan hunt ---------------
+
+
+def _actions(root: ET.Element) -> list[tuple[str, str]]:
+    return [(a.get("application"), a.get("data")) for a in root.iter("action")]
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    """${url_encode(${v})} and ${v}, the only expansions these files use at hunt time."""
+    text = re.sub(
+        r"\$\{url_encode\(\$\{(\w+)\}\)\}",
+        lambda m: urllib.parse.quote(variables.get(m.group(1), ""), safe=""),
+        text,
+    )
+    return re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), ""), text)
+
+
+def _captures(template: str, match: re.Match) -> str:
+    return re.sub(r"\$(\d)", lambda m: match.group(int(m.group(1))) or "", template)
+
+
+def hunt(root: ET.Element, variables: dict[str, str], curl) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Run the hunt over `root`'s extensions: (channel variables, queued actions)."""
+    variables = dict(variables)
+    queued: list[tuple[str, str]] = []
+    for extension in root.findall("extension"):
+        match = None
+        for condition in extension.findall("condition"):
+            field = condition.get("field")
+            value = _expand(field, variables) if field.startswith("${") else variables.get(field, "")
+            match = re.search(condition.get("expression"), value)
+            if not match:
+                break
+        if not match:
+            continue
+        for action in condition.findall("action"):
+            data = _captures(action.get("data"), match)
+            if action.get("inline") == "true":
+                assert action.get("application") == "set"
+                name, _, value = data.partition("=")
+                curl_call = re.fullmatch(r"\$\{curl\((\S+) .*\)\}", value)
+                variables[name] = curl(_expand(curl_call.group(1), variables)) if curl_call else _expand(value, variables)
+            else:
+                queued.append((action.get("application"), data))
+        if extension.get("continue") != "true":
+            break
+    return variables, queued
+
+
+@dataclass
+class Contact:
+    name: str
+    responsible: str | None
+
+
+def _lookup_app(contact: Contact | None = None, fail: bool = False):
+    def fetch(phone, callid, timeout):
+        assert phone == "79101234567" and callid == CALL_UUID
+        if fail:
+            raise ConnectionError("PlanFix down")
+        return contact
+
+    settings = LookupSettings()
+    return create_lookup_app(settings, lookup=ContactLookup(settings, fetch)).test_client()
+
+
+CALL_UUID = "e84e4329-8051-40a2-9c6c-a3d6cf741ee9"
+CALL = {"destination_number": VARS["fsbridge_did"], "caller_id_number": "+79101234567", "uuid": CALL_UUID}
+
+
+def _inbound_call(app, caller: dict[str, str] = CALL):
+    asked = []
+
+    def curl(url: str) -> str:
+        asked.append(url)
+        parts = urllib.parse.urlsplit(url)
+        assert f"{parts.scheme}://{parts.netloc}{parts.path}" == VARS["fsbridge_lookup_url"]
+        return app.get(f"{parts.path}?{parts.query}").get_data(as_text=True)
+
+    variables, queued = hunt(_loaded(INBOUND), caller, curl)
+    assert len(asked) == 1
+    bridges = [data for application, data in queued if application == "bridge"]
+    assert len(bridges) == 1, queued
+    return variables, queued, bridges[0]
+
+
+def test_inbound_known_client_with_responsible_rings_the_manager_first():
+    variables, queued, bridge = _inbound_call(_lookup_app(Contact("Иванов Иван", "103")))
+    assert variables["effective_caller_id_name"] == "Иванов Иван"
+    assert bridge == f"[leg_timeout={VARS['fsbridge_responsible_ring']}]user/103@${{domain_name}}|{VARS['fsbridge_fallback']}"
+    assert ("set", f"domain_name={STOCK_GLOBALS['domain']}") in queued
+    assert ("set", "hangup_after_bridge=true") in queued and ("set", "ignore_early_media=true") in queued
+    assert queued[-1][0] == "bridge"
+
+
+def test_inbound_known_client_without_responsible_rings_the_fallback():
+    variables, _, bridge = _inbound_call(_lookup_app(Contact("ООО Ромашка", None)))
+    assert variables["effective_caller_id_name"] == "ООО Ромашка"
+    assert bridge == VARS["fsbridge_fallback"]
+
+
+@pytest.mark.parametrize("app", [_lookup_app(None), _lookup_app(fail=True)], ids=["not-found", "planfix-down"])
+def test_inbound_unknown_client_keeps_the_carrier_name_and_rings_the_fallback(app):
+    variables, _, bridge = _inbound_call(app)
+    assert "effective_caller_id_name" not in variables
+    assert bridge == VARS["fsbridge_fallback"]
+
+
+@pytest.mark.parametrize("answer", ["", "-ERR timeout", "error=phone is not a phone number", "<html>502</html>"])
+def test_inbound_when_the_lookup_itself_fails_rings_the_fallback(answer):
+    variables, _ = hunt(_loaded(INBOUND), CALL, lambda url: answer)
+    assert "effective_caller_id_name" not in variables
+    assert "fsbridge_responsible" not in variables
+
+
+def test_inbound_anonymous_caller_is_a_400_and_still_routed():
+    variables, _, bridge = _inbound_call(_lookup_app(), {**CALL, "caller_id_number": "anonymous"})
+    assert variables["fsbridge_lookup"].startswith("error=")
+    assert bridge == VARS["fsbridge_fallback"]
+
+
+def test_inbound_other_numbers_are_left_alone():
+    variables, queued = hunt(_loaded(INBOUND), {**CALL, "destination_number": "74951111111"}, lambda url: pytest.fail("looked up"))
+    # No lookup, no route: only the shared recording extension (its own rule) applies.
+    assert "fsbridge_lookup" not in variables
+    assert [application for application, _ in queued if application != "set"] == ["record_session"]
+
+
+def test_dialplan_conditions_accept_exactly_the_lookup_answer_format():
+    expressions = [c.get("expression") for c in _loaded(INBOUND).iter("condition") if c.get("field") == "${fsbridge_lookup}"]
+    assert expressions
+    for answer in ("status=found;name=Иванов Иван;responsible=103", "status=found;name=Ivan;responsible="):
+        assert re.fullmatch(ANSWER_REGEX, answer)
+        assert any(re.search(e, answer) for e in expressions)
+    for answer in ("status=not_found;name=;responsible=", "status=unknown;name=;responsible=", "status=internal;name=;responsible="):
+        assert re.fullmatch(ANSWER_REGEX, answer)
+        assert not any(re.search(e, answer) for e in expressions)
+
+
+# ---- outbound and click-to-call ------------------------------------------
+
+
+def _outbound_extension() -> ET.Element:
+    (extension,) = _loaded(OUTBOUND).findall("extension")
+    return extension
+
+
+@pytest.mark.parametrize("keep_plus", [False, True])
+@pytest.mark.parametrize("typed", ["+7 (910) 123-45-67", "8 910 123 45 67", "79101234567"])
+def test_click_to_call_numbers_reach_the_outbound_route(typed, keep_plus):
+    # makeCall's `to` as the service normalises it with the default config.
+    target = dial_number(
+        typed,
+        region=SCHEMA["phone"]["default_region"],
+        keep_plus=keep_plus,
+        extension_pattern=SCHEMA["calls"]["extension_pattern"],
+    )
+    variables, queued = hunt(_loaded(OUTBOUND), {"destination_number": target}, lambda url: pytest.fail("curl"))
+    assert ("bridge", f"sofia/gateway/{VARS['fsbridge_gateway']}/79101234567") in queued
+    assert ("set", f"effective_caller_id_number={VARS['fsbridge_did']}") in queued
+    assert ("set", f"call_timeout={VARS['fsbridge_outbound_ring']}") in queued
+
+
+def test_outbound_route_is_documented_for_the_click_to_call_context():
+    assert SCHEMA["click_to_call"]["context"] == "default"
+    assert '<context name="default">' in OUTBOUND.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("destination", ["101", "112", "+44 20 7946 0958", "7910123456"])
+def test_outbound_route_ignores_other_destinations(destination):
+    _, queued = hunt(_loaded(OUTBOUND), {"destination_number": destination}, lambda url: pytest.fail("curl"))
+    assert "bridge" not in [application for application, _ in queued]
+
+
+# ---- recording snippet and analytics variables ---------------------------
+
+
+@pytest.mark.parametrize("path", [INBOUND, OUTBOUND], ids=lambda p: p.name)
+def test_routes_include_the_shared_recording_extension_before_bridging(path):
+    root = ET.parse(path).getroot()
+    includes = [i for i, e in enumerate(root) if e.tag == "X-PRE-PROCESS" and e.get("cmd") == "include"]
+    assert [root[i].get("data") for i in includes] == [f"{INCLUDE_DIR}/{RECORD_SNIPPET}"]
+    # fsbridge-record.xml holds extensions: it belongs between extensions, not among actions.
+    assert not any(e.tag == "X-PRE-PROCESS" for c in root.iter("condition") for e in c)
+    bridging = [i for i, e in enumerate(root) if e.tag == "extension" and any(a.get("application") == "bridge" for a in e.iter("action"))]
+    assert includes[0] < min(bridging)
+    snippet = ET.parse(DIALPLAN / RECORD_SNIPPET).getroot()
+    assert snippet.tag == "include" and all(e.get("continue") == "true" for e in snippet.findall("extension"))
+
+
+def test_inbound_call_is_recorded_before_the_bridge():
+    _, queued, _ = _inbound_call(_lookup_app(Contact("Ivan", "103")))
+    applications = [application for application, _ in queued]
+    assert applications.index("record_session") < applications.index("bridge")
+    assert ("record_session", f"${{fsbridge_record_file}}") in queued
+
+
+def test_outbound_call_is_recorded_before_the_bridge():
+    _, queued = hunt(_loaded(OUTBOUND), {"destination_number": "79101234567"}, lambda url: pytest.fail("curl"))
+    applications = [application for application, _ in queued]
+    assert applications.index("record_session") < applications.index("bridge")
+
+
+def test_planfix_data_variables_use_the_prefix_the_events_read():
+    events = pytest.importorskip("fsbridge.events")
+    prefix = events.PLANFIX_DATA_PREFIX.removeprefix("variable_")
+    names = [data.split("=", 1)[0] for path in (INBOUND, OUTBOUND) for app, data in _actions(_loaded(path)) if app == "set"]
+    analytics = [n for n in names if n.startswith(prefix)]
+    assert analytics, "examples of planfix_data_* are part of the files"
+    assert all(re.fullmatch(r"\w+", n[len(prefix):]) for n in analytics)
