@@ -18,8 +18,10 @@ Rules (issue 5):
   metadata does not know, garbage) goes through *digits only* and is never
   dropped.  In ``e164`` output a leading ``+`` the caller typed is kept on
   such a number (it says "this is international"); in ``digits`` output there
-  is never a ``+``.  Text without a single digit gives ``""``: it is not a
-  number (e.g. ``anonymous``), and the caller decides what to send instead.
+  is never a ``+``.  Text without a single digit (``anonymous``,
+  ``unknown``) is returned stripped but otherwise as presented: PlanFix
+  should still see what the caller sent, and it is not a number anyone can
+  dial or look up (the lookup and makeCall refuse it before this point).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def _normalize_cached(raw: str, region: str, output: str) -> str:
     if e164 is not None:
         return e164 if output == "e164" else e164[1:]
     digits = _NON_DIGITS.sub("", text)
-    if digits and output == "e164" and text.startswith("+"):
+    if not digits:
+        return text
+    if output == "e164" and text.startswith("+"):
         return "+" + digits
     return digits
 
