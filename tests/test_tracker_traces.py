@@ -238,9 +238,10 @@ def test_load_capture_100_interleaved_calls(traces_dir):
     assert not tracker._owner
 
 
-def test_subscription_is_enough_for_the_service():
-    assert "BACKGROUND_JOB" in SUBSCRIBED_EVENTS and "HEARTBEAT" in SUBSCRIBED_EVENTS
-    assert len(set(SUBSCRIBED_EVENTS)) == len(SUBSCRIBED_EVENTS)
+def test_subscription_is_exactly_what_channel_event_reads():
+    from fsbridge.events import _READERS
+
+    assert sorted(SUBSCRIBED_EVENTS) == sorted([*_READERS, "BACKGROUND_JOB", "HEARTBEAT"])
 
 
 # -- rewrite_click_to_call ---------------------------------------------------
