@@ -111,10 +111,34 @@ class LookupSettings:
     cache_ttl_failure: float = 5.0  # [dialplan] cache_ttl_failure
     cache_size: int = 10000  # [dialplan] cache_size
     max_concurrent_fetches: int = 8  # [dialplan] max_concurrent_lookups
+    # Numbers waiting for a PlanFix answer at most; beyond, new numbers are
+    # answered "unknown" at once (PlanFix hanging must not pile up greenlets).
+    max_pending_fetches: int = 256
     fetch_timeout: float = 10.0  # the whole background PlanFix request: [planfix] read_timeout
     region: str = "RU"  # [phone] default_region
     phone_format: str = "digits"  # [phone] format
     extension_pattern: str = r"^\d{2,6}$"  # [calls] extension_pattern
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LookupSettings":
+        """From a loaded ``fsbridge.config.Config``; keys the schema lacks keep these defaults."""
+        dialplan, defaults = cfg.dialplan, cls()
+
+        def key(name: str, attr: str) -> Any:
+            return getattr(dialplan, name, getattr(defaults, attr))
+
+        return cls(
+            deadline=key("deadline", "deadline"),
+            cache_ttl=key("cache_ttl", "cache_ttl"),
+            cache_ttl_not_found=key("cache_ttl_not_found", "cache_ttl_not_found"),
+            cache_ttl_failure=key("cache_ttl_failure", "cache_ttl_failure"),
+            cache_size=key("cache_size", "cache_size"),
+            max_concurrent_fetches=key("max_concurrent_lookups", "max_concurrent_fetches"),
+            fetch_timeout=cfg.planfix.read_timeout,
+            region=cfg.phone.default_region,
+            phone_format=cfg.phone.format,
+            extension_pattern=cfg.calls.extension_pattern,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +271,7 @@ class ContactLookup:
             return pending
         # Every number being fetched is a greenlet; when PlanFix hangs they
         # pile up, so beyond a bound new numbers are simply answered unknown.
-        if len(self._inflight) >= self.settings.max_concurrent_fetches * 16:
+        if len(self._inflight) >= self.settings.max_pending_fetches:
             self._counters["overloaded"] += 1
             return None
         pending = gevent.event.AsyncResult()

@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass
 
 import gevent
+import gevent.event
 import pytest
 import requests
 
+from fsbridge import config
 from fsbridge.lookup import (
     ANSWER_REGEX,
     CONTACT_PATH,
@@ -329,3 +331,35 @@ def test_answer_format_and_name_cleaning():
     assert safe_display_name("{a}[b]<c>\\d\"e\"") == "a b c d e"
     for status in ("found", "not_found", "unknown", "internal"):
         assert re.fullmatch(ANSWER_REGEX, format_answer(LookupResult(status, "X", "")))
+
+
+def test_pending_fetches_are_bounded_when_planfix_hangs():
+    release = gevent.event.Event()
+    asked = []
+
+    def fetch(phone, callid, timeout):
+        asked.append(phone)
+        release.wait()
+        return Found("late")
+
+    contacts = ContactLookup(LookupSettings(max_concurrent_fetches=1, max_pending_fetches=3), fetch)
+    for n in range(5):
+        assert contacts.lookup(f"7910000000{n}", timeout=0.01).status == "unknown"
+    gevent.sleep(0.01)
+    assert contacts.stats()["inflight"] == 3 and contacts.stats()["overloaded"] == 2
+    assert len(asked) == 1  # one PlanFix request at a time (max_concurrent_fetches)
+    release.set()
+    gevent.sleep(0.05)
+    assert contacts.stats()["inflight"] == 0 and len(asked) == 3
+    assert contacts.lookup("79100000000", timeout=0).name == "late"
+
+
+def test_settings_from_the_loaded_config(tmp_path):
+    path = tmp_path / "fsbridge.ini"
+    path.write_text(
+        f"[server]\ntoken = {'t' * 32}\n[storage]\ndir = {tmp_path}\n"
+        "[dialplan]\ndeadline = 0.8\ncache_ttl = 120\n[phone]\ndefault_region = by\n[planfix]\nread_timeout = 4\n"
+    )
+    settings = LookupSettings.from_config(config.load(str(path)))
+    assert (settings.deadline, settings.cache_ttl, settings.cache_ttl_not_found) == (0.8, 120, 60)
+    assert (settings.region, settings.fetch_timeout, settings.extension_pattern) == ("BY", 4, r"^\d{2,6}$")
