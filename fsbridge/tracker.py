@@ -396,7 +396,8 @@ class CallTracker:
                 out.append(self._completed(call, slot, MISSED))
             elif slot.last_failed_leg is not None:
                 failed = slot.last_failed_leg
-                out.append(self._completed(call, slot, outgoing_status(failed.cause, failed.sip_term_status, disposition, a_cause)))
+                status = outgoing_status(failed.cause, failed.sip_term_status, disposition, a_cause)
+                out.append(self._completed(call, slot, status))
             elif call.click_to_call and not slot.legs:
                 # The manager's own leg failed (busy, no answer, hung up)
                 # before the client was rung: the manager did not take it.
