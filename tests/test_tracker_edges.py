@@ -329,7 +329,8 @@ def test_two_devices_of_one_extension_make_one_popup():
 def test_hunt_with_busy_first_then_answer():
     call = Call("a1")
     commands = feed_all(CallTracker(), [
-        call.create(0), call.leg("b1", "101", 0), call.leg_end("b1", 0.5, cause="USER_BUSY", variable_sip_term_status="486"),
+        call.create(0), call.leg("b1", "101", 0),
+        call.leg_end("b1", 0.5, cause="USER_BUSY", variable_sip_term_status="486"),
         call.leg("b2", "102", 0.6), call.bridge("b2", 3), call.leg_end("b2", 10, billsec=7), call.end(10),
     ])
     assert summary(commands) == [

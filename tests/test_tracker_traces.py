@@ -253,7 +253,7 @@ def test_rewrite_click_to_call_is_valid_esl(traces_dir):
     hostile_request = "r 1&x=%0A"
     rewritten = rewrite_click_to_call(
         original, manager_uuid=MANAGER_UUID, job_uuid=JOB_UUID, request_id=hostile_request,
-        ext="101", phone=CALLER, command_arg="originate {origination_uuid=%s}user/101 %s XML default" % (MANAGER_UUID, CALLER),
+        ext="101", phone=CALLER, command_arg=f"originate {{origination_uuid={MANAGER_UUID}}}user/101 {CALLER} XML default",
     )
     assert old_manager.encode() not in rewritten and old_job.encode() not in rewritten
     original_frames = frames_of(original)

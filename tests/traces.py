@@ -164,10 +164,8 @@ def _rewrite_event(body: bytes, manager_uuid: bytes, extra: bytes, command_arg: 
     block, rest = (body, b"") if end < 0 else (body[:end + 1], body[end + 1:])
     lines = block.split(b"\n")
     if command_arg is not None and b"Event-Name: BACKGROUND_JOB" in lines:
-        lines = [
-            b"Job-Command-Arg: " + quote(command_arg, safe="").encode() if line.startswith(b"Job-Command-Arg: ") else line
-            for line in lines
-        ]
+        encoded = b"Job-Command-Arg: " + quote(command_arg, safe="").encode()
+        lines = [encoded if line.startswith(b"Job-Command-Arg: ") else line for line in lines]
         return b"\n".join(lines) + rest
     if b"Unique-ID: " + manager_uuid not in lines:
         return body
