@@ -1,0 +1,402 @@
+"""The HTTP endpoint PlanFix calls (``POST /planfix``) and ``GET /healthz``.
+
+``create_app(settings, deps)`` is a Flask application factory: no globals,
+everything it talks to is injected (``WebDeps``), so tests build as many
+apps as they like and the service serves one with gevent's WSGI server.
+
+Contract with PlanFix (telephony API, commands ``makeCall`` and ``setup``):
+form-urlencoded in, JSON out; 200 on success, 400 ``{"error": "Invalid
+parameters"}``, 401 ``{"error": "Invalid token"}``.  Where a ``detail`` key
+is added it tells the admin what to fix (PlanFix shows the text of a failed
+``setup``); ``error`` always stays the spec's text.
+
+Order of checks, and why:
+1. method (405) and route (404): nothing to parse;
+2. body size (413) and content type (400): needed to read the form at all,
+   and they reveal nothing about the token or the commands;
+3. the token (401, or 429 after too many failures from one address): before
+   anything about ``cmd`` or parameters, so that a caller without the key
+   learns nothing about what this endpoint accepts;
+4. ``cmd`` and its parameters (400).
+Every error is JSON: HTTP errors and unexpected exceptions included (the
+latter as a bare 500 with the details only in the log).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hmac
+import ipaddress
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import HTTPException
+
+from fsbridge import __version__
+from fsbridge.originate import OriginateError, OriginateSettings, build_originate
+from fsbridge.phone import clean_dial_number
+from fsbridge.planfix import Credentials
+from fsbridge.state import SettingsError, SettingsStore, validate_planfix_token, validate_planfix_url
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WebSettings", "WebDeps", "AuthFailureLimiter", "create_app", "PLANFIX_PATH", "HEALTH_PATH"]
+
+PLANFIX_PATH = "/planfix"
+HEALTH_PATH = "/healthz"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+# The spec's texts, and the few we need beyond the spec (kept in the same shape).
+INVALID_PARAMETERS = "Invalid parameters"
+INVALID_TOKEN = "Invalid token"
+TOO_MANY_REQUESTS = "Too many requests"
+NOT_CONNECTED = "FreeSWITCH is not connected"
+INTERNAL_ERROR = "Internal error"
+_HTTP_ERROR_TEXT = {
+    400: INVALID_PARAMETERS,
+    401: INVALID_TOKEN,
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Request too large",
+    429: TOO_MANY_REQUESTS,
+}
+
+# A makeCall/setup form has 4-5 fields; many more is not PlanFix.
+_MAX_FORM_FIELDS = 64
+# Health keys whose values must never leave the process, whatever health() returns.
+_SECRET_KEY = re.compile(r"token|password|secret|key", re.IGNORECASE)
+# Enough of an unknown value to recognise it in a log or an error, never a flood.
+_ECHO_LIMIT = 40
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """What the endpoint needs from the config (see the module doc of config keys)."""
+
+    pbx_token: str = field(repr=False)  # [server] token: PlanFix sends it as `token`
+    allow_http: bool = False  # [planfix] allow_http: setup may store an http:// PlanFix URL
+    max_body_bytes: int = 16 * 1024  # [server] max_body_bytes
+    originate: OriginateSettings = field(default_factory=OriginateSettings)  # [click_to_call] + [calls]
+    # [security]: after `auth_failures` wrong tokens within `auth_window_s`
+    # from one address, wrong tokens from it get 429 for `auth_block_s`.
+    auth_failures: int = 10
+    auth_window_s: float = 60.0
+    auth_block_s: float = 300.0
+    auth_max_addresses: int = 10_000  # bound on the failure table (memory)
+
+    def __post_init__(self) -> None:
+        # The service must never run with an empty key: anyone could place calls.
+        if not isinstance(self.pbx_token, str) or not self.pbx_token:
+            raise ValueError("pbx_token must not be empty")
+        if self.max_body_bytes < 256:
+            raise ValueError("max_body_bytes must be at least 256")
+        if self.auth_failures < 1 or self.auth_window_s <= 0 or self.auth_block_s < 0 or self.auth_max_addresses < 1:
+            raise ValueError("rate limit settings must be positive")
+
+
+def _no_op() -> None:
+    return None
+
+
+@dataclass
+class WebDeps:
+    """What the endpoint calls, injected by the service (and by tests)."""
+
+    # Sends `bgapi <command>` with a `Job-UUID: <job_uuid>` header line and
+    # returns the Job-UUID once FreeSWITCH accepted the job.
+    originate: Callable[[str, str], str]
+    settings_store: SettingsStore
+    on_credentials_changed: Callable[[], None] = _no_op  # e.g. outbox.wake
+    health: Callable[[], dict[str, Any]] = dict  # ESL state, outbox stats, ...
+    # Exceptions from `originate` that mean "FreeSWITCH unreachable now" -> 503
+    # (e.g. esl.EslNotConnected, esl.EslTimeout).  Others are a 500.
+    not_connected_errors: tuple[type[BaseException], ...] = ()
+    # Name to show on the manager's phone for the client number, or None.
+    client_name: Callable[[str], str | None] | None = None
+    # makeCall's `to` -> dialable number or None (400); default: phone.clean_dial_number.
+    normalize_to: Callable[[str], str | None] | None = None
+    # Effective PlanFix credentials (stored or from the config) for /healthz;
+    # default: what settings_store holds.
+    credentials: Callable[[], Credentials | None] | None = None
+    clock: Callable[[], float] = time.monotonic
+
+
+class _Failures:
+    __slots__ = ("times", "blocked_until", "refused")
+
+    def __init__(self) -> None:
+        self.times: collections.deque[float] = collections.deque()
+        self.blocked_until = 0.0
+        self.refused = 0  # wrong tokens answered 429 in the current block
+
+
+class AuthFailureLimiter:
+    """Sliding-window count of wrong tokens per client address.
+
+    After ``limit`` failures within ``window_s`` an address is blocked for
+    ``block_s``: its wrong tokens get 429 instead of 401.  A *valid* token is
+    never refused (PlanFix's servers may share an address, NAT or proxy, with
+    a misconfigured or hostile client; refusing them would break
+    click-to-call).  Brute force gains nothing from that: the key is at
+    least 16 random characters (config check) and every guess is still
+    compared.  IPv6 clients are counted per /64 (one host usually owns the
+    whole prefix).  The table holds at most ``max_addresses`` entries, least
+    recently failed evicted first, so a flood of addresses costs bounded memory.
+    """
+
+    def __init__(self, limit: int, window_s: float, block_s: float, max_addresses: int,
+                 clock: Callable[[], float]):
+        self.limit, self.window_s, self.block_s = limit, window_s, block_s
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._table: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+
+    @staticmethod
+    def key(address: str | None) -> str:
+        if not address:
+            return "unknown"
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address[:64]
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def is_blocked(self, address: str | None) -> bool:
+        entry = self._table.get(self.key(address))
+        return entry is not None and entry.blocked_until > self._clock()
+
+    def record_failure(self, address: str | None) -> bool:
+        """Count one wrong token; True when the address is (now) blocked."""
+        key, now = self.key(address), self._clock()
+        entry = self._table.pop(key, None) or _Failures()
+        self._table[key] = entry  # most recent at the end
+        while len(self._table) > self.max_addresses:
+            self._table.popitem(last=False)
+        if entry.blocked_until > now:
+            entry.refused += 1
+            return True
+        if entry.refused:
+            log.warning("wrong-token block for %s ended; %d more wrong tokens were refused during it",
+                        key, entry.refused)
+            entry.refused = 0
+        times = entry.times
+        times.append(now)
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        if len(times) >= self.limit:
+            times.clear()
+            entry.blocked_until = now + self.block_s
+            log.warning(
+                "%d wrong tokens from %s within %gs: refusing its wrong tokens with 429 for %gs "
+                "(valid tokens still pass)", self.limit, key, self.window_s, self.block_s,
+            )
+        return False
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+class _Reject(Exception):
+    """Answer the request with ``status`` and ``body`` (raised inside handlers)."""
+
+    def __init__(self, status: int, error: str, detail: str | None = None):
+        super().__init__(error)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _error(status: int, error: str, detail: str | None = None) -> Response:
+    body: dict[str, Any] = {"error": error}
+    if detail:
+        body["detail"] = detail
+    return _json(status, body)
+
+
+def _echo(value: str) -> str:
+    """A client value made safe to quote in a log line or an error detail."""
+    text = value if len(value) <= _ECHO_LIMIT else value[:_ECHO_LIMIT] + "…"
+    return repr(text)
+
+
+def _single(form: MultiDict[str, str], name: str) -> str | None:
+    """The one value of ``name``; None when missing or repeated (ambiguous)."""
+    values = form.getlist(name)
+    return values[0] if len(values) == 1 else None
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with every secret-looking key removed, recursively."""
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
+    """The PlanFix-facing Flask app; the limiter is ``app.extensions["fsbridge.auth_limiter"]``."""
+    app = Flask("fsbridge.web")
+    # Werkzeug enforces these while reading the body, chunked uploads included.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
+    app.config["MAX_FORM_PARTS"] = _MAX_FORM_FIELDS
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    expected_token = settings.pbx_token.encode("utf-8")
+    limiter = AuthFailureLimiter(settings.auth_failures, settings.auth_window_s, settings.auth_block_s,
+                                 settings.auth_max_addresses, deps.clock)
+    app.extensions["fsbridge.auth_limiter"] = limiter
+    normalize_to = deps.normalize_to or functools.partial(clean_dial_number, keep_plus=settings.originate.keep_plus)
+    extension = re.compile(settings.originate.extension_pattern)
+
+    def authenticate(form: MultiDict[str, str]) -> None:
+        address = request.remote_addr
+        tokens = form.getlist("token")
+        # compare_digest on bytes: time independent of where the first difference is.
+        # A repeated `token` is refused whatever its values (no "any of them matches").
+        valid = len(tokens) == 1 and hmac.compare_digest(
+            tokens[0].encode("utf-8", "surrogatepass"), expected_token
+        )
+        if valid:
+            return
+        if limiter.record_failure(address):
+            raise _Reject(429, TOO_MANY_REQUESTS)
+        log.info("wrong token from %s (cmd %s)", address, _echo(form.get("cmd", "")))
+        raise _Reject(401, INVALID_TOKEN)
+
+    def read_form() -> MultiDict[str, str]:
+        if request.mimetype != FORM_CONTENT_TYPE:
+            raise _Reject(400, INVALID_PARAMETERS, f"Content-Type must be {FORM_CONTENT_TYPE}")
+        return request.form  # may raise RequestEntityTooLarge -> 413 JSON
+
+    def setup(form: MultiDict[str, str]) -> Response:
+        url, token = _single(form, "planfix_url"), _single(form, "planfix_token")
+        try:
+            if url is None:
+                raise ValueError("planfix_url is missing (or sent more than once)")
+            if token is None:
+                raise ValueError("planfix_token is missing (or sent more than once)")
+            url = validate_planfix_url(url, settings.allow_http)
+            token = validate_planfix_token(token)
+        except ValueError as exc:
+            log.warning("setup from %s refused: %s", request.remote_addr, exc)
+            raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
+        try:
+            deps.settings_store.save(Credentials(url=url, token=token))
+        except SettingsError as exc:
+            log.error("setup from %s: %s", request.remote_addr, exc)
+            raise _Reject(500, INTERNAL_ERROR,
+                          "the PBX could not store the PlanFix settings; see the fsbridge log") from None
+        log.info("setup from %s: PlanFix URL set to %s", request.remote_addr, url)
+        try:
+            deps.on_credentials_changed()
+        except Exception:  # stored durably already; the outbox picks them up on its next try
+            log.exception("notifying the outbox of new PlanFix settings failed")
+        return _json(200, {"status": "ok"})
+
+    def lookup_client_name(number: str) -> str | None:
+        if deps.client_name is None:
+            return None
+        try:
+            return deps.client_name(number)
+        except Exception:  # a name is a nicety; the call goes ahead without it
+            log.warning("client name lookup for %s failed", number, exc_info=True)
+            return None
+
+    def make_call(form: MultiDict[str, str]) -> Response:
+        ext, raw_to = _single(form, "from"), _single(form, "to")
+        if ext is None or not extension.fullmatch(ext):
+            raise _Reject(400, INVALID_PARAMETERS,
+                          f"from must be one extension matching {settings.originate.extension_pattern}")
+        number = normalize_to(raw_to) if raw_to is not None else None
+        if not number:
+            raise _Reject(400, INVALID_PARAMETERS,
+                          "to must be one phone number: digits, '*', '#', optional leading '+', "
+                          "at most 32 characters (spaces, dashes, dots, parentheses are ignored)")
+        call_uuid, request_id = str(uuid.uuid4()), str(uuid.uuid4())
+        try:
+            command = build_originate(ext, number, call_uuid=call_uuid, request_id=request_id,
+                                      client_name=lookup_client_name(number), settings=settings.originate)
+        except OriginateError as exc:
+            # normalize_to let through something the builder's whitelist refuses.
+            log.warning("makeCall from %s refused: %s", request.remote_addr, exc)
+            raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
+        try:
+            job_uuid = deps.originate(command, request_id)
+        except deps.not_connected_errors as exc:
+            log.warning("makeCall %s -> %s (call %s): FreeSWITCH unavailable: %s", ext, number, call_uuid, exc)
+            raise _Reject(503, NOT_CONNECTED) from None
+        log.info("makeCall from %s: %s -> %s, call %s, job %s", request.remote_addr, ext, number,
+                 call_uuid, job_uuid)
+        return _json(200, {"callid": call_uuid})
+
+    commands: dict[str, Callable[[MultiDict[str, str]], Response]] = {"setup": setup, "makeCall": make_call}
+
+    @app.post(PLANFIX_PATH, provide_automatic_options=False)
+    def planfix() -> Response:
+        try:
+            form = read_form()
+            authenticate(form)
+            cmd = _single(form, "cmd")
+            handler = commands.get(cmd or "")
+            if handler is None:
+                shown = _echo(cmd) if cmd is not None else "missing"
+                raise _Reject(400, INVALID_PARAMETERS, f"unknown cmd {shown}; expected makeCall or setup")
+            return handler(form)
+        except _Reject as rejected:
+            return _error(rejected.status, rejected.error, rejected.detail)
+
+    @app.get(HEALTH_PATH, provide_automatic_options=False)
+    def healthz() -> Response:
+        body: dict[str, Any] = {"version": __version__}
+        status = 200
+        try:
+            creds = deps.credentials() if deps.credentials is not None else deps.settings_store.load()
+            body["planfix_configured"] = creds is not None
+        except SettingsError as exc:
+            body["planfix_configured"] = False
+            body["planfix_settings_error"] = str(exc)
+        try:
+            body.update(_scrub(dict(deps.health())))
+        except Exception:
+            log.exception("health check failed")
+            body["health_error"] = "health check failed; see the log"
+            status = 503
+        return _json(status, body)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        headers = {}
+        if code == 405:
+            allowed = exc.get_response().headers.get("Allow")
+            if allowed:
+                headers["Allow"] = allowed
+        response = _json(code, {"error": _HTTP_ERROR_TEXT.get(code, exc.name or "Error")}, headers)
+        return response
+
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error(500, INTERNAL_ERROR)
+
+    return app
