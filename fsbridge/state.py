@@ -142,7 +142,10 @@ class SettingsStore:
         except OSError as exc:
             raise SettingsError(f"cannot read PlanFix settings {self.path}: {exc.strerror}") from None
         if len(raw) > _MAX_FILE_BYTES:
-            raise SettingsCorrupt(f"PlanFix settings {self.path} is too large to be ours")
+            raise SettingsCorrupt(
+                f"PlanFix settings {self.path} are too large to be ours; run setup from PlanFix "
+                "again (switch the integration off and on) or remove the file"
+            )
         try:
             data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
