@@ -66,6 +66,10 @@ SCHEMA_VERSION = 1
 # `--retry`) changed the database: a cheap `PRAGMA data_version` read.
 RESCAN_INTERVAL_S = 2.0
 BUSY_TIMEOUT_MS = 5000
+# After an outage, the first 200 retries every call in backoff at once instead
+# of leaving them to wait up to max_backoff; at most this often, so one
+# request PlanFix keeps failing on cannot be hammered by others' successes.
+RECOVERY_WAKE_INTERVAL_S = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -142,6 +146,9 @@ class OutboxEntry:
 def _connect(db_path: str) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one put() is
     # exactly one transaction.
+    if not os.path.exists(db_path):
+        # Phone numbers and call data: readable by the service's user only.
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))
     conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -152,15 +159,16 @@ def _connect(db_path: str) -> sqlite3.Connection:
     if version > SCHEMA_VERSION:
         conn.close()
         raise OutboxError(f"outbox {db_path}: schema version {version} is newer than this fsbridge ({SCHEMA_VERSION})")
-    conn.executescript(_SCHEMA)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    if version < SCHEMA_VERSION:  # a current file is only read: the CLI must not contend for writes
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
 
 
 def _open(db_path: str) -> sqlite3.Connection:
     try:
         return _connect(db_path)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise OutboxError(f"outbox database {db_path}: {exc}") from exc
 
 
@@ -199,10 +207,15 @@ class Outbox:
         self._last_error = ""
         self._storage_error = ""
         self._kick = gevent.event.Event()
-        self._workers = gevent.pool.Group()
+        self._workers = gevent.pool.Group()  # for stop(): join/kill
+        # Counted by hand: a finished greenlet leaves the Group only in a later
+        # hub callback, so len(Group) lags and would stall the dispatcher.
+        self._active = 0
         self._dispatcher: gevent.Greenlet | None = None
         self._stopping = False
         self._data_version = 0
+        self._failed_since_success = False
+        self._next_recovery_wake = 0.0
         self._load()
 
     # ---- database helpers --------------------------------------------
@@ -326,6 +339,14 @@ class Outbox:
         self._kick.set()
 
     def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._dispatch()
+            except Exception:  # keep delivering whatever went wrong; never spin
+                log.exception("outbox: dispatcher error")
+                gevent.sleep(1.0)
+
+    def _dispatch(self) -> None:
         next_rescan = time.monotonic() + self.rescan_interval_s
         while not self._stopping:
             self._kick.clear()
@@ -336,11 +357,12 @@ class Outbox:
                 if q is not None and q.state == "waiting" and q.due == due:
                     q.state = "ready"
                     self._ready.append(call_id)
-            while self._ready and len(self._workers) < self.concurrency:
+            while self._ready and self._active < self.concurrency:
                 q = self._calls.get(self._ready.popleft())
                 if q is None or q.state != "ready":
                     continue
                 q.state = "active"
+                self._active += 1
                 self._workers.spawn(self._work, q)
             if now >= next_rescan:
                 next_rescan = now + self.rescan_interval_s
@@ -367,6 +389,9 @@ class Outbox:
                 q.in_flight = True
                 try:
                     result = self.client.send(entry.fields)
+                except Exception as exc:  # a bug must not kill delivery nor spin: treat as a failure
+                    log.exception("outbox: sending command %d failed unexpectedly", entry.id)
+                    result = DeliveryResult(Outcome.RETRY, error=f"internal error: {exc!r}")
                 finally:
                     q.in_flight = False
                 if not self._settle(q, entry, result):
@@ -375,6 +400,7 @@ class Outbox:
             self._worker_done(q)
 
     def _worker_done(self, q: _CallQueue) -> None:
+        self._active -= 1
         if q.state == "active":
             if q.entries:
                 q.state = "idle"
@@ -396,6 +422,12 @@ class Outbox:
             self._drop(q, entry)
             now = time.time()
             self._last_success_at = now
+            if self._failed_since_success:
+                self._failed_since_success = False
+                if self._delayed and time.monotonic() >= self._next_recovery_wake:
+                    self._next_recovery_wake = time.monotonic() + RECOVERY_WAKE_INTERVAL_S
+                    log.info("outbox: PlanFix answers again, retrying %d waiting call(s) now", len(self._delayed))
+                    self.wake()
             try:
                 with self._db_lock:
                     self._conn.execute("BEGIN")
@@ -421,6 +453,7 @@ class Outbox:
         entry.attempts += 1
         entry.last_error = result.error
         self._last_error = result.error
+        self._failed_since_success = True
         if time.time() - entry.age_from > self.max_age_s:
             self._drop(q, entry)
             log.error("outbox: command %d (%s) undeliverable for over %.0fs, kept aside: %s", entry.id, entry.call_id, self.max_age_s, result.error)
@@ -481,7 +514,7 @@ class Outbox:
             "oldest_pending_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
             "last_success_at": self._last_success_at,
             "kept_aside": self._kept_aside,
-            "in_flight": len(self._workers),
+            "in_flight": self._active,
             "last_error": self._last_error,
             "storage_error": self._storage_error,
         }

@@ -17,6 +17,7 @@ import enum
 import hmac
 import json
 import logging
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,6 +31,9 @@ USER_AGENT = "fsbridge"
 # Longest reply body kept in a DeliveryResult / error message (a proxy's HTML
 # error page can be large; the start is enough to tell what it was).
 REPLY_EXCERPT = 500
+# A wrong token fails every request; one ERROR line per this many seconds
+# is loud enough without flooding the log with one line per queued command.
+UNAUTHORIZED_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class PlanfixClient:
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(1, pool_size) + 4)
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
+        self._next_unauthorized_log = 0.0
+        self._unauthorized_unlogged = 0
 
     def close(self) -> None:
         self._session.close()
@@ -182,13 +188,23 @@ class PlanfixClient:
         """One `event`/`record` (or any command) with the current token; never raises for PlanFix trouble."""
         result, _ = self._post(fields, None)
         if result.outcome is Outcome.UNAUTHORIZED:
-            # Loud: nothing reaches PlanFix until an admin fixes the token.
-            log.error("%s; requests are kept and retried, fix [planfix] token or run setup from PlanFix", result.error)
+            self._log_unauthorized(result)
         elif result.outcome is Outcome.REJECTED:
             log.warning("PlanFix rejected %s (kept aside): %r", _describe(fields), result.reply)
         elif result.outcome is Outcome.RETRY:
             log.warning("PlanFix delivery of %s failed, will retry: %s", _describe(fields), result.error)
         return result
+
+    def _log_unauthorized(self, result: DeliveryResult) -> None:
+        """Loud: nothing reaches PlanFix until an admin fixes the token; but rate-limited."""
+        now = time.monotonic()
+        if now < self._next_unauthorized_log:
+            self._unauthorized_unlogged += 1
+            return
+        more = f" ({self._unauthorized_unlogged} more 401s since the last report)" if self._unauthorized_unlogged else ""
+        self._next_unauthorized_log = now + UNAUTHORIZED_LOG_INTERVAL_S
+        self._unauthorized_unlogged = 0
+        log.error("%s%s; requests are kept and retried: fix [planfix] token or switch the integration on again in PlanFix", result.error, more)
 
     def _ask(self, fields: dict[str, str], timeout: float | None) -> Any:
         result, _ = self._post(fields, timeout)
@@ -197,7 +213,7 @@ class PlanfixClient:
         if result.outcome is Outcome.NOT_CONFIGURED:
             raise PlanfixNotConfigured(result.error)
         if result.outcome is Outcome.UNAUTHORIZED:
-            log.error("%s", result.error)
+            self._log_unauthorized(result)
             raise PlanfixUnauthorized(result.error)
         if result.outcome is Outcome.REJECTED:
             raise PlanfixRejected(result.error)

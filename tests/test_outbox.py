@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -328,3 +330,44 @@ def test_sigkill_mid_queue_then_restart_loses_nothing_and_resends_nothing_answer
     fake.assert_no_violations()
     assert outbox_mod.list_entries(db) == []
     assert len(set(map(key, fake.requests))) == len(expected)
+
+
+def test_first_success_after_an_outage_retries_waiting_calls_at_once(fake, make_outbox):
+    fake.failure = 503
+    box = make_outbox(min_backoff_s=5, max_backoff_s=5)  # without the recovery wake: 2.5 s or more
+    stuck = call_commands("stuck-1", 2) + call_commands("stuck-2", 2)
+    box.put(stuck)
+    box.start()
+    fake.wait_for(2)
+    fake.failure = None
+    started = time.monotonic()
+    fresh = call_commands("fresh", 1)
+    box.put(fresh)
+    drained(box, timeout=3)
+    assert time.monotonic() - started < 1.5
+    assert_each_once_in_call_order(fake.delivered, stuck + fresh)
+
+
+def test_an_unexpected_client_error_is_a_retry_not_a_crash(fake, make_outbox):
+    box = make_outbox()
+    real_send = box.client.send
+    calls = []
+
+    def flaky_send(fields):
+        calls.append(fields)
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return real_send(fields)
+
+    box.client.send = flaky_send
+    cmds = call_commands("c1", 2)
+    box.put(cmds)
+    box.start()
+    drained(box)
+    assert len(calls) == 3
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_database_file_is_private(make_outbox):
+    box = make_outbox()
+    assert stat.S_IMODE(os.stat(box.db_path).st_mode) == 0o600

@@ -249,3 +249,10 @@ def test_cli_ping_exit_codes(fake):
     assert code == 1 and "refused our planfix_token" in text
     code, text = cli_ping(PlanfixClient(lambda: None), PBX_URL, PBX_TOKEN)
     assert code == 2 and "cannot ping" in text
+
+
+def test_401_errors_are_rate_limited(fake, caplog):
+    client = make_client(fake, token="not-the-token")
+    for _ in range(5):
+        assert client.send(COMPLETED).outcome is Outcome.UNAUTHORIZED
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
