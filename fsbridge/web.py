@@ -57,6 +57,7 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 INVALID_PARAMETERS = "Invalid parameters"
 INVALID_TOKEN = "Invalid token"
 TOO_MANY_REQUESTS = "Too many requests"
+REQUEST_TOO_LARGE = "Request too large"
 NOT_CONNECTED = "FreeSWITCH is not connected"
 INTERNAL_ERROR = "Internal error"
 _HTTP_ERROR_TEXT = {
@@ -64,7 +65,7 @@ _HTTP_ERROR_TEXT = {
     401: INVALID_TOKEN,
     404: "Not found",
     405: "Method not allowed",
-    413: "Request too large",
+    413: REQUEST_TOO_LARGE,
     429: TOO_MANY_REQUESTS,
 }
 
@@ -255,10 +256,11 @@ def _scrub(value: Any) -> Any:
 def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     """The PlanFix-facing Flask app; the limiter is ``app.extensions["fsbridge.auth_limiter"]``."""
     app = Flask("fsbridge.web")
-    # Werkzeug enforces these while reading the body, chunked uploads included.
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
-    app.config["MAX_FORM_PARTS"] = _MAX_FORM_FIELDS
+    # Werkzeug refuses a larger Content-Length up front and stops reading a
+    # chunked body at this many bytes.  It would then parse the *truncated*
+    # body, so read_form asks for one byte more than allowed and refuses the
+    # request itself when that byte arrives.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     expected_token = settings.pbx_token.encode("utf-8")
@@ -286,7 +288,13 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     def read_form() -> MultiDict[str, str]:
         if request.mimetype != FORM_CONTENT_TYPE:
             raise _Reject(400, INVALID_PARAMETERS, f"Content-Type must be {FORM_CONTENT_TYPE}")
-        return request.form  # may raise RequestEntityTooLarge -> 413 JSON
+        body = request.get_data(cache=True)  # a Content-Length over the limit raises 413 here
+        if len(body) > settings.max_body_bytes:
+            raise _Reject(413, REQUEST_TOO_LARGE)
+        form = request.form  # parsed from the cached body
+        if sum(len(values) for values in form.listvalues()) > _MAX_FORM_FIELDS:
+            raise _Reject(413, REQUEST_TOO_LARGE, f"more than {_MAX_FORM_FIELDS} form fields")
+        return form
 
     def setup(form: MultiDict[str, str]) -> Response:
         url, token = _single(form, "planfix_url"), _single(form, "planfix_token")
