@@ -92,6 +92,36 @@ class WebSettings:
     auth_block_s: float = 300.0
     auth_max_addresses: int = 10_000  # bound on the failure table (memory)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> "WebSettings":
+        """From a loaded ``fsbridge.config.Config``.
+
+        Keys not (yet) in the config schema fall back to the defaults here:
+        ``[server] auth_block``, ``[click_to_call] caller_id_name`` and
+        ``caller_id_number``.  Raises ValueError (``originate.InvalidSettings``)
+        for values the originate whitelists refuse, e.g. a dial string with ``=``.
+        """
+        server, c2c = cfg.server, cfg.click_to_call
+        optional_server, optional_c2c = server.as_dict(), c2c.as_dict()
+        return cls(
+            pbx_token=server.token,
+            allow_http=cfg.planfix.allow_http,
+            max_body_bytes=server.max_body_bytes,
+            originate=OriginateSettings(
+                dial_string=c2c.dial_string,
+                context=c2c.context,
+                dialplan=c2c.dialplan,
+                timeout_s=c2c.timeout,
+                keep_plus=c2c.keep_plus,
+                extension_pattern=cfg.calls.extension_pattern,
+                caller_id_number=optional_c2c.get("caller_id_number") or None,
+                caller_id_name=optional_c2c.get("caller_id_name") or None,
+            ),
+            auth_failures=server.auth_failures_per_minute,
+            auth_window_s=60.0,
+            auth_block_s=float(optional_server.get("auth_block", cls.auth_block_s)),
+        )
+
     def __post_init__(self) -> None:
         # The service must never run with an empty key: anyone could place calls.
         if not isinstance(self.pbx_token, str) or not self.pbx_token:

@@ -542,3 +542,30 @@ def test_healthz_survives_a_failing_health_source(h):
 def test_bad_web_settings(kwargs):
     with pytest.raises(ValueError):
         WebSettings(**kwargs)
+
+
+def test_settings_from_config(tmp_path):
+    from fsbridge import config
+
+    ini = tmp_path / "fsbridge.ini"
+    ini.write_text(
+        f"[server]\ntoken = {TOKEN}\nmax_body_bytes = 4096\nauth_failures_per_minute = 5\n"
+        f"[storage]\ndir = {tmp_path}\n[planfix]\nallow_http = yes\n"
+        "[click_to_call]\ndial_string = sofia/internal/{ext}@pbx\ncontext = public\ntimeout = 20\nkeep_plus = yes\n"
+        "[calls]\nextension_pattern = ^\\d{3}$\n"
+    )
+    settings = WebSettings.from_config(config.load(str(ini)))
+    assert (settings.pbx_token, settings.allow_http, settings.max_body_bytes, settings.auth_failures) == (
+        TOKEN, True, 4096, 5)
+    assert settings.originate == OriginateSettings(dial_string="sofia/internal/{ext}@pbx", context="public",
+                                                   timeout_s=20, keep_plus=True, extension_pattern=r"^\d{3}$")
+
+
+def test_settings_from_config_refuses_what_originate_refuses(tmp_path):
+    from fsbridge import config
+
+    ini = tmp_path / "fsbridge.ini"
+    ini.write_text(f"[server]\ntoken = {TOKEN}\n[storage]\ndir = {tmp_path}\n"
+                   "[click_to_call]\ndial_string = {ext}=x\n")
+    with pytest.raises(ValueError, match="dial_string"):
+        WebSettings.from_config(config.load(str(ini)))
