@@ -116,7 +116,9 @@ class OriginateSettings:
             re.compile(self.extension_pattern)
         except (re.error, TypeError) as exc:
             raise InvalidSettings(f"extension_pattern is not a regular expression: {exc}") from None
-        if self.caller_id_number is not None and not _NUMBER.fullmatch(self.caller_id_number):
+        if self.caller_id_number is not None and (
+            len(self.caller_id_number) > MAX_NUMBER_LENGTH or not _NUMBER.fullmatch(self.caller_id_number)
+        ):
             raise InvalidSettings(
                 f"caller_id_number must be digits (optional leading +, *, #), got {self.caller_id_number!r}"
             )
@@ -188,7 +190,7 @@ def build_originate(
         raise InvalidExtension(f"from must be an extension matching {settings.extension_pattern}, got {ext!r}")
     if not _EXTENSION_CHARS.fullmatch(ext):
         raise InvalidExtension(f"from contains characters not allowed in an extension: {ext!r}")
-    if not isinstance(to, str) or not _NUMBER.fullmatch(to):
+    if not isinstance(to, str) or len(to) > MAX_NUMBER_LENGTH or not _NUMBER.fullmatch(to):
         raise InvalidNumber(
             f"to must be digits, '*', '#' with an optional leading '+', 1..{MAX_NUMBER_LENGTH} characters, got {to!r}"
         )

@@ -87,7 +87,7 @@ def test_dangerous_char_in_number_rejected(ch):
         build(to=f"7910{ch}1234567")
 
 
-@pytest.mark.parametrize("to", ["", "+", "1" * 33, "++7", "7+9", "\uff17\uff19"])
+@pytest.mark.parametrize("to", ["", "+", "1" * 33, "+" + "1" * 32, "++7", "7+9", "\uff17\uff19"])
 def test_bad_numbers(to):
     with pytest.raises(InvalidNumber):
         build(to=to)
@@ -95,6 +95,7 @@ def test_bad_numbers(to):
 
 def test_max_length_number_passes():
     assert f" {'1' * 32} XML" in build(to="1" * 32)
+    assert f" {'1' * 31} XML" in build(to="+" + "1" * 31)
 
 
 @pytest.mark.parametrize("ch", DANGEROUS)
