@@ -22,6 +22,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import gevent
 import requests
 from requests.adapters import HTTPAdapter
 
@@ -147,14 +148,28 @@ class PlanfixClient:
         body["planfix_token"] = creds.token
         if timeout is None:
             req_timeout: Any = (self.connect_timeout, self.read_timeout)
-        else:  # a caller's overall deadline (the dialplan lookup) bounds both phases
+            deadline = None
+        else:
+            # A caller's deadline (the dialplan lookup) bounds the whole
+            # request: requests' timeouts are per phase (connect, each read),
+            # so a gevent.Timeout enforces the total.
             req_timeout = (min(self.connect_timeout, timeout), timeout)
+            deadline = gevent.Timeout(timeout)
         try:
+            if deadline is not None:
+                deadline.start()
             resp = self._session.post(creds.url, data=body, timeout=req_timeout, allow_redirects=False)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise  # someone else's timeout
+            return DeliveryResult(Outcome.RETRY, error=f"no answer from {creds.url} within {timeout}s"), creds
         except requests.Timeout as exc:
             return DeliveryResult(Outcome.RETRY, error=f"timeout talking to {creds.url}: {exc.__class__.__name__}"), creds
         except requests.RequestException as exc:
             return DeliveryResult(Outcome.RETRY, error=f"cannot reach {creds.url}: {exc.__class__.__name__}: {exc}"), creds
+        finally:
+            if deadline is not None:
+                deadline.close()
         return self._classify(resp, creds), creds
 
     @staticmethod

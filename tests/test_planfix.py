@@ -256,3 +256,13 @@ def test_401_errors_are_rate_limited(fake, caplog):
     for _ in range(5):
         assert client.send(COMPLETED).outcome is Outcome.UNAUTHORIZED
     assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+
+
+def test_contact_timeout_is_a_deadline_for_the_whole_request(fake):
+    # The answer comes after 0.6 s, the deadline is 0.3 s: the overall
+    # deadline (not the 10 s read timeout) ends the wait.
+    fake.delay = 0.6
+    started = time.monotonic()
+    with pytest.raises(PlanfixUnavailable, match="within 0.3s"):
+        make_client(fake, read_timeout=10).contact("79101234567", timeout=0.3)
+    assert time.monotonic() - started < 0.5
