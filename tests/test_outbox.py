@@ -372,3 +372,16 @@ def test_an_unexpected_client_error_is_a_retry_not_a_crash(fake, make_outbox):
 def test_database_file_is_private(make_outbox):
     box = make_outbox()
     assert stat.S_IMODE(os.stat(box.db_path).st_mode) == 0o600
+
+
+def test_requeued_command_goes_back_by_id_but_never_before_the_one_in_flight(fake, make_outbox):
+    fake.script(400)  # INCOMING (seq 0) is rejected and kept aside
+    fake.delay = 0.2
+    box = make_outbox()
+    box.put(call_commands("c1", 3))
+    box.start()
+    wait_until(lambda: box.stats()["kept_aside"] == 1)
+    fake.wait_for(2)  # ACCEPTED (seq 1) is in flight now
+    assert box.retry_kept_aside() == 1
+    drained(box)
+    assert [int(f["diversion"]) for f in fake.delivered] == [1, 0, 2]
