@@ -1,0 +1,349 @@
+"""Wires the parts into one gevent process, and the CLI's service commands.
+
+Three flows share the process:
+
+    FreeSWITCH --ESL--> esl --> events --> tracker --> recordings --> outbox --> PlanFix
+    PlanFix --POST /planfix--> web --> originate --> esl (bgapi) --> FreeSWITCH
+    FreeSWITCH dialplan --GET /dialplan/contact--> lookup --> PlanFix (contact)
+
+Everything that blocks runs in its own greenlet; the ESL reader only parses,
+runs the pure tracker and hands commands to the outbox (one local SQLite
+commit), so a slow PlanFix never stalls event intake.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+
+import gevent
+import gevent.event
+
+from fsbridge import __version__
+from fsbridge.config import Config
+
+log = logging.getLogger("fsbridge.service")
+
+
+class ServiceError(Exception):
+    """The service cannot start (the message says why, for the admin)."""
+
+
+
+def _make_credentials(cfg: Config, store):
+    """PlanFix URL and token: what `setup` stored wins over the config file."""
+    from fsbridge.planfix import Credentials
+    from fsbridge.state import SettingsError
+
+    def credentials() -> Credentials | None:
+        try:
+            stored = store.load()
+        except SettingsError as exc:
+            log.error("%s", exc)
+            stored = None
+        if stored is not None:
+            return stored
+        if cfg.planfix.url and cfg.planfix.token:
+            return Credentials(cfg.planfix.url, cfg.planfix.token)
+        return None
+
+    return credentials
+
+
+def _make_client(cfg: Config, credentials):
+    from fsbridge.planfix import PlanfixClient
+
+    return PlanfixClient(
+        credentials,
+        connect_timeout=cfg.planfix.connect_timeout,
+        read_timeout=cfg.planfix.read_timeout,
+        pool_size=cfg.outbox.concurrency,
+    )
+
+
+class Service:
+    """One fsbridge process: ESL worker, outbox, PlanFix endpoint, lookup."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._stopping = gevent.event.Event()
+        self._unsaved: list = []  # commands the outbox could not store yet (disk full)
+        self._storage_error = ""
+        try:
+            os.makedirs(cfg.storage.dir, exist_ok=True)
+        except OSError as exc:
+            raise ServiceError(
+                f"{cfg.path}: [storage] dir: cannot create {cfg.storage.dir}: {exc.strerror}"
+            ) from None
+        if not os.access(cfg.storage.dir, os.W_OK):
+            raise ServiceError(f"{cfg.path}: [storage] dir: {cfg.storage.dir} is not writable")
+        try:
+            self._build()
+        except (ValueError, OSError) as exc:
+            raise ServiceError(f"{cfg.path}: {exc}") from None
+
+    # -- construction -------------------------------------------------------
+
+    def _build(self) -> None:
+        from fsbridge import events, outbox, phone, recordings, tracker
+        from fsbridge.esl import EslConnection, EslNotConnected, EslTimeout
+        from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
+        from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
+        from fsbridge.state import SettingsStore
+        from fsbridge.web import WebDeps, WebSettings, create_app
+
+        cfg = self.cfg
+        self.settings_store = SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"))
+        self.credentials = _make_credentials(cfg, self.settings_store)
+        self.client = _make_client(cfg, self.credentials)
+        self.outbox = outbox.Outbox(
+            outbox.db_path_for(cfg.storage.dir),
+            self.client,
+            concurrency=cfg.outbox.concurrency,
+            max_age_s=cfg.outbox.max_age,
+            min_backoff_s=cfg.outbox.min_backoff,
+            max_backoff_s=cfg.outbox.max_backoff,
+        )
+        normalize = functools.partial(
+            phone.normalize_phone, region=cfg.phone.default_region, output=cfg.phone.format
+        )
+        self.tracker = tracker.CallTracker(
+            tracker.TrackerSettings(
+                extension_pattern=cfg.calls.extension_pattern,
+                report_internal_calls=cfg.calls.report_internal_calls,
+                normalize_phone=normalize,
+            )
+        )
+        self._channel_event = events.channel_event
+        self._live_uuids = tracker.live_uuids_from_show_json
+
+        rec_settings = RecordingSettings.from_config(cfg)
+        for problem in check_settings(rec_settings):
+            log.warning("recordings: %s", problem)
+        try:
+            self.recordings = recordings.Recordings(
+                rec_settings, emit=self._store, is_delivered=self._delivered
+            )
+        except RecordingsError as exc:
+            raise ServiceError(f"{cfg.path}: {exc}") from None
+
+        self.lookup = ContactLookup(LookupSettings.from_config(cfg), self.client.contact)
+        self.lookup_app = create_lookup_app(self.lookup.settings, lookup=self.lookup)
+
+        self.esl = EslConnection(
+            cfg.freeswitch.host,
+            cfg.freeswitch.port,
+            cfg.freeswitch.password,
+            list(events.SUBSCRIBED_EVENTS),
+            on_event=self._on_event,
+            on_state=self._on_esl_state,
+            on_connected=self._on_connected,
+            connect_timeout=cfg.freeswitch.connect_timeout,
+            command_timeout=cfg.freeswitch.command_timeout,
+            max_backoff=cfg.freeswitch.max_backoff,
+            idle_timeout=cfg.freeswitch.idle_timeout,
+        )
+        web_settings = WebSettings.from_config(cfg)
+        self.app = create_app(
+            web_settings,
+            WebDeps(
+                originate=lambda command, job_uuid: self.esl.bgapi(command, job_uuid=job_uuid),
+                settings_store=self.settings_store,
+                on_credentials_changed=self.outbox.wake,
+                health=self.health,
+                not_connected_errors=(EslNotConnected, EslTimeout),
+                client_name=lambda number: self.lookup.contact_name_for(number),
+                normalize_to=functools.partial(
+                    phone.dial_number,
+                    region=cfg.phone.default_region,
+                    keep_plus=cfg.click_to_call.keep_plus,
+                    extension_pattern=cfg.calls.extension_pattern,
+                ),
+                credentials=self.credentials,
+            ),
+        )
+        recordings.register_routes(self.app, self.recordings)
+
+    # -- the event path (runs in the ESL reader greenlet: must not block) ----
+
+    def _on_event(self, headers, body: bytes) -> None:
+        event = self._channel_event(headers, body)
+        if event is None:
+            return
+        if event.name == "BACKGROUND_JOB":
+            self._log_job(event)
+        commands = self.tracker.feed(event)
+        if commands:
+            self.recordings.process(commands, self._store)
+
+    def _log_job(self, event) -> None:
+        outcome = event.job_body.strip()
+        if outcome.startswith("+OK"):
+            log.info("job %s: FreeSWITCH answered %s", event.job_uuid, outcome)
+        else:
+            log.warning("job %s: FreeSWITCH failed it: %s", event.job_uuid, outcome or "(empty)")
+
+    def _store(self, commands: list) -> None:
+        """Durably queue commands for PlanFix; on a storage failure keep them
+        in memory, in order, and retry until the disk takes them."""
+        from fsbridge.outbox import OutboxError
+
+        if self._unsaved:
+            self._unsaved.extend(commands)
+            return
+        try:
+            self.outbox.put(commands)
+        except OutboxError as exc:
+            self._storage_failed(exc)
+            self._unsaved.extend(commands)
+            gevent.spawn(self._retry_unsaved)
+
+    def _storage_failed(self, exc: Exception) -> None:
+        if not self._storage_error:
+            log.error("cannot store PlanFix requests under %s: %s (kept in memory, retrying)",
+                      self.cfg.storage.dir, exc)
+        self._storage_error = str(exc)
+
+    def _retry_unsaved(self) -> None:
+        from fsbridge.outbox import OutboxError
+
+        while self._unsaved and not self._stopping.is_set():
+            gevent.sleep(1.0)
+            batch = list(self._unsaved)
+            try:
+                self.outbox.put(batch)
+            except OutboxError as exc:
+                self._storage_failed(exc)
+                continue
+            del self._unsaved[: len(batch)]
+            log.info("storage works again: %d held PlanFix requests stored", len(batch))
+            self._storage_error = ""
+
+    def _delivered(self, call_id: str) -> bool:
+        return not any(entry.call_id == call_id for entry in self.outbox.list_entries())
+
+    # -- ESL connection life -------------------------------------------------
+
+    def _on_esl_state(self, state: str, detail: str) -> None:
+        # esl.py logs every failed attempt; here only what the admin acts on.
+        if state == "connected":
+            log.info("connected to FreeSWITCH at %s:%s", self.cfg.freeswitch.host, self.cfg.freeswitch.port)
+        elif state == "auth_failed":
+            log.error("FreeSWITCH refused the password: check [freeswitch] password in %s", self.cfg.path)
+
+    def _on_connected(self, core_uuid: str) -> None:
+        """After every (re)connect: close calls that ended while we were away."""
+        if not self.tracker.open_calls():
+            return
+        try:
+            text = self.esl.api("show channels as json")
+            live = self._live_uuids(text)
+        except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
+            log.warning("could not reconcile open calls with FreeSWITCH: %s", exc)
+            return
+        commands = self.tracker.reconcile(live, int(time.time() * 1_000_000))
+        if commands:
+            log.info("reconcile: %d calls ended while the connection was down", len(
+                {c.call_id for c in commands}))
+            self.recordings.process(commands, self._store)
+
+    # -- health ----------------------------------------------------------------
+
+    def health(self) -> dict:
+        outbox_stats = self.outbox.stats()
+        if self._unsaved:
+            outbox_stats["unsaved_in_memory"] = len(self._unsaved)
+        return {
+            "status": "ok" if self.esl.state == "connected" and not self._storage_error else "degraded",
+            "freeswitch": self.esl.health(),
+            "outbox": outbox_stats,
+            "storage_error": self._storage_error or None,
+            "open_calls": self.tracker.open_calls(),
+            "dialplan_lookup": self.lookup.stats(),
+            "recordings_converting": self.recordings.pending_conversions(),
+        }
+
+    # -- running ------------------------------------------------------------
+
+    def _server(self, listen, app, tls: bool):
+        from fsbridge.lookup import NoDelayWSGIServer
+
+        kwargs = {}
+        if tls:
+            kwargs = {"certfile": self.cfg.server.certfile, "keyfile": self.cfg.server.keyfile}
+        return NoDelayWSGIServer((listen.host, listen.port), app, log=None,
+                                 error_log=logging.getLogger("fsbridge.http"), **kwargs)
+
+    def run(self) -> int:
+        cfg = self.cfg
+        public = self._server(cfg.server.listen, self.app, tls=bool(cfg.server.certfile))
+        lookup = self._server(cfg.dialplan.listen, self.lookup_app, tls=False)
+        try:
+            public.start()
+            lookup.start()
+        except OSError as exc:
+            raise ServiceError(f"cannot listen: {exc.strerror or exc}") from None
+        scheme = "https" if cfg.server.certfile else "http"
+        log.info("fsbridge %s: PlanFix endpoint %s://%s/planfix, dialplan lookup http://%s/dialplan/contact",
+                 __version__, scheme, cfg.server.listen, cfg.dialplan.listen)
+        if self.credentials() is None:
+            log.warning("PlanFix address and token not set yet: waiting for PlanFix's setup "
+                        "command (call events are stored meanwhile)")
+        self.outbox.start()
+        self.recordings.start()
+        self.esl.start()
+        cleanup = gevent.spawn(self._cleanup_loop) if cfg.recordings.retention_days else None
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self._stopping.set)
+        self._stopping.wait()
+        log.info("stopping: finishing in-flight PlanFix requests")
+        public.stop(timeout=2)
+        lookup.stop(timeout=1)
+        self.esl.stop()
+        if cleanup is not None:
+            cleanup.kill()
+        self.recordings.stop(timeout=2)
+        if self._unsaved:
+            log.error("%d PlanFix requests could not be stored before exit", len(self._unsaved))
+        self.outbox.stop(drain_timeout=5)
+        self.recordings.close()
+        log.info("stopped")
+        return 0
+
+    def _cleanup_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                removed = self.recordings.cleanup(time.time())
+                if removed:
+                    log.info("retention: %d old recordings removed", removed)
+            except Exception:  # noqa: BLE001 - keep the service running
+                log.exception("retention cleanup failed")
+            self._stopping.wait(3600)
+
+
+def ping_planfix(cfg: Config) -> int:
+    from fsbridge.planfix import cli_ping
+    from fsbridge.state import SettingsStore
+
+    store = SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"))
+    client = _make_client(cfg, _make_credentials(cfg, store))
+    code, text = cli_ping(client, cfg.server.public_url, cfg.server.token)
+    print(text)
+    return code
+
+
+def outbox_command(cfg: Config, retry: bool) -> int:
+    from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
+
+    path = db_path_for(cfg.storage.dir)
+    try:
+        print(cli_retry(path) if retry else cli_list(path))
+    except OutboxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
