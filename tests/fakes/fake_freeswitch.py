@@ -492,6 +492,10 @@ class FakeFreeSwitch:
                    rate: float | None = None) -> None:
         self._hooks.append((prefix, fn, rate))
 
+    def clear_hooks(self) -> None:
+        """Forget every on_command hook (tests sharing one fake between cases)."""
+        self._hooks.clear()
+
     def replay_on_subscribe(self, events: Iterable | str | os.PathLike, rate: float | None = None) -> None:
         self._on_subscribe.append((_frames(events), rate))
 
