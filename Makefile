@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= conf/local.ini
 
-.PHONY: run test bench install check clean
+.PHONY: run test bench install check clean lame
 
 # Create the virtualenv and install the package with its test tools.
 # The stamp is rebuilt whenever the dependency list changes.
@@ -31,7 +31,18 @@ run: $(STAMP) $(CONFIG)
 check: $(STAMP) $(CONFIG)
 	$(BIN)/fsbridge check -c $(CONFIG)
 
-test: $(STAMP)
+# MP3 conversion of recordings (and its tests) uses lame from Debian. As root
+# (CI, a fresh server) it is installed here; otherwise install it yourself.
+lame:
+	@command -v lame >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing lame (MP3 conversion of recordings)"; \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lame >/dev/null; \
+	  else \
+	    echo "warning: lame not found; MP3 tests will fail: sudo apt-get install lame" >&2; \
+	  fi; }
+
+test: $(STAMP) lame
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

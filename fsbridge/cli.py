@@ -41,6 +41,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    from fsbridge.service import preflight_problems
+
+    problems = preflight_problems(cfg)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_CONFIG
     print(f"{args.config}: OK")
     return EXIT_OK
 

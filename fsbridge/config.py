@@ -161,14 +161,28 @@ def _log_level(raw: str) -> str:
 
 
 def _dial_string(raw: str) -> str:
-    # Only {ext} may be substituted; everything else is the admin's literal
-    # text and must not carry characters that split an originate line.
-    if "{ext}" not in raw:
-        raise ValueError("must contain {ext}, e.g. user/{ext}")
-    if re.search(r"[\s'\"\\,|\[\]<>^$;%]", raw.replace("{ext}", "")) or re.search(
-        r"\{(?!ext\})", raw
-    ):
-        raise ValueError(f"may only contain a dial string with {{ext}}, got {raw!r}")
+    # The originate builder's own rule (only {ext} substituted, no character
+    # that splits an originate line), so check and run can never disagree.
+    from fsbridge.originate import InvalidSettings, _check_dial_string
+
+    try:
+        _check_dial_string(raw)
+    except InvalidSettings as exc:
+        raise ValueError(str(exc)) from None
+    return raw
+
+
+def _caller_id_name(raw: str) -> str:
+    from fsbridge.originate import safe_caller_id_name
+
+    if raw and safe_caller_id_name(raw) != raw:
+        raise ValueError(f"may only contain letters, digits, '.', '-', '_', got {raw!r}")
+    return raw
+
+
+def _caller_id_number(raw: str) -> str:
+    if raw and not re.fullmatch(r"\+?[0-9]{1,32}", raw):
+        raise ValueError(f"expected digits with an optional leading +, got {raw!r}")
     return raw
 
 
@@ -205,6 +219,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("keyfile", _existing_file, ""),
         Key("max_body_bytes", _int_range(1024, 1024 * 1024), "16384"),
         Key("auth_failures_per_minute", _int_range(1, 100000), "10"),
+        Key("auth_block", _seconds(1, 86400), "300"),
     ],
     "planfix": [
         Key("url", _url, ""),
@@ -225,6 +240,7 @@ SCHEMA: dict[str, list[Key]] = {
     "calls": [
         Key("extension_pattern", _regex, r"^\d{2,6}$"),
         Key("report_internal_calls", _bool, "no"),
+        Key("max_open_calls", _int_range(100, 10_000_000), "10000"),
     ],
     "phone": [
         Key("default_region", _region, "RU"),
@@ -236,12 +252,17 @@ SCHEMA: dict[str, list[Key]] = {
         Key("dialplan", _safe_word, "XML"),
         Key("timeout", _int_range(5, 300), "30"),
         Key("keep_plus", _bool, "no"),
+        Key("caller_id_name", _caller_id_name, ""),
+        Key("caller_id_number", _caller_id_number, ""),
     ],
     "dialplan": [
         Key("listen", _listen, "127.0.0.1:8081"),
         Key("deadline", _seconds(0.05, 30), "1.5"),
         Key("cache_ttl", _seconds(0, 30 * 86400), "300"),
         Key("cache_ttl_not_found", _seconds(0, 30 * 86400), "60"),
+        Key("cache_ttl_failure", _seconds(0, 86400), "5"),
+        Key("cache_size", _int_range(10, 10_000_000), "10000"),
+        Key("max_concurrent_lookups", _int_range(1, 256), "8"),
     ],
     "recordings": [
         Key("dir", _str, ""),

@@ -115,6 +115,7 @@ class Service:
             tracker.TrackerSettings(
                 extension_pattern=cfg.calls.extension_pattern,
                 report_internal_calls=cfg.calls.report_internal_calls,
+                max_open_calls=cfg.calls.max_open_calls,
                 normalize_phone=normalize,
             )
         )
@@ -324,6 +325,20 @@ class Service:
             except Exception:  # noqa: BLE001 - keep the service running
                 log.exception("retention cleanup failed")
             self._stopping.wait(3600)
+
+
+def preflight_problems(cfg: Config) -> list[str]:
+    """What `fsbridge check` finds beyond the INI values themselves: the
+    recordings set-up and the settings the endpoint builds from the config."""
+    from fsbridge.recordings import RecordingSettings, check_settings
+    from fsbridge.web import WebSettings
+
+    problems = [f"{cfg.path}: {p}" for p in check_settings(RecordingSettings.from_config(cfg))]
+    try:
+        WebSettings.from_config(cfg)
+    except ValueError as exc:
+        problems.append(f"{cfg.path}: [click_to_call]: {exc}")
+    return problems
 
 
 def ping_planfix(cfg: Config) -> int:
