@@ -230,10 +230,9 @@ class Service:
     # -- ESL connection life -------------------------------------------------
 
     def _on_esl_state(self, state: str, detail: str) -> None:
-        # esl.py logs every failed attempt; here only what the admin acts on.
-        if state == "connected":
-            log.info("connected to FreeSWITCH at %s:%s", self.cfg.freeswitch.host, self.cfg.freeswitch.port)
-        elif state == "auth_failed":
+        # esl.py logs connects and every failed attempt; here the one hint
+        # that names the admin's config file.
+        if state == "auth_failed":
             log.error("FreeSWITCH refused the password: check [freeswitch] password in %s", self.cfg.path)
 
     def _on_connected(self, core_uuid: str) -> None:
