@@ -1,0 +1,861 @@
+"""Benchmark: how many calls one fsbridge process keeps up with, and how
+fast a PlanFix pop-up appears.  `make bench` runs it (`BENCH_QUICK=1` for a
+one-minute version); docs/benchmark.md explains the figures.
+
+The real service runs as its own process (`python -m fsbridge run -c FILE`).
+This process plays FreeSWITCH (a TCP Event Socket server replaying the load
+capture, scaled up by rewriting UUIDs and caller numbers) and PlanFix (a
+keep-alive HTTP server on loopback answering after a configurable delay).
+
+Scaling keeps every byte length: a UUID is replaced by a UUID, an 11-digit
+caller number by an 11-digit number, so frames are copied with
+``bytes.replace`` and their Content-Length stays right.  Calls are scheduled
+as the capture has them (each call keeps its own event timing) and started
+at a fixed rate, so they interleave as real calls do; "full speed" sends the
+same order without waiting.
+
+Latency is measured per PlanFix request: the bench runs the real tracker
+over the original capture once to learn which channel event causes which
+PlanFix request (e.g. INCOMING <- CHANNEL_CREATE of the A leg), then stamps
+the moment that event left the fake FreeSWITCH and the moment the fake
+PlanFix received the request.  Both clocks are CLOCK_MONOTONIC.
+
+The last line printed is one JSON object (see `report`) for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import heapq
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+from fsbridge.wire import FrameParser, parse_event_plain
+
+REPO = Path(__file__).resolve().parent.parent
+LOAD_TRACE = "load-100-calls.plain.txt.gz"
+FALLBACK_TRACES = (
+    "01-inbound-single-answer.plain.txt",
+    "02-inbound-ring-group.plain.txt",
+    "03-inbound-hunt-sequential.plain.txt",
+    "04a-inbound-missed-caller-cancel.plain.txt",
+    "05a-outbound-answer.plain.txt",
+)
+UUID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+PBX_TOKEN = "bench-pbx-token-0123456789abcdef"
+PLANFIX_TOKEN = "bench-planfix-token"
+# Calls per second used to order the "full speed" stream: about 300 calls
+# are open at any moment (the capture's calls last ~3 s).
+FULL_SPEED_ORDER_CPS = 100.0
+
+
+def _frame_bytes(body: bytes) -> bytes:
+    # FreeSWITCH's exact outer layout for a plain event (see the traces).
+    return b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(body) + body
+
+
+# -- the input: call templates ------------------------------------------------
+
+
+@dataclass(slots=True)
+class TemplateEvent:
+    offset_s: float            # since the call's first event
+    name: str                  # Event-Name
+    frame: bytes               # exact frame bytes as FreeSWITCH sent them
+    causes: list[tuple[int, str]] = field(default_factory=list)  # (uuid index, PlanFix event)
+    # The frame cut at every UUID and the caller number: bytes pieces, and
+    # ints naming the replacement (uuid index; len(uuids) = the number).
+    pieces: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CallTemplate:
+    uuids: list[bytes]
+    number: bytes | None       # the caller number rewritten per copy (None: leave as is)
+    events: list[TemplateEvent]
+
+
+@dataclass(slots=True)
+class Input:
+    source: str
+    templates: list[CallTemplate]
+    core_uuid: str
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("FSBRIDGE_SHARED")
+    return Path(env) if env else REPO.parent / "shared"
+
+
+def input_files() -> tuple[str, list[Path]]:
+    traces = shared_dir() / "esl-traces"
+    load = traces / LOAD_TRACE
+    if load.exists():
+        return str(load), [load]
+    fallback = [traces / name for name in FALLBACK_TRACES if (traces / name).exists()]
+    if not fallback:
+        raise SystemExit(f"bench: no ESL traces under {traces} (set FSBRIDGE_SHARED)")
+    return f"{traces}/01..05 (no {LOAD_TRACE})", fallback
+
+
+def _read(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _find(parent: dict, item):
+    while parent[item] != item:
+        parent[item] = parent[parent[item]]
+        item = parent[item]
+    return item
+
+
+def load_input() -> Input:
+    """Call templates: the capture's events grouped into calls (every UUID an
+    event mentions belongs to its call), each with its timing and causes."""
+    from fsbridge import events as ev_mod
+    from fsbridge import tracker as tr_mod
+
+    source, paths = input_files()
+    templates: list[CallTemplate] = []
+    core_uuid = ""
+    for path in paths:
+        parsed = []  # (headers, frame bytes, uuids)
+        parent: dict[bytes, bytes] = {}
+        for frame in FrameParser().feed(_read(path)):
+            if frame.content_type != "text/event-plain":
+                continue
+            headers, _ = parse_event_plain(frame.body)
+            core = (headers.get("Core-UUID") or "").encode()
+            core_uuid = core_uuid or core.decode()
+            uuids = list(dict.fromkeys(u for u in UUID_RE.findall(frame.body) if u != core))
+            parsed.append((headers, _frame_bytes(frame.body), uuids, frame.body))
+            for u in uuids:
+                parent.setdefault(u, u)
+            for u in uuids[1:]:
+                parent[_find(parent, u)] = _find(parent, uuids[0])
+        # Which PlanFix requests each event causes: the real tracker, once.
+        tracker = tr_mod.CallTracker(tr_mod.TrackerSettings())
+        calls: dict[bytes, CallTemplate] = {}
+        starts: dict[bytes, int] = {}
+        for headers, raw, uuids, body in parsed:
+            if not uuids:
+                continue  # HEARTBEAT and the like: not part of a call
+            root = _find(parent, uuids[0])
+            ts = int(headers.get("Event-Date-Timestamp") or 0)
+            tpl = calls.get(root)
+            if tpl is None:
+                tpl = calls[root] = CallTemplate([], None, [])
+                starts[root] = ts
+            for u in uuids:
+                if u not in tpl.uuids:
+                    tpl.uuids.append(u)
+            event = TemplateEvent(max(0, ts - starts[root]) / 1e6, headers.get("Event-Name") or "", raw)
+            if tpl.number is None and event.name == "CHANNEL_CREATE":
+                number = (headers.get("Caller-Caller-ID-Number") or "").encode()
+                if number.isdigit() and len(number) >= 10:
+                    tpl.number = number
+            channel_event = ev_mod.channel_event(*parse_event_plain(body))
+            if channel_event is not None:
+                for command in tracker.feed(channel_event):
+                    cid = command.call_id.encode()
+                    if cid in tpl.uuids:
+                        event.causes.append((tpl.uuids.index(cid), command.fields.get("event", "")))
+            tpl.events.append(event)
+        for tpl in calls.values():
+            _cut(tpl)
+        templates.extend(calls.values())
+    return Input(source, templates, core_uuid)
+
+
+def _cut(tpl: CallTemplate) -> None:
+    targets = list(tpl.uuids) + ([tpl.number] if tpl.number is not None else [])
+    index = {t: i for i, t in enumerate(targets)}
+    pattern = re.compile(b"(" + b"|".join(re.escape(t) for t in targets) + b")")
+    for event in tpl.events:
+        parts = pattern.split(event.frame)
+        # re.split alternates text, match, text, ...: odd positions are matches.
+        event.pieces = [index[part] if i % 2 else part for i, part in enumerate(parts)]
+
+
+def copy_ids(tpl: CallTemplate, copy: int) -> tuple[list[bytes], bytes | None]:
+    """The UUIDs and caller number of copy number `copy` of a template."""
+    suffix = b"%012x" % copy
+    uuids = [u[:24] + suffix for u in tpl.uuids]
+    number = None
+    if tpl.number is not None:
+        number = tpl.number[:-7] + b"%07d" % (copy % 10_000_000)
+    return uuids, number
+
+
+def rewrite(event: TemplateEvent, replacements: list[bytes]) -> bytes:
+    """The event's frame with every UUID and the caller number replaced
+    (same lengths, so Content-Length stays right)."""
+    return b"".join([replacements[p] if isinstance(p, int) else p for p in event.pieces])
+
+
+def schedule(inp: Input, n_calls: int, rate: float, subscribed: set[str]):
+    """(due time s, call number, frame bytes, [(callid, PlanFix event)]) in
+    send order: call j starts at j/rate and keeps the capture's timing.
+    FreeSWITCH sends only what the connection subscribed to."""
+    calls = [[e for e in t.events if e.name in subscribed] for t in inp.templates]
+    templates = inp.templates
+    interval = 1.0 / rate
+    heap: list[tuple[float, int, int]] = []
+    ids: dict[int, tuple[list[bytes], list[bytes]]] = {}
+    next_call = 0
+    next_start = 0.0
+    while next_call < n_calls or heap:
+        if not heap or heap[0][0] > next_start:
+            events = calls[next_call % len(calls)]
+            if events:
+                heapq.heappush(heap, (next_start + events[0].offset_s, next_call, 0))
+                uuids, number = copy_ids(templates[next_call % len(calls)], next_call)
+                ids[next_call] = (uuids, uuids + ([number] if number is not None else []))
+            next_call += 1
+            next_start = next_call * interval if next_call < n_calls else float("inf")
+            continue
+        due, j, k = heapq.heappop(heap)
+        events = calls[j % len(calls)]
+        event = events[k]
+        uuids, replacements = ids[j]
+        if k + 1 < len(events):
+            heapq.heappush(heap, (j * interval + events[k + 1].offset_s, j, k + 1))
+        else:
+            del ids[j]
+        causes = [(uuids[i].decode(), pf_event) for i, pf_event in event.causes]
+        yield due, j, rewrite(event, replacements), causes
+
+
+# -- fake PlanFix ---------------------------------------------------------------
+
+
+class FakePlanfix:
+    """Keep-alive HTTP/1.1 on loopback, a thread per connection; records
+    (callid, event, receive time) and answers `{}` after `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.received: list[tuple[str, str, float]] = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/telephony"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        try:
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                while end < 0:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    end = buf.find(b"\r\n\r\n")
+                head = buf[:end].lower()
+                m = re.search(rb"\ncontent-length: *(\d+)", head)
+                length = int(m.group(1)) if m else 0
+                while len(buf) < end + 4 + length:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                body = buf[end + 4:end + 4 + length]
+                buf = buf[end + 4 + length:]
+                now = time.monotonic()
+                form = dict(parse_qsl(body.decode("utf-8", "replace")))
+                self.received.append((form.get("callid", ""), form.get("event", ""), now))
+                if self.delay:
+                    time.sleep(self.delay)
+                conn.sendall(reply)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- fake FreeSWITCH -------------------------------------------------------------
+
+
+class FakeFreeswitch:
+    """One Event Socket client at a time: greeting, auth, `event plain`,
+    the few `api` commands the service asks, then the stream."""
+
+    def __init__(self, core_uuid: str) -> None:
+        self.core_uuid = core_uuid
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.peer_port = 0
+        self.subscribed: set[str] = set()
+        self.ready = threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            conn, addr = self.sock.accept()
+        except OSError:
+            return
+        self.conn, self.peer_port = conn, addr[1]
+        conn.sendall(b"Content-Type: auth/request\n\n")
+        buf = b""
+        try:
+            while True:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n\n" in buf:
+                    command, buf = buf.split(b"\n\n", 1)
+                    self._answer(conn, command.split(b"\n")[0].decode("utf-8", "replace").strip())
+        except OSError:
+            return
+
+    def _answer(self, conn: socket.socket, command: str) -> None:
+        if command.startswith("auth "):
+            out = b"Content-Type: command/reply\nReply-Text: +OK accepted\n\n"
+        elif command.startswith("event plain "):
+            self.subscribed = set(command.split()[2:])
+            out = b"Content-Type: command/reply\nReply-Text: +OK event listener enabled plain\n\n"
+        elif command.startswith("api "):
+            what = command[4:]
+            if what.startswith("global_getvar core_uuid"):
+                body = self.core_uuid.encode()
+            elif what.startswith("show channels"):
+                body = b'{"row_count":0}'
+            else:
+                body = b"UP 0 years, 0 days"
+            out = b"Content-Type: api/response\nContent-Length: %d\n\n" % len(body) + body
+        else:
+            out = b"Content-Type: command/reply\nReply-Text: +OK\n\n"
+        with self.lock:
+            conn.sendall(out)
+        if command.startswith("event plain "):
+            self.ready.set()
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.conn.sendall(data)
+
+    def drained(self) -> bool:
+        """Both our send queue and the client's receive queue are empty."""
+        local, remote = "%04X" % self.port, "%04X" % self.peer_port
+        try:
+            lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        except OSError:
+            return True
+        for line in lines:
+            parts = line.split()
+            lport, rport = parts[1].split(":")[1], parts[2].split(":")[1]
+            if (lport, rport) in ((local, remote), (remote, local)):
+                tx, rx = (int(x, 16) for x in parts[4].split(":"))
+                if tx or rx:
+                    return False
+        return True
+
+    def close(self) -> None:
+        for s in (self.conn, self.sock):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def stream(fs: FakeFreeswitch, inp: Input, n_calls: int, rate: float, paced: bool,
+           sent: dict | None, on_call=None) -> int:
+    """Send n_calls; full speed batches ~64 KB per send. Returns events sent."""
+    events = 0
+    batch: list[bytes] = []
+    size = 0
+    pending: list = []
+    start = time.monotonic()
+    last_call = -1
+    for due, j, frame, causes in schedule(inp, n_calls, rate, fs.subscribed):
+        if j > last_call:
+            last_call = j
+            if on_call is not None:
+                on_call(j)
+        if paced:
+            delay = start + due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.monotonic()
+            fs.send(frame)
+            if sent is not None:
+                for key in causes:
+                    sent.setdefault(key, now)
+        else:
+            batch.append(frame)
+            size += len(frame)
+            pending.extend(causes)
+            if size >= 65536:
+                now = time.monotonic()
+                fs.send(b"".join(batch))
+                if sent is not None:
+                    for key in pending:
+                        sent.setdefault(key, now)
+                batch, size, pending = [], 0, []
+        events += 1
+    if batch:
+        now = time.monotonic()
+        fs.send(b"".join(batch))
+        if sent is not None:
+            for key in pending:
+                sent.setdefault(key, now)
+    return events
+
+
+# -- the service process -----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """`python -m fsbridge run -c FILE` with a config of defaults plus the
+    addresses of the fakes."""
+
+    def __init__(self, workdir: Path, fs_port: int, planfix_url: str) -> None:
+        self.workdir = workdir
+        self.port = _free_port()
+        storage = workdir / "state"
+        config = {
+            "freeswitch": {"host": "127.0.0.1", "port": str(fs_port), "password": "ClueCon"},
+            "server": {"listen": f"127.0.0.1:{self.port}", "token": PBX_TOKEN,
+                       "public_url": f"http://127.0.0.1:{self.port}"},
+            "planfix": {"url": planfix_url, "token": PLANFIX_TOKEN, "allow_http": "yes"},
+            "storage": {"dir": str(storage)},
+            "dialplan": {"listen": f"127.0.0.1:{_free_port()}"},
+        }
+        self.config_path = workdir / "fsbridge.ini"
+        self.config_path.write_text("".join(
+            f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()) + "\n"
+            for section, values in config.items()))
+        self.log_path = workdir / "service.log"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fsbridge", "run", "-c", str(self.config_path)],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.pid = self.proc.pid
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def wait_up(self, fs: FakeFreeswitch, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"bench: service exited {self.proc.returncode}:\n{self.log_tail()}")
+            if fs.ready.is_set():
+                try:
+                    self.health()
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise SystemExit(f"bench: service not up in {timeout}s:\n{self.log_tail()}")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def memory_mb(self) -> dict:
+        out = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+        return out
+
+    def log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+# -- figures --------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def latencies_ms(sent: dict, received: list) -> list[float]:
+    out = []
+    for callid, event, t in received:
+        t0 = sent.get((callid, event))
+        if t0 is not None:
+            out.append((t - t0) * 1000)
+    return out
+
+
+def expected_requests(inp: Input, n_calls: int) -> int:
+    per_tpl = [sum(len(e.causes) for e in t.events) for t in inp.templates]
+    return sum(per_tpl[j % len(per_tpl)] for j in range(n_calls))
+
+
+def wait_for(predicate, timeout: float, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
+class Run:
+    """One service process with its fake FreeSWITCH and fake PlanFix."""
+
+    def __init__(self, inp: Input, workroot: Path, name: str, planfix_delay: float = 0.0) -> None:
+        self.inp = inp
+        self.planfix = FakePlanfix(planfix_delay)
+        self.fs = FakeFreeswitch(inp.core_uuid)
+        workdir = workroot / name
+        workdir.mkdir(parents=True)
+        self.service = Service(workdir, self.fs.port, self.planfix.url)
+        self.service.wait_up(self.fs)
+        self.sent: dict = {}
+
+    def close(self) -> None:
+        self.service.stop()
+        self.fs.close()
+        self.planfix.close()
+
+
+def full_speed(inp: Input, workroot: Path, n_calls: int, rss_at: int) -> dict:
+    run = Run(inp, workroot, "full-speed")
+    try:
+        svc = run.service
+        rss_marks: dict[int, float] = {}
+
+        def on_call(j: int) -> None:
+            if j == rss_at:
+                rss_marks[rss_at] = svc.memory_mb()["VmHWM"]
+
+        cpu0 = svc.cpu_s()
+        t0 = time.monotonic()
+        events = stream(run.fs, inp, n_calls, FULL_SPEED_ORDER_CPS, False, run.sent, on_call)
+        wait_for(run.fs.drained, 600)
+        t_ingest = time.monotonic() - t0
+        expected = expected_requests(inp, n_calls)
+        # The outbox keeps delivering after intake ends; allow it a bounded drain.
+        drain_cap = max(60.0, 3 * t_ingest)
+        wait_for(lambda: len(run.planfix.received) >= expected, drain_cap, 0.1)
+        cpu = svc.cpu_s() - cpu0
+        received = list(run.planfix.received)
+        memory = svc.memory_mb()
+        first = received[0][2] if received else t0
+        last = received[-1][2] if received else t0
+        lat = latencies_ms(run.sent, received)
+        return {
+            "calls": n_calls, "events": events, "ingest_s": t_ingest,
+            "ingest_events_per_s": events / t_ingest,
+            "requests_expected": expected, "requests_delivered": len(received),
+            "delivered_requests_per_s": len(received) / (last - first) if last > first else None,
+            "cpu_s": cpu, "cpu_s_per_1000_calls": cpu * 1000 / n_calls,
+            "rss_mb_at_mark": rss_marks.get(rss_at), "rss_mark_calls": rss_at,
+            "rss_mb_end": memory["VmHWM"], "rss_now_mb_end": memory["VmRSS"],
+            "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
+        }
+    finally:
+        run.close()
+
+
+def paced(inp: Input, workroot: Path, name: str, rate: float, seconds: float, delay: float) -> dict:
+    run = Run(inp, workroot, name, delay)
+    try:
+        n_calls = int(rate * seconds)
+        depths: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(1.0):
+                try:
+                    depths.append((time.monotonic(), run.service.health()["outbox"]["depth"]))
+                except (OSError, KeyError, ValueError):
+                    pass
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        stream(run.fs, inp, n_calls, rate, True, run.sent)
+        t_sent = time.monotonic()
+        stop.set()
+        sampler.join()
+        expected = expected_requests(inp, n_calls)
+        wait_for(lambda: len(run.planfix.received) >= expected, 30, 0.05)
+        lat = latencies_ms(run.sent, list(run.planfix.received))
+        # Growth: outbox depth at the end of sending minus its depth a quarter
+        # in (the warm-up, when open calls are still building up).
+        steady = [d for t, d in depths if t >= t0 + (t_sent - t0) / 4]
+        growth = steady[-1] - steady[0] if len(steady) >= 2 else None
+        return {
+            "rate_cps": rate, "calls": n_calls, "planfix_delay_s": delay,
+            "requests_expected": expected, "requests_delivered": len(run.planfix.received),
+            "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
+            "max_ms": max(lat) if lat else None,
+            "outbox_depth_max": max((d for _, d in depths), default=None),
+            "outbox_growth": growth,
+        }
+    finally:
+        run.close()
+
+
+# -- references ------------------------------------------------------------------
+
+
+def _reference(inp: Input, n_calls: int, mode: str, planfix_url: str = "") -> dict:
+    """Replay n_calls at full speed to a reference client process; its rate
+    is events / (first byte received .. last event handled), as it reports."""
+    from fsbridge.events import SUBSCRIBED_EVENTS
+
+    fs = FakeFreeswitch(inp.core_uuid)
+    fs.subscribed = set(SUBSCRIBED_EVENTS)
+    expected = sum(1 for _ in schedule(inp, n_calls, FULL_SPEED_ORDER_CPS, fs.subscribed))
+    # The stream is built before the clock starts, so the generator's own
+    # cost does not cap the reference's rate.
+    data = [frame for _, _, frame, _ in schedule(inp, n_calls, FULL_SPEED_ORDER_CPS, fs.subscribed)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fsbridge.bench", f"--{mode}-client", str(fs.port), str(expected),
+         planfix_url or "-", " ".join(sorted(fs.subscribed))],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        if not fs.ready.wait(30):
+            raise SystemExit(f"bench: {mode} reference did not subscribe")
+        for i in range(0, len(data), 16):
+            fs.send(b"".join(data[i:i + 16]))
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fs.close()
+    result = json.loads(out.strip().splitlines()[-1])
+    result["calls"] = n_calls
+    return result
+
+
+def bare_client(port: int, expected: int, events: str) -> None:
+    """Reference (a): read the socket and split frames, nothing else."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"auth ClueCon\n\nevent plain " + events.encode() + b"\n\n")
+    parser = FrameParser()
+    count = -3  # greeting and the two replies
+    first = None
+    while count < expected:
+        chunk = sock.recv(262144)
+        if not chunk:
+            break
+        if first is None and count >= 0:
+            first = time.monotonic()
+        count += len(parser.feed(chunk))
+        if first is None and count >= 0:
+            first = time.monotonic()
+    elapsed = time.monotonic() - first
+    print(json.dumps({"events": count, "seconds": elapsed, "events_per_s": count / elapsed}))
+
+
+def naive_client(port: int, expected: int, planfix_url: str, events: str) -> None:
+    """Reference (b): greenswitch with one synchronous requests.post per event."""
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+    import greenswitch
+    import requests
+
+    session = requests.Session()
+    state = {"count": 0, "first": None}
+
+    def handler(event) -> None:
+        if state["first"] is None:
+            state["first"] = time.monotonic()
+        headers = event.headers
+        session.post(planfix_url, data={"cmd": "event", "event": headers.get("Event-Name", ""),
+                                        "callid": headers.get("Unique-ID", "")}, timeout=10)
+        state["count"] += 1
+
+    esl = greenswitch.InboundESL(host="127.0.0.1", port=port, password="ClueCon")
+    for name in events.split():
+        esl.register_handle(name, handler)
+    esl.connect()
+    esl.send("event plain " + events)
+    while state["count"] < expected:
+        gevent.sleep(0.01)
+    elapsed = time.monotonic() - state["first"]
+    print(json.dumps({"events": state["count"], "seconds": elapsed,
+                      "events_per_s": state["count"] / elapsed}))
+
+
+# -- main -------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--bare-client", "--naive-client"):
+        port, expected, url, events = int(argv[1]), int(argv[2]), argv[3], argv[4]
+        if argv[0] == "--bare-client":
+            bare_client(port, expected, events)
+        else:
+            naive_client(port, expected, url, events)
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m fsbridge.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
+                        help="one-minute version (also BENCH_QUICK=1)")
+    parser.add_argument("--calls", type=int, help="calls for the full-speed run")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    n_calls = args.calls or (5_000 if quick else 100_000)
+    rss_mark = min(10_000, n_calls // 2) if quick else 10_000
+    machine = f"{cpu_model()} x {os.cpu_count()}"
+
+    inp = load_input()
+    per_call = sum(len(t.events) for t in inp.templates) / len(inp.templates)
+    print(f"fsbridge bench ({'quick' if quick else 'full'}) on {machine}")
+    print(f"input: {inp.source}: {len(inp.templates)} calls, {per_call:.1f} events per call "
+          f"(all types), {expected_requests(inp, len(inp.templates))} PlanFix requests")
+    workroot = Path(tempfile.mkdtemp(prefix="fsbridge-bench-"))
+    try:
+        ref_calls = 2_000 if quick else 10_000
+        bare = _reference(inp, ref_calls, "bare")
+        print(f"(a) bare loop, {ref_calls} calls: {bare['events_per_s']:,.0f} events/s")
+        naive_calls = 150 if quick else 1_000
+        pf = FakePlanfix(0.0)
+        try:
+            naive = _reference(inp, naive_calls, "naive", pf.url)
+        finally:
+            pf.close()
+        print(f"(b) naive greenswitch + requests.post, {naive_calls} calls: {naive['events_per_s']:,.0f} events/s")
+
+        full = full_speed(inp, workroot, n_calls, rss_mark)
+        print(f"fsbridge, {n_calls} calls at full speed: {full['ingest_events_per_s']:,.0f} events/s ingested "
+              f"({full['events']} events in {full['ingest_s']:.1f} s); "
+              f"{full['requests_delivered']}/{full['requests_expected']} PlanFix requests delivered at "
+              f"{full['delivered_requests_per_s'] or 0:,.0f}/s; CPU {full['cpu_s_per_1000_calls']:.2f} s per 1,000 calls")
+        print(f"  ratio to bare loop {_ratio(full['ingest_events_per_s'], bare['events_per_s'])}, "
+              f"to naive {_ratio(full['ingest_events_per_s'], naive['events_per_s'])}")
+        print(f"  peak RSS {full['rss_mb_at_mark']} MB after {rss_mark} calls, "
+              f"{full['rss_mb_end']:.1f} MB after {n_calls} calls (RSS now {full['rss_now_mb_end']:.1f} MB)")
+
+        fast = paced(inp, workroot, "200cps", 200.0, 8.0 if quick else 30.0, 0.0)
+        print(f"200 calls/s, instant PlanFix, {fast['calls']} calls: latency p50 {fast['p50_ms']:.1f} ms, "
+              f"p99 {fast['p99_ms']:.1f} ms, max {fast['max_ms']:.1f} ms "
+              f"({fast['requests_delivered']}/{fast['requests_expected']} requests)")
+        slow = paced(inp, workroot, "20cps-slow", 20.0, 15.0 if quick else 60.0, 0.150)
+        print(f"20 calls/s, PlanFix 150 ms, {slow['calls']} calls: latency p50 {slow['p50_ms']:.1f} ms, "
+              f"p99 {slow['p99_ms']:.1f} ms, max {slow['max_ms']:.1f} ms; outbox depth max "
+              f"{slow['outbox_depth_max']}, growth {slow['outbox_growth']} "
+              f"({slow['requests_delivered']}/{slow['requests_expected']} requests)")
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)
+
+    rss_10k = full["rss_mb_at_mark"] if rss_mark == 10_000 else None
+    rss_100k = full["rss_mb_end"] if n_calls >= 100_000 else None
+    targets = {
+        "ingest >= 0.5 x bare": full["ingest_events_per_s"] >= 0.5 * bare["events_per_s"],
+        "p99 < 50 ms at 200 cps": fast["p99_ms"] is not None and fast["p99_ms"] < 50,
+        "p99 < 400 ms at 20 cps, PlanFix 150 ms": slow["p99_ms"] is not None and slow["p99_ms"] < 400,
+        "outbox not growing at 20 cps": slow["outbox_growth"] is not None and slow["outbox_growth"] <= 3,
+    }
+    if full["rss_mb_at_mark"]:
+        targets["RSS flat (end <= 1.1 x mark)"] = full["rss_mb_end"] <= 1.1 * full["rss_mb_at_mark"]
+    for name, ok in targets.items():
+        print(f"target {name}: {'met' if ok else 'MISSED'}")
+    print(json.dumps({
+        "ingest_events_per_s": round(full["ingest_events_per_s"], 1),
+        "bare_events_per_s": round(bare["events_per_s"], 1),
+        "naive_events_per_s": round(naive["events_per_s"], 1),
+        "ingest_to_bare": _ratio(full["ingest_events_per_s"], bare["events_per_s"]),
+        "ingest_to_naive": _ratio(full["ingest_events_per_s"], naive["events_per_s"]),
+        "delivered_requests_per_s": full["delivered_requests_per_s"] and round(full["delivered_requests_per_s"], 1),
+        "p50_ms_200cps": fast["p50_ms"] and round(fast["p50_ms"], 2),
+        "p99_ms_200cps": fast["p99_ms"] and round(fast["p99_ms"], 2),
+        "max_ms_200cps": fast["max_ms"] and round(fast["max_ms"], 2),
+        "p50_ms_20cps_slow": slow["p50_ms"] and round(slow["p50_ms"], 2),
+        "p99_ms_20cps_slow": slow["p99_ms"] and round(slow["p99_ms"], 2),
+        "max_ms_20cps_slow": slow["max_ms"] and round(slow["max_ms"], 2),
+        "outbox_growth_20cps_slow": slow["outbox_growth"],
+        "cpu_s_per_1000_calls": round(full["cpu_s_per_1000_calls"], 3),
+        "rss_mb_10k_calls": rss_10k and round(rss_10k, 1),
+        "rss_mb_100k_calls": rss_100k and round(rss_100k, 1),
+        "rss_mb_mark": full["rss_mb_at_mark"] and round(full["rss_mb_at_mark"], 1),
+        "rss_mark_calls": rss_mark,
+        "rss_mb_end": round(full["rss_mb_end"], 1),
+        "calls": n_calls,
+        "events": full["events"],
+        "quick": quick,
+        "targets_met": all(targets.values()),
+        "cpu": machine,
+        "input": inp.source,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
