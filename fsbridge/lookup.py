@@ -357,7 +357,9 @@ def create_lookup_app(
     app = Flask("fsbridge.lookup")
     app.extensions["fsbridge.lookup"] = contacts
 
-    @app.get(CONTACT_PATH)
+    # No automatic OPTIONS: Flask would answer it 200 text/html, outside the
+    # one-line text/plain protocol; it gets the 405 of any other method.
+    @app.get(CONTACT_PATH, provide_automatic_options=False)
     def contact() -> Response:
         raw_phone = request.args.get("phone", "")
         callid = request.args.get("callid") or None
