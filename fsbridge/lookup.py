@@ -55,7 +55,7 @@ import gevent
 import gevent.event
 import gevent.lock
 from flask import Flask, Response, request
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 from werkzeug.exceptions import HTTPException
 
 from .phone import clean_dial_number, looks_like_extension, normalize_phone
@@ -388,6 +388,20 @@ def create_lookup_app(
     return app
 
 
+class _ClientErrorHandler(WSGIHandler):
+    """pywsgi's handler, without a traceback for a client's malformed request.
+
+    pywsgi answers 400 to any request it cannot parse, but for errors that are
+    not ValueError (http.client's "got more than 100 headers") it also prints
+    a traceback to stderr: anyone could fill the service log with them.
+    """
+
+    def _handle_client_error(self, ex: BaseException):
+        if not isinstance(ex, ValueError):
+            ex = ValueError(str(ex) or type(ex).__name__)
+        return super()._handle_client_error(ex)
+
+
 class NoDelayWSGIServer(WSGIServer):
     """gevent's WSGI server with Nagle's algorithm off on every connection.
 
@@ -397,6 +411,8 @@ class NoDelayWSGIServer(WSGIServer):
     well under 1 ms.  The lookup sits in the path of every ringing call, so
     serve it with this (the PlanFix endpoint benefits the same way).
     """
+
+    handler_class = _ClientErrorHandler
 
     def handle(self, sock: socket.socket, address: Any) -> None:
         try:
