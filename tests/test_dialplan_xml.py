@@ -120,6 +120,9 @@ def test_defaults_agree_with_the_config_schema():
     assert defaults.deadline == float(section["deadline"])
     assert defaults.cache_ttl == float(section["cache_ttl"])
     assert defaults.cache_ttl_not_found == float(section["cache_ttl_not_found"])
+    assert defaults.cache_ttl_failure == float(section["cache_ttl_failure"])
+    assert defaults.cache_size == int(section["cache_size"])
+    assert defaults.max_concurrent_fetches == int(section["max_concurrent_lookups"])
     assert defaults.region == SCHEMA["phone"]["default_region"]
     assert defaults.phone_format == SCHEMA["phone"]["format"]
     assert defaults.extension_pattern == SCHEMA["calls"]["extension_pattern"]
