@@ -107,18 +107,22 @@ class EventHeaders:
         return isinstance(name, str) and self.get(name) is not None
 
     def _find(self, name: str) -> str | None:
+        # One scan for "\nName:", then the byte after the colon decides: a
+        # space starts the value, LF or the end means an empty value, anything
+        # else is a longer name that merely starts the same ("Name:x" is not a
+        # header FreeSWITCH writes), so the search goes on.
         block = self._block
-        key = b"\n" + name.encode("utf-8") + b": "
-        start = block.find(key)
-        if start < 0:
-            if block.find(b"\n" + name.encode("utf-8") + b":\n") >= 0 or block.endswith(
-                b"\n" + name.encode("utf-8") + b":"
-            ):
+        key = b"\n" + name.encode("utf-8") + b":"
+        pos = block.find(key)
+        while pos >= 0:
+            after = pos + len(key)
+            if after == len(block) or block[after] == 0x0A:
                 return ""
-            return None
-        start += len(key)
-        end = block.find(b"\n", start)
-        return _unquote(block[start:] if end < 0 else block[start:end])
+            if block[after] == 0x20:
+                end = block.find(b"\n", after + 1)
+                return _unquote(block[after + 1:] if end < 0 else block[after + 1:end])
+            pos = block.find(key, after)
+        return None
 
     def with_prefix(self, prefix: str) -> dict[str, str]:
         """Every header whose name starts with ``prefix``, name -> value."""

@@ -109,3 +109,10 @@ def test_encode_command_refuses_line_breaks():
             encode_command(bad)
     with pytest.raises(ValueError):
         encode_command("bgapi status", {"Job-UUID": "a\nb"})
+
+
+def test_empty_values_and_names_that_share_a_prefix():
+    headers, _ = parse_event_plain(b"Empty:\nEmptyLong: no\nA: 1\nB: x%20y\nLast:")
+    assert headers.get("Empty") == "" and headers.get("EmptyLong") == "no"
+    assert headers.get("A") == "1" and headers.get("B") == "x y" and headers.get("Last") == ""
+    assert headers.get("Emp") is None and headers.get("Missing") is None
