@@ -77,6 +77,9 @@ class ServiceProcess:
         }
         for section, values in (settings or {}).items():
             sections.setdefault(section, {}).update(values)
+        # HTTPS when the test gives a certificate (self-signed: not verified)
+        self.scheme = "https" if sections["server"].get("certfile") else "http"
+        sections["server"]["public_url"] = f"{self.scheme}://127.0.0.1:{self.port}"
         self.write_config(sections)
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -91,7 +94,7 @@ class ServiceProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def dialplan_url(self) -> str:
@@ -112,7 +115,7 @@ class ServiceProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if requests.get(self.url + "/healthz", timeout=1, verify=False).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -120,7 +123,7 @@ class ServiceProcess:
         raise RuntimeError(f"service did not answer /healthz in {wait}s:\n{self.log()}")
 
     def health(self) -> dict:
-        return requests.get(self.url + "/healthz", timeout=5).json()
+        return requests.get(self.url + "/healthz", timeout=5, verify=False).json()
 
     def wait_health(self, predicate, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -133,7 +136,7 @@ class ServiceProcess:
         return health
 
     def post(self, **fields: str) -> requests.Response:
-        return requests.post(self.url + "/planfix", data=fields, timeout=10)
+        return requests.post(self.url + "/planfix", data=fields, timeout=10, verify=False)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; returns the exit code."""

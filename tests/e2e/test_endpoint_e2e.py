@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import requests
+import urllib3
 
 from tests.conftest import REPO
 from tests.fakes.fake_freeswitch import FakeFreeSwitch
@@ -66,8 +69,11 @@ def test_setup_takes_effect_at_once_and_survives_restart(tmp_path, fs, planfix, 
 INJECTIONS = [" 101", "101 ", "1,01", "10|1", "{101}", "$101", "10'1", "101\n", "10&1", "101;", "abc", ""]
 
 
-def test_make_call_validation_and_injection_never_reach_freeswitch(tmp_path, fs):
-    with ServiceProcess(tmp_path, fs_port=fs.port) as service:
+def test_make_call_validation_and_injection_never_reach_freeswitch(tmp_path, fs, planfix):
+    # the client's name from PlanFix is what the manager's phone shows
+    planfix.contacts["79101234567"] = {"contact_name": "Иванов Иван", "responsible": 103}
+    with ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url,
+                        planfix_token=planfix.token) as service:
         service.wait_health(connected)
         fs.clear_commands()
         for bad_from in INJECTIONS:
@@ -95,6 +101,8 @@ def test_make_call_validation_and_injection_never_reach_freeswitch(tmp_path, fs)
         assert answer.status_code == 200, answer.text
         command = fs.wait_for_command("bgapi originate")
         assert " user/101 79101234567 XML default" in command.replace("}user/", " user/")
+        assert "origination_caller_id_name=Иванов_Иван," in command
+        assert "origination_caller_id_number=79101234567," in command
         assert "Traceback" not in service.log()
 
 
@@ -155,3 +163,21 @@ def test_ping_and_outbox_commands(tmp_path, fs, planfix, traces_dir):
     with service:
         service.wait_health(lambda h: h["outbox"]["depth"] == 0 and h["outbox"]["kept_aside"] == 0)
     assert [r["event"] for r in planfix.delivered if r["cmd"] == "event"] == ["OUTGOING", "COMPLETED"]
+
+
+def test_https_when_certfile_and_keyfile_are_set(tmp_path, fs):
+    if not shutil.which("openssl"):
+        pytest.fail("openssl (Debian package openssl) is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        with ServiceProcess(tmp_path / "svc", fs_port=fs.port,
+                            settings={"server": {"certfile": str(cert), "keyfile": str(key)}}) as service:
+            assert service.url.startswith("https://")
+            answer = service.post(cmd="makeCall", token="wrong", **{"from": "101", "to": "1"})
+            assert (answer.status_code, answer.json()) == (401, INVALID_TOKEN)
+            with pytest.raises(requests.exceptions.ConnectionError):
+                requests.get(service.url.replace("https://", "http://") + "/healthz", timeout=3)
