@@ -120,6 +120,16 @@ class Service:
             )
         )
         self._channel_event = events.channel_event
+        self._command_type = tracker.PlanfixCommand
+        from fsbridge.opencalls import OpenCalls, OpenCallsError
+
+        try:
+            self.open_calls = OpenCalls(os.path.join(cfg.storage.dir, "open-calls.sqlite3"))
+        except OpenCallsError as exc:
+            raise ServiceError(f"{cfg.path}: [storage] dir: {exc}") from None
+        if self.open_calls.inherited:
+            log.info("%d calls were open when the service last stopped; they are closed "
+                     "once FreeSWITCH confirms they ended", len(self.open_calls.inherited))
         self._live_uuids = tracker.live_uuids_from_show_json
 
         rec_settings = RecordingSettings.from_config(cfg)
@@ -202,6 +212,16 @@ class Service:
             self._storage_failed(exc)
             self._unsaved.extend(commands)
             gevent.spawn(self._retry_unsaved)
+            return
+        self._note_open_calls(commands)
+
+    def _note_open_calls(self, commands: list) -> None:
+        from fsbridge.opencalls import OpenCallsError
+
+        try:
+            self.open_calls.record(commands)
+        except OpenCallsError as exc:  # the requests themselves are stored
+            log.error("%s", exc)
 
     def _storage_failed(self, exc: Exception) -> None:
         if not self._storage_error:
@@ -221,6 +241,7 @@ class Service:
                 self._storage_failed(exc)
                 continue
             del self._unsaved[: len(batch)]
+            self._note_open_calls(batch)
             log.info("storage works again: %d held PlanFix requests stored", len(batch))
             self._storage_error = ""
 
@@ -237,19 +258,35 @@ class Service:
 
     def _on_connected(self, core_uuid: str) -> None:
         """After every (re)connect: close calls that ended while we were away."""
-        if not self.tracker.open_calls():
-            return
+        self._reconcile()
+
+    def _reconcile(self) -> bool:
+        """Close, from FreeSWITCH's list of live channels, every call that
+        ended unseen: while the connection was down (the tracker's open calls)
+        or before this process started (calls an earlier process reported).
+        Returns False when FreeSWITCH could not be asked."""
+        if not self.tracker.open_calls() and not self.open_calls.inherited:
+            return True
         try:
-            text = self.esl.api("show channels as json")
-            live = self._live_uuids(text)
+            live = self._live_uuids(self.esl.api("show channels as json"))
         except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
             log.warning("could not reconcile open calls with FreeSWITCH: %s", exc)
-            return
+            return False
         commands = self.tracker.reconcile(live, int(time.time() * 1_000_000))
+        commands += [self._command_type(call_id, fields)
+                     for call_id, fields in self.open_calls.close_inherited(live)]
         if commands:
-            log.info("reconcile: %d calls ended while the connection was down", len(
-                {c.call_id for c in commands}))
+            log.info("reconcile: %d calls ended while fsbridge could not see them",
+                     len({c.call_id for c in commands}))
             self.recordings.process(commands, self._store)
+        return True
+
+    def _watch_inherited(self) -> None:
+        """Calls inherited from an earlier process that are still up end
+        without events we can use: look again every minute until all closed."""
+        while self.open_calls.inherited and not self._stopping.wait(60):
+            if self.esl.state == "connected":
+                self._reconcile()
 
     # -- health ----------------------------------------------------------------
 
@@ -263,6 +300,7 @@ class Service:
             "outbox": outbox_stats,
             "storage_error": self._storage_error or None,
             "open_calls": self.tracker.open_calls(),
+            "open_calls_from_before_restart": len(self.open_calls.inherited),
             "dialplan_lookup": self.lookup.stats(),
             "recordings_converting": self.recordings.pending_conversions(),
         }
@@ -297,6 +335,7 @@ class Service:
         self.recordings.start()
         self.esl.start()
         cleanup = gevent.spawn(self._cleanup_loop) if cfg.recordings.retention_days else None
+        watcher = gevent.spawn(self._watch_inherited)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._stopping.set)
@@ -305,6 +344,7 @@ class Service:
         public.stop(timeout=2)
         lookup.stop(timeout=1)
         self.esl.stop()
+        watcher.kill()
         if cleanup is not None:
             cleanup.kill()
         self.recordings.stop(timeout=2)
@@ -312,6 +352,7 @@ class Service:
             log.error("%d PlanFix requests could not be stored before exit", len(self._unsaved))
         self.outbox.stop(drain_timeout=5)
         self.recordings.close()
+        self.open_calls.close()
         log.info("stopped")
         return 0
 

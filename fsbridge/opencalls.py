@@ -1,0 +1,105 @@
+"""Call legs PlanFix was told about and not yet told the end of, on disk.
+
+The tracker keeps its state in memory.  If the process itself dies (kill -9,
+a crash, a power cut of the VM) during a call, the new process never saw the
+call start, so FreeSWITCH's later events for it are foreign, and PlanFix would
+keep a pop-up open forever.  This registry remembers every INCOMING/OUTGOING
+the service queued (and whether the leg was ACCEPTED) until its COMPLETED is
+queued; what a *previous* process left behind is closed by the service once
+FreeSWITCH says the call is gone.
+
+The status of such a close is a best effort, since the real end was not
+seen: an accepted leg ends ``Success`` (duration unknown: 0), an incoming
+leg never accepted ``Missed``, an outgoing one ``NoAnswer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from typing import Iterable
+
+START_EVENTS = ("INCOMING", "OUTGOING")
+
+
+class OpenCallsError(Exception):
+    """The registry could not be read or written."""
+
+
+class OpenCalls:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # WAL + NORMAL: durable across a process crash, which is the point.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS open_legs ("
+                " call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"
+                " accepted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (call_id, ext))"
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise OpenCallsError(f"cannot open {path}: {exc}") from None
+        # What an earlier process left open, read once at start.
+        self.inherited: dict[str, list[tuple[dict[str, str], bool]]] = {}
+        for call_id, fields, accepted in self._db.execute(
+            "SELECT call_id, fields, accepted FROM open_legs ORDER BY rowid"
+        ):
+            self.inherited.setdefault(call_id, []).append((json.loads(fields), bool(accepted)))
+
+    def record(self, commands: Iterable) -> None:
+        """Note the starts, answers and ends among commands being queued."""
+        rows_start, rows_accept, rows_end = [], [], []
+        for command in commands:
+            fields = command.fields
+            if fields.get("cmd") != "event":
+                continue
+            key = (command.call_id, fields.get("ext", ""))
+            event = fields.get("event")
+            if event in START_EVENTS:
+                rows_start.append((*key, json.dumps(fields)))
+            elif event == "ACCEPTED":
+                rows_accept.append(key)
+            elif event == "COMPLETED":
+                rows_end.append(key)
+        if not (rows_start or rows_accept or rows_end):
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO open_legs (call_id, ext, fields) VALUES (?, ?, ?)", rows_start
+                )
+                self._db.executemany(
+                    "UPDATE open_legs SET accepted = 1 WHERE call_id = ? AND ext = ?", rows_accept
+                )
+                self._db.executemany("DELETE FROM open_legs WHERE call_id = ? AND ext = ?", rows_end)
+        except sqlite3.Error as exc:
+            raise OpenCallsError(f"cannot write {self.path}: {exc}") from None
+
+    def close_inherited(self, live_call_uuids: set[str]) -> list[tuple[str, dict[str, str]]]:
+        """COMPLETED fields for inherited calls FreeSWITCH no longer has.
+
+        Returns (call_id, fields) pairs; the caller queues them (and passes
+        them to ``record``, which forgets the legs).
+        """
+        closing: list[tuple[str, dict[str, str]]] = []
+        for call_id in list(self.inherited):
+            if call_id in live_call_uuids:
+                continue
+            for start, accepted in self.inherited.pop(call_id):
+                fields = {k: v for k, v in start.items() if k != "event"}
+                if accepted:
+                    status = "Success"
+                else:
+                    status = "Missed" if start.get("type") == "in" else "NoAnswer"
+                fields.update(event="COMPLETED", duration="0", is_recorded="0", status=status)
+                closing.append((call_id, fields))
+        return closing
+
+    def close(self) -> None:
+        self._db.close()
