@@ -19,7 +19,7 @@ CALLS = ["01-inbound-single-answer", "02-inbound-ring-group", "04a-inbound-misse
          "05a-outbound-answer", "06a-click-to-call-answer"]
 FAST = {"planfix": {"connect_timeout": "0.5", "read_timeout": "0.5"},
         "outbox": {"min_backoff": "0.05", "max_backoff": "0.3"}}
-OUTAGE_S = 1.0
+OUTAGE_S = 0.6
 
 
 def replay_calls(fs, traces_dir) -> dict[str, list[dict[str, str]]]:
