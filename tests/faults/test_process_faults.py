@@ -176,32 +176,51 @@ def test_full_disk_is_reported_and_recovers(service, fs, pf, traces_dir, tiny_di
     assert_clean_log(svc)
 
 
-def test_sigterm_drains_in_flight_and_exits_cleanly(service, fs, pf, traces_dir, tmp_path):
+def test_sigterm_drains_in_flight_delivery_and_exits_cleanly(service, fs, pf, traces_dir, tmp_path):
     pf.delay = 0.8
     svc = service(workdir=tmp_path / "svc")
     wait_connected(svc, fs)
     wanted = replay_calls(fs, traces_dir, CALLS[:3])
     pf.wait_for(1)  # a delivery is in flight
-    # A makeCall in flight too (the client-name lookup waits on the slow PlanFix).
-    result = {}
-    caller = threading.Thread(target=lambda: result.setdefault("answer", request(
-        svc.port, "POST", "/planfix", f"cmd=makeCall&token={svc.token}&from=101&to=79101234567".encode())))
-    caller.start()
-    time.sleep(0.1)
     started = time.monotonic()
     code = svc.stop(timeout=10)
     elapsed = time.monotonic() - started
-    caller.join(5)
     assert code == 0
     assert elapsed < 6, elapsed
-    assert result["answer"].status in (200, 503), result["answer"]
-    in_flight = [r for r in pf.received if r.outcome == "ok"]
-    assert in_flight, "the delivery in flight at SIGTERM was not finished"
+    assert [r for r in pf.received if r.outcome == "ok"], "the delivery in flight at SIGTERM was not finished"
     log = svc.log()
     assert "stopping: finishing in-flight PlanFix requests" in log and log.rstrip().endswith("stopped")
-    # What was still queued is delivered by the next start, in order.
+    # What was still queued is delivered by the next start, in order, once.
     pf.delay = 0
     again = service(workdir=tmp_path / "svc")
     wait_all_delivered(again, pf, wanted)
     assert duplicates(pf) == 0
     assert_clean_log(again)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "service.py builds its WSGI servers without a pool, and gevent's server.stop(timeout) only "
+    "waits for handlers in a pool: an HTTP request in progress at SIGTERM is cut off"))
+def test_sigterm_finishes_an_http_request_in_progress(service, fs, pf):
+    pf.delay = 0.8  # makeCall asks PlanFix for the client's name first: the request takes ~0.8 s
+    svc = service()
+    wait_connected(svc, fs)
+    result = {}
+
+    def make_call() -> None:
+        try:
+            result["answer"] = request(svc.port, "POST", "/planfix",
+                                       f"cmd=makeCall&token={svc.token}&from=101&to=79101234567".encode())
+        except OSError as exc:
+            result["answer"] = exc
+
+    caller = threading.Thread(target=make_call)
+    caller.start()
+    # SIGTERM only once the service is inside the request (asking PlanFix for
+    # the client's name): a connection still in the listen backlog is reset
+    # by any server that closes its socket, and proves nothing here.
+    assert fs.wait_until(lambda: any(form.get("cmd") == "contact" for form in pf.requests), 5)
+    assert svc.stop(timeout=10) == 0
+    caller.join(5)
+    assert not isinstance(result["answer"], Exception), result["answer"]
+    assert result["answer"].status in (200, 503), result["answer"]
