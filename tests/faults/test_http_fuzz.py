@@ -22,7 +22,7 @@ from fsbridge.lookup import ANSWER_REGEX, CONTACT_PATH
 from tests.fakes.fake_freeswitch import FakeFreeSwitch
 from tests.fakes.fake_planfix import FakePlanfix
 from tests.faults.conftest import assert_clean_log, wait_connected
-from tests.faults.http import FORM, request
+from tests.faults.rawhttp import FORM, request
 from tests.service_proc import ServiceProcess
 from tests.test_web import COMMAND
 from tests.test_web_fuzz import (

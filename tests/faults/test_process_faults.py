@@ -16,7 +16,7 @@ from fsbridge.state import SettingsStore
 from tests.fakes.fake_planfix import FakePlanfix
 from tests.faults.calls import expected_with_callid, fresh_call
 from tests.faults.conftest import assert_clean_log, delivered_for, duplicates, expected_fields, wait_connected
-from tests.faults.http import request
+from tests.faults.rawhttp import request
 
 CALLS = ["01-inbound-single-answer", "02-inbound-ring-group", "03-inbound-hunt-sequential",
          "05a-outbound-answer", "05f-outbound-noanswer-timeout", "06a-click-to-call-answer"]

@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 
 from tests.faults.conftest import assert_clean_log, wait_connected
-from tests.faults.http import request
+from tests.faults.rawhttp import request
 
 COMMANDS = ["makeCall", "setup", "ping", "unknown", ""]
 
