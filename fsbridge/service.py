@@ -22,11 +22,15 @@ import time
 
 import gevent
 import gevent.event
+import gevent.pool
 
 from fsbridge import __version__
 from fsbridge.config import Config
 
 log = logging.getLogger("fsbridge.service")
+
+# Concurrent HTTP connections per listener; more wait in the accept queue.
+HTTP_MAX_CONNECTIONS = 1000
 
 
 class ServiceError(Exception):
@@ -313,8 +317,12 @@ class Service:
         kwargs = {}
         if tls:
             kwargs = {"certfile": self.cfg.server.certfile, "keyfile": self.cfg.server.keyfile}
+        # A pool, not bare greenlets: it bounds concurrent connections (a
+        # flood cannot exhaust memory) and lets stop(timeout) wait for the
+        # requests in flight at SIGTERM instead of cutting them off.
         return NoDelayWSGIServer((listen.host, listen.port), app, log=None,
-                                 error_log=logging.getLogger("fsbridge.http"), **kwargs)
+                                 error_log=logging.getLogger("fsbridge.http"),
+                                 spawn=gevent.pool.Pool(HTTP_MAX_CONNECTIONS), **kwargs)
 
     def run(self) -> int:
         cfg = self.cfg
@@ -341,8 +349,8 @@ class Service:
             gevent.signal_handler(signum, self._stopping.set)
         self._stopping.wait()
         log.info("stopping: finishing in-flight PlanFix requests")
-        public.stop(timeout=2)
-        lookup.stop(timeout=1)
+        public.stop(timeout=3)  # lets a makeCall or setup in progress finish
+        lookup.stop(timeout=2)
         self.esl.stop()
         watcher.kill()
         if cleanup is not None:
