@@ -48,30 +48,25 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"expected yes or no, got {raw!r}")
 
 
-def _int_range(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
+def _bounded(kind: type, what: str, lo: float, hi: float, unit: str = "") -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
         try:
-            value = int(raw)
+            value = kind(raw)
         except ValueError:
-            raise ValueError(f"expected a whole number, got {raw!r}") from None
+            raise ValueError(f"expected {what}, got {raw!r}") from None
         if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+            raise ValueError(f"must be between {lo:g} and {hi:g}{unit}, got {raw}")
         return value
 
     return parse
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    return _bounded(int, "a whole number", lo, hi)
 
 
 def _seconds(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"expected a number of seconds, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo:g} and {hi:g} seconds, got {raw}")
-        return value
-
-    return parse
+    return _bounded(float, "a number of seconds", lo, hi, " seconds")
 
 
 _port = _int_range(1, 65535)

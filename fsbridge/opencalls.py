@@ -16,9 +16,10 @@ leg never accepted ``Missed``, an outgoing one ``NoAnswer``.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from typing import Iterable
+
+from fsbridge.sqlitedb import open_private
 
 START_EVENTS = ("INCOMING", "OUTGOING")
 
@@ -31,12 +32,8 @@ class OpenCalls:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            # WAL + NORMAL: durable across a process crash, which is the point.
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # NORMAL: durable across a process crash, which is the point.
+            self._db = open_private(path, "NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS open_legs ("
                 " call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"

@@ -56,6 +56,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
+from fsbridge.sqlitedb import open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,7 @@ class OutboxEntry:
 def _connect(db_path: str) -> sqlite3.Connection:
     # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one put() is
     # exactly one transaction.
-    if not os.path.exists(db_path):
-        # Phone numbers and call data: readable by the service's user only.
-        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))
-    conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode.lower() != "wal":
-        log.warning("outbox %s: journal_mode is %s, not WAL", db_path, mode)
-    conn.execute("PRAGMA synchronous=NORMAL")  # see the module docstring
+    conn = open_private(db_path, "NORMAL", BUSY_TIMEOUT_MS / 1000)  # NORMAL: see the module docstring
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         conn.close()

@@ -42,6 +42,8 @@ import gevent
 import gevent.queue
 from gevent import subprocess
 
+from fsbridge.sqlitedb import open_private
+
 log = logging.getLogger("fsbridge.recordings")
 
 # PlanFix callids we make links for: FreeSWITCH UUIDs (and any similar token
@@ -236,10 +238,8 @@ class RecordingIndex:
     """
 
     def __init__(self, path: str):
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = open_private(path, "FULL")
         self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS recordings ("
             " call_id TEXT PRIMARY KEY,"
