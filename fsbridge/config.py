@@ -49,13 +49,15 @@ def _bool(raw: str) -> bool:
 
 
 def _bounded(kind: type, what: str, lo: float, hi: float, unit: str = "") -> Callable[[str], Any]:
+    fmt = "d" if kind is int else "g"
+
     def parse(raw: str) -> Any:
         try:
             value = kind(raw)
         except ValueError:
             raise ValueError(f"expected {what}, got {raw!r}") from None
         if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo:g} and {hi:g}{unit}, got {raw}")
+            raise ValueError(f"must be between {lo:{fmt}} and {hi:{fmt}}{unit}, got {raw}")
         return value
 
     return parse
