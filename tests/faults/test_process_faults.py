@@ -198,9 +198,6 @@ def test_sigterm_drains_in_flight_delivery_and_exits_cleanly(service, fs, pf, tr
     assert_clean_log(again)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service.py builds its WSGI servers without a pool, and gevent's server.stop(timeout) only "
-    "waits for handlers in a pool: an HTTP request in progress at SIGTERM is cut off"))
 def test_sigterm_finishes_an_http_request_in_progress(service, fs, pf):
     pf.delay = 0.8  # makeCall asks PlanFix for the client's name first: the request takes ~0.8 s
     svc = service()
