@@ -63,6 +63,8 @@ def test_hostile_caller_values_then_a_normal_call(service, fs, pf, traces_dir):
     pf.assert_no_violations()
     health = svc.health()
     assert health["freeswitch"]["state"] == "connected" and health["open_calls"] == 0
+    # Well-framed hostile values are data, not a protocol error: the same connection carried on.
+    assert (fs.accepted, fs.subscribed) == (1, 1)
     assert_clean_log(svc)
 
 
