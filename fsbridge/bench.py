@@ -398,8 +398,22 @@ class FakeFreeswitch:
 
 def stream(fs: FakeFreeswitch, inp: Input, n_calls: int, rate: float, paced: bool,
            sent: dict | None, on_call=None) -> int:
-    """Send n_calls; full speed batches ~64 KB per send. Returns events sent."""
+    """Send n_calls; full speed batches ~64 KB per send. Returns events sent.
+
+    `sent` gets (callid, PlanFix event, n) -> send time of the channel event
+    that causes the n-th such request of the call (a ring group sends one
+    INCOMING per ringing extension)."""
     events = 0
+    seen: dict[tuple[str, str], int] = {}
+
+    def keyed(causes):
+        out = []
+        for key in causes:
+            n = seen.get(key, 0)
+            seen[key] = n + 1
+            out.append((*key, n))
+        return out
+
     batch: list[bytes] = []
     size = 0
     pending: list = []
@@ -417,12 +431,12 @@ def stream(fs: FakeFreeswitch, inp: Input, n_calls: int, rate: float, paced: boo
             now = time.monotonic()
             fs.send(frame)
             if sent is not None:
-                for key in causes:
+                for key in keyed(causes):
                     sent.setdefault(key, now)
         else:
             batch.append(frame)
             size += len(frame)
-            pending.extend(causes)
+            pending.extend(keyed(causes))
             if size >= 65536:
                 now = time.monotonic()
                 fs.send(b"".join(batch))
@@ -534,9 +548,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def latencies_ms(sent: dict, received: list) -> list[float]:
+    """Per request received: receive time - send time of its cause. The
+    outbox delivers a call's requests in order, so the n-th INCOMING of a
+    call received is the n-th caused."""
     out = []
+    count: dict[tuple[str, str], int] = {}
     for callid, event, t in received:
-        t0 = sent.get((callid, event))
+        n = count.get((callid, event), 0)
+        count[(callid, event)] = n + 1
+        t0 = sent.get((callid, event, n))
         if t0 is not None:
             out.append((t - t0) * 1000)
     return out
