@@ -17,7 +17,7 @@ import pytest
 from tests.fakes.fake_freeswitch import FakeFreeSwitch
 from tests.fakes.fake_planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
-from tests.test_tracker_traces import EXPECTED, capture
+from tests.test_tracker_traces import EXPECTED
 
 # The recording fields depend on files on disk (none exist here): the
 # service then reports is_recorded=0 and no link.  Everything else must be
@@ -54,14 +54,24 @@ def delivered_for(pf: FakePlanfix, callid: str) -> list[dict[str, str]]:
     return seen
 
 
-def wait_delivered(pf: FakePlanfix, trace: str, timeout: float = 10.0) -> None:
-    """Block until every expected command of `trace` was answered 200, then check order."""
-    want = expected_fields(trace)
-    callid = want[0]["callid"]
+def replay_calls(fs: FakeFreeSwitch, traces_dir, traces: list[str]) -> dict[str, list[dict[str, str]]]:
+    """Run each capture as a fresh call; callid -> the forms PlanFix must get, in order."""
+    from tests.faults.calls import expected_with_callid, fresh_call
+
+    wanted = {}
+    for trace in traces:
+        callid, frames = fresh_call(traces_dir, trace)
+        assert fs.replay(frames).wait(10)
+        wanted[callid] = expected_with_callid(expected_fields(trace), callid)
+    return wanted
+
+
+def wait_all_delivered(svc: ServiceProcess, pf: FakePlanfix, wanted: dict[str, list[dict[str, str]]],
+                       timeout: float = 15.0) -> None:
+    """Block until PlanFix answered 200 to exactly `wanted`, call by call in order."""
     deadline = time.monotonic() + timeout
-    while delivered_for(pf, callid) != want:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{trace}: PlanFix got\n{delivered_for(pf, callid)}\nexpected\n{want}")
+    while any(delivered_for(pf, callid) != forms for callid, forms in wanted.items()):
+        assert time.monotonic() < deadline, ({c: delivered_for(pf, c) for c in wanted}, svc.log()[-3000:])
         time.sleep(0.02)
 
 
@@ -112,5 +122,4 @@ def service(tmp_path, fs, pf) -> Iterator[Callable[..., ServiceProcess]]:
 def wait_connected(svc: ServiceProcess, fs: FakeFreeSwitch, subscriptions: int = 1, timeout: float = 10.0) -> None:
     """The service is logged in and subscribed (events sent before that are lost, as with FreeSWITCH)."""
     assert fs.wait_until(lambda: fs.subscribed >= subscriptions, timeout), svc.log()[-3000:]
-    svc.wait_health(lambda h: h["freeswitch"].get("state", h["status"]) == "connected"
-                    or h["status"] == "ok", timeout)
+    svc.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout)

@@ -11,7 +11,7 @@ from fsbridge.wire import MAX_HEADER_BYTES
 from tests.fakes.fake_freeswitch import event_frame, events_of
 from tests.faults.calls import caller_subs, expected_with_callid, fresh_call
 from tests.faults.conftest import (
-    assert_clean_log, delivered_for, expected_fields, wait_connected, wait_delivered, without_token,
+    assert_clean_log, delivered_for, expected_fields, wait_connected, without_token,
 )
 
 # Raw header values as they would appear on the wire (FreeSWITCH percent-encodes).

@@ -100,7 +100,8 @@ def test_connection_lost_mid_call(service, fs, pf, traces_dir, fault):
 def test_silent_freeswitch(service, fs, pf, traces_dir):
     """Accepts the TCP connection, then never says a word: not on the open
     connection (idle timeout), not even a greeting on new ones."""
-    svc = service({"freeswitch": {"idle_timeout": "1", "connect_timeout": "0.3", "command_timeout": "0.5", "max_backoff": "0.2"}})
+    svc = service({"freeswitch": {"idle_timeout": "1", "connect_timeout": "0.3", "command_timeout": "0.5",
+                                  "max_backoff": "0.2"}})
     wait_connected(svc, fs)
     calls = open_calls(svc, fs, pf, traces_dir)
     fs.silent = True

@@ -22,7 +22,7 @@ from fsbridge.lookup import ANSWER_REGEX, CONTACT_PATH
 from tests.fakes.fake_freeswitch import FakeFreeSwitch
 from tests.fakes.fake_planfix import FakePlanfix
 from tests.faults.conftest import assert_clean_log, wait_connected
-from tests.faults.rawhttp import FORM, request
+from tests.faults.rawhttp import request
 from tests.service_proc import ServiceProcess
 from tests.test_web import COMMAND
 from tests.test_web_fuzz import (
@@ -34,7 +34,8 @@ EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 # Commands the service itself sends on connect; everything else must be an originate.
-SESSION_COMMANDS = re.compile(r"auth \S+|event plain [A-Z_ ]+|api show channels as json|api global_getvar core_uuid|exit")
+SESSION_COMMANDS = re.compile(
+    r"auth \S+|event plain [A-Z_ ]+|api show channels as json|api global_getvar core_uuid|exit")
 ORIGINATE = re.compile(r"bgapi (?P<line>originate [^\n]*)\nJob-UUID: (?P<job>[0-9a-f-]{36})")
 
 
@@ -77,7 +78,8 @@ def check_planfix_answer(answer, method: str) -> None:
     assert b"Traceback" not in answer.body
     if method == "HEAD":
         return
-    assert answer.content_type.split(";")[0] == "application/json", (answer.status, answer.content_type, answer.body[:200])
+    assert answer.content_type.split(";")[0] == "application/json", (
+        answer.status, answer.content_type, answer.body[:200])
     body = answer.json()
     assert isinstance(body, dict)
     if answer.status != 200:

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.faults.calls import expected_with_callid, fresh_call
-from tests.faults.conftest import assert_clean_log, delivered_for, expected_fields, wait_connected
+from tests.faults.conftest import assert_clean_log, replay_calls, wait_all_delivered, wait_connected
 from tests.service_proc import free_port
 
 CALLS = ["01-inbound-single-answer", "02-inbound-ring-group", "04a-inbound-missed-caller-cancel",
@@ -22,22 +21,8 @@ FAST = {"planfix": {"connect_timeout": "0.5", "read_timeout": "0.5"},
 OUTAGE_S = 0.6
 
 
-def replay_calls(fs, traces_dir) -> dict[str, list[dict[str, str]]]:
-    """Run every call in CALLS (fresh UUIDs); callid -> the forms PlanFix must get, in order."""
-    wanted = {}
-    for trace in CALLS:
-        callid, frames = fresh_call(traces_dir, trace)
-        assert fs.replay(frames).wait(10)
-        wanted[callid] = expected_with_callid(expected_fields(trace), callid)
-    return wanted
-
-
 def assert_all_delivered(svc, pf, wanted, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(delivered_for(pf, callid) != forms for callid, forms in wanted.items()):
-        assert time.monotonic() < deadline, (
-            {c: delivered_for(pf, c) for c in wanted}, svc.log()[-3000:])
-        time.sleep(0.02)
+    wait_all_delivered(svc, pf, wanted, timeout)
     svc.wait_health(lambda h: h["outbox"]["depth"] == 0)
     pf.assert_no_violations()
     assert_clean_log(svc)
@@ -48,7 +33,7 @@ def test_planfix_failing_then_recovering(service, fs, pf, traces_dir, failure):
     pf.failure = failure
     svc = service(FAST)
     wait_connected(svc, fs)
-    wanted = replay_calls(fs, traces_dir)
+    wanted = replay_calls(fs, traces_dir, CALLS)
     total = sum(len(forms) for forms in wanted.values())
     time.sleep(OUTAGE_S)
     health = svc.health()
@@ -76,7 +61,7 @@ def test_planfix_slow(service, fs, pf, traces_dir):
     pf.delay = 0.1
     svc = service({"planfix": {"read_timeout": "2"}})
     wait_connected(svc, fs)
-    wanted = replay_calls(fs, traces_dir)
+    wanted = replay_calls(fs, traces_dir, CALLS)
     assert_all_delivered(svc, pf, wanted)
     assert len(pf.requests) == sum(len(forms) for forms in wanted.values())
     assert pf.max_in_flight > 1  # different calls were delivered side by side
@@ -88,7 +73,7 @@ def test_planfix_unreachable_until_setup(service, fs, pf, traces_dir):
     dead = f"http://127.0.0.1:{free_port()}/tel/api"
     svc = service({**FAST, "planfix": {**FAST["planfix"], "url": dead}})
     wait_connected(svc, fs)
-    wanted = replay_calls(fs, traces_dir)
+    wanted = replay_calls(fs, traces_dir, CALLS)
     time.sleep(OUTAGE_S)
     health = svc.health()
     assert health["outbox"]["depth"] == sum(len(forms) for forms in wanted.values())
@@ -104,5 +89,5 @@ def test_planfix_flapping(service, fs, pf, traces_dir):
     pf.decide = lambda form: next(modes) or "ok"
     svc = service(FAST)
     wait_connected(svc, fs)
-    wanted = replay_calls(fs, traces_dir)
+    wanted = replay_calls(fs, traces_dir, CALLS)
     assert_all_delivered(svc, pf, wanted, timeout=20)

@@ -15,28 +15,13 @@ import pytest
 
 from fsbridge.state import SettingsStore
 from tests.fakes.fake_planfix import FakePlanfix
-from tests.faults.calls import expected_with_callid, fresh_call
-from tests.faults.conftest import assert_clean_log, delivered_for, duplicates, expected_fields, wait_connected
+from tests.faults.conftest import (
+    assert_clean_log, duplicates, replay_calls, wait_all_delivered, wait_connected,
+)
 from tests.faults.rawhttp import request
 
 CALLS = ["01-inbound-single-answer", "02-inbound-ring-group", "03-inbound-hunt-sequential",
          "05a-outbound-answer", "05f-outbound-noanswer-timeout", "06a-click-to-call-answer"]
-
-
-def replay_calls(fs, traces_dir, traces=CALLS) -> dict[str, list[dict[str, str]]]:
-    wanted = {}
-    for trace in traces:
-        callid, frames = fresh_call(traces_dir, trace)
-        assert fs.replay(frames).wait(10)
-        wanted[callid] = expected_with_callid(expected_fields(trace), callid)
-    return wanted
-
-
-def wait_all_delivered(svc, pf, wanted, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(delivered_for(pf, callid) != forms for callid, forms in wanted.items()):
-        assert time.monotonic() < deadline, ({c: delivered_for(pf, c) for c in wanted}, svc.log()[-3000:])
-        time.sleep(0.02)
 
 
 def total(wanted) -> int:
@@ -47,7 +32,7 @@ def test_sigkill_during_delivery_loses_nothing(service, fs, pf, traces_dir, tmp_
     pf.delay = 0.15  # deliveries are slow, so the kill lands while several are in flight
     svc = service(workdir=tmp_path / "svc")
     wait_connected(svc, fs)
-    wanted = replay_calls(fs, traces_dir)
+    wanted = replay_calls(fs, traces_dir, CALLS)
     svc.wait_health(lambda h: h["outbox"]["depth"] + len(pf.delivered) >= total(wanted))
     pf.wait_for(len(wanted) + 2, delivered=True)  # some answered, most not yet
     svc.kill()
