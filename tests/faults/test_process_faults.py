@@ -207,3 +207,25 @@ def test_sigterm_finishes_an_http_request_in_progress(service, fs, pf):
     caller.join(5)
     assert not isinstance(result["answer"], Exception), result["answer"]
     assert result["answer"].status in (200, 503), result["answer"]
+
+
+def test_sigkill_mid_call_the_restart_completes_the_open_calls(service, fs, pf, traces_dir, tmp_path):
+    """Killed while calls ring and talk: the next process learns from FreeSWITCH
+    (`show channels as json`: idle) that they ended and sends their COMPLETED."""
+    from tests.faults.calls import fresh_call
+    from tests.faults.test_freeswitch_faults import MID_CALL, assert_every_leg_completed, first_half
+
+    svc = service(workdir=tmp_path / "svc")
+    wait_connected(svc, fs)
+    calls = {}
+    for trace in MID_CALL:
+        callid, frames = fresh_call(traces_dir, trace)
+        assert fs.replay(first_half(frames)).wait(10)
+        calls[callid] = trace
+    svc.wait_health(lambda h: h["open_calls"] == len(MID_CALL) and h["outbox"]["depth"] == 0)
+    svc.kill()
+    again = service(workdir=tmp_path / "svc")
+    assert_every_leg_completed(pf, calls)
+    assert f"{len(MID_CALL)} calls were open when the service last stopped" in again.log()
+    again.wait_health(lambda h: h["open_calls_from_before_restart"] == 0)
+    assert_clean_log(again)
