@@ -475,7 +475,7 @@ class Service:
             "freeswitch": {"host": "127.0.0.1", "port": str(fs_port), "password": "ClueCon"},
             "server": {"listen": f"127.0.0.1:{self.port}", "token": PBX_TOKEN,
                        "public_url": f"http://127.0.0.1:{self.port}"},
-            "planfix": {"url": planfix_url, "token": PLANFIX_TOKEN, "allow_http": "yes"},
+            "planfix": {"url": planfix_url, "token": PLANFIX_TOKEN if planfix_url else "", "allow_http": "yes"},
             "storage": {"dir": str(storage)},
             "dialplan": {"listen": f"127.0.0.1:{_free_port()}"},
         }
@@ -579,13 +579,14 @@ def wait_for(predicate, timeout: float, step: float = 0.01) -> bool:
 class Run:
     """One service process with its fake FreeSWITCH and fake PlanFix."""
 
-    def __init__(self, inp: Input, workroot: Path, name: str, planfix_delay: float = 0.0) -> None:
+    def __init__(self, inp: Input, workroot: Path, name: str, planfix_delay: float = 0.0,
+                 planfix_configured: bool = True) -> None:
         self.inp = inp
         self.planfix = FakePlanfix(planfix_delay)
         self.fs = FakeFreeswitch(inp.core_uuid)
         workdir = workroot / name
         workdir.mkdir(parents=True)
-        self.service = Service(workdir, self.fs.port, self.planfix.url)
+        self.service = Service(workdir, self.fs.port, self.planfix.url if planfix_configured else "")
         self.service.wait_up(self.fs)
         self.sent: dict = {}
 
@@ -624,12 +625,30 @@ def full_speed(inp: Input, workroot: Path, n_calls: int, rss_at: int, drain_cap:
             "calls": n_calls, "events": events, "ingest_s": t_ingest,
             "ingest_events_per_s": events / t_ingest,
             "requests_expected": expected, "requests_delivered": len(received),
-            "delivered_requests_per_s": len(received) / (last - first) if last > first else None,
+        "delivered_requests_per_s": len(received) / (last - first) if last > first else None,
             "cpu_s": cpu, "cpu_s_per_1000_calls": cpu * 1000 / n_calls,
             "rss_mb_at_mark": rss_marks.get(rss_at), "rss_mark_calls": rss_at,
             "rss_mb_end": memory["VmHWM"], "rss_now_mb_end": memory["VmRSS"],
             "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
         }
+    finally:
+        run.close()
+
+
+def intake_only(inp: Input, workroot: Path, n_calls: int) -> dict:
+    """Full speed before PlanFix's `setup` (no PlanFix address yet): the
+    outbox stores every request and sends none, so this is what event
+    intake alone costs."""
+    run = Run(inp, workroot, "intake-only", planfix_configured=False)
+    try:
+        cpu0 = run.service.cpu_s()
+        t0 = time.monotonic()
+        events = stream(run.fs, inp, n_calls, FULL_SPEED_ORDER_CPS, False, None)
+        wait_for(run.fs.drained, 600)
+        elapsed = time.monotonic() - t0
+        cpu = run.service.cpu_s() - cpu0
+        return {"calls": n_calls, "events": events, "events_per_s": events / elapsed,
+                "cpu_us_per_event": cpu * 1e6 / events, "requests_tried": len(run.planfix.received)}
     finally:
         run.close()
 
@@ -829,6 +848,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  peak RSS {full['rss_mb_at_mark']} MB after {rss_mark} calls, "
               f"{full['rss_mb_end']:.1f} MB after {n_calls} calls (RSS now {full['rss_now_mb_end']:.1f} MB)")
 
+        intake = intake_only(inp, workroot, 3_000 if quick else 10_000)
+        print(f"intake only (PlanFix not set up yet: stored, not sent), {intake['calls']} calls: "
+              f"{intake['events_per_s']:,.0f} events/s, {intake['cpu_us_per_event']:.0f} us CPU per event "
+              f"(ratio to bare loop {_ratio(intake['events_per_s'], bare['events_per_s'])})")
+
         fast = paced(inp, workroot, "200cps", 200.0, 6.0 if quick else 30.0, 0.0)
         print(f"200 calls/s, instant PlanFix, {fast['calls']} calls: latency p50 {fast['p50_ms']:.1f} ms, "
               f"p99 {fast['p99_ms']:.1f} ms, max {fast['max_ms']:.1f} ms "
@@ -860,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
         "naive_events_per_s": round(naive["events_per_s"], 1),
         "ingest_to_bare": _ratio(full["ingest_events_per_s"], bare["events_per_s"]),
         "ingest_to_naive": _ratio(full["ingest_events_per_s"], naive["events_per_s"]),
+        "intake_only_events_per_s": round(intake["events_per_s"], 1),
+        "intake_only_cpu_us_per_event": round(intake["cpu_us_per_event"], 1),
         "delivered_requests_per_s": full["delivered_requests_per_s"] and round(full["delivered_requests_per_s"], 1),
         "p50_ms_200cps": fast["p50_ms"] and round(fast["p50_ms"], 2),
         "p99_ms_200cps": fast["p99_ms"] and round(fast["p99_ms"], 2),
