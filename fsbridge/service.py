@@ -76,6 +76,8 @@ class Service:
         self.cfg = cfg
         self._stopping = gevent.event.Event()
         self._unsaved: list = []  # commands the outbox could not store yet (disk full)
+        self._batch: list = []  # commands produced since the event greenlet last yielded
+        self._flusher: gevent.Greenlet | None = None
         self._storage_error = ""
         try:
             os.makedirs(cfg.storage.dir, exist_ok=True)
@@ -203,10 +205,22 @@ class Service:
             log.warning("job %s: FreeSWITCH failed it: %s", event.job_uuid, outcome or "(empty)")
 
     def _store(self, commands: list) -> None:
-        """Durably queue commands for PlanFix; on a storage failure keep them
-        in memory, in order, and retry until the disk takes them."""
+        """Queue commands for PlanFix: stored durably as soon as the current
+        greenlet yields (the ESL reader does at its next recv), so that all
+        the commands one socket read produced share one SQLite commit."""
+        self._batch.extend(commands)
+        if self._flusher is None:
+            self._flusher = gevent.spawn(self._flush)
+
+    def _flush(self) -> None:
+        """Store the pending batch, in order; on a storage failure keep it in
+        memory, in order, and retry until the disk takes it."""
         from fsbridge.outbox import OutboxError
 
+        self._flusher = None
+        commands, self._batch = self._batch, []
+        if not commands:
+            return
         if self._unsaved:
             self._unsaved.extend(commands)
             return
@@ -356,6 +370,7 @@ class Service:
         if cleanup is not None:
             cleanup.kill()
         self.recordings.stop(timeout=2)
+        self._flush()
         if self._unsaved:
             log.error("%d PlanFix requests could not be stored before exit", len(self._unsaved))
         self.outbox.stop(drain_timeout=5)
