@@ -38,6 +38,13 @@ class ServiceError(Exception):
 
 
 
+def _settings_store(cfg: Config):
+    """Where `setup` keeps PlanFix's address and token."""
+    from fsbridge.state import SettingsStore
+
+    return SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"))
+
+
 def _make_credentials(cfg: Config, store):
     """PlanFix URL and token: what `setup` stored wins over the config file."""
     from fsbridge.planfix import Credentials
@@ -99,11 +106,10 @@ class Service:
         from fsbridge.esl import EslConnection, EslNotConnected, EslTimeout
         from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
         from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
-        from fsbridge.state import SettingsStore
         from fsbridge.web import WebDeps, WebSettings, create_app
 
         cfg = self.cfg
-        self.settings_store = SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"))
+        self.settings_store = _settings_store(cfg)
         self.credentials = _make_credentials(cfg, self.settings_store)
         self.client = _make_client(cfg, self.credentials)
         self.outbox = outbox.Outbox(
@@ -173,7 +179,7 @@ class Service:
                 on_credentials_changed=self.outbox.wake,
                 health=self.health,
                 not_connected_errors=(EslNotConnected, EslTimeout),
-                client_name=lambda number: self.lookup.contact_name_for(number),
+                client_name=self.lookup.contact_name_for,
                 normalize_to=functools.partial(
                     phone.dial_number,
                     region=cfg.phone.default_region,
@@ -215,23 +221,27 @@ class Service:
     def _flush(self) -> None:
         """Store the pending batch, in order; on a storage failure keep it in
         memory, in order, and retry until the disk takes it."""
-        from fsbridge.outbox import OutboxError
-
         self._flusher = None
         commands, self._batch = self._batch, []
         if not commands:
             return
         if self._unsaved:
             self._unsaved.extend(commands)
-            return
+        elif not self._put(commands):
+            self._unsaved.extend(commands)
+            gevent.spawn(self._retry_unsaved)
+
+    def _put(self, commands: list) -> bool:
+        """One durable write to the outbox (and the open-calls registry)."""
+        from fsbridge.outbox import OutboxError
+
         try:
             self.outbox.put(commands)
         except OutboxError as exc:
             self._storage_failed(exc)
-            self._unsaved.extend(commands)
-            gevent.spawn(self._retry_unsaved)
-            return
+            return False
         self._note_open_calls(commands)
+        return True
 
     def _note_open_calls(self, commands: list) -> None:
         from fsbridge.opencalls import OpenCallsError
@@ -248,20 +258,13 @@ class Service:
         self._storage_error = str(exc)
 
     def _retry_unsaved(self) -> None:
-        from fsbridge.outbox import OutboxError
-
         while self._unsaved and not self._stopping.is_set():
             gevent.sleep(1.0)
             batch = list(self._unsaved)
-            try:
-                self.outbox.put(batch)
-            except OutboxError as exc:
-                self._storage_failed(exc)
-                continue
-            del self._unsaved[: len(batch)]
-            self._note_open_calls(batch)
-            log.info("storage works again: %d held PlanFix requests stored", len(batch))
-            self._storage_error = ""
+            if self._put(batch):
+                del self._unsaved[: len(batch)]
+                log.info("storage works again: %d held PlanFix requests stored", len(batch))
+                self._storage_error = ""
 
     def _delivered(self, call_id: str) -> bool:
         return not any(entry.call_id == call_id for entry in self.outbox.list_entries())
@@ -406,10 +409,8 @@ def preflight_problems(cfg: Config) -> list[str]:
 
 def ping_planfix(cfg: Config) -> int:
     from fsbridge.planfix import cli_ping
-    from fsbridge.state import SettingsStore
 
-    store = SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"))
-    client = _make_client(cfg, _make_credentials(cfg, store))
+    client = _make_client(cfg, _make_credentials(cfg, _settings_store(cfg)))
     code, text = cli_ping(client, cfg.server.public_url, cfg.server.token)
     print(text)
     return code

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import gzip
-import pathlib
 from typing import Iterable, Iterator
 from urllib.parse import quote
 
@@ -26,15 +24,9 @@ from fsbridge.events import (
     channel_event,
 )
 from fsbridge.wire import EventHeaders, Frame, FrameParser, parse_event_plain
+from tests.fakes.fake_freeswitch import read_trace  # noqa: F401 - re-exported for the trace tests
 
 EVENT_PLAIN = "text/event-plain"
-
-
-def read_trace(path: str | pathlib.Path) -> bytes:
-    """The raw captured bytes (``.gz`` captures decompressed)."""
-    path = pathlib.Path(path)
-    data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
 
 
 def frames_of(raw: bytes) -> list[Frame]:
