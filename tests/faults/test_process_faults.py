@@ -118,18 +118,19 @@ def tiny_disk(tmp_path):
 
 def fill(path) -> None:
     """Write until ENOSPC."""
-    with open(path, "wb") as filler:
+    # Unbuffered: a buffered file would hold the bytes of the failed write and
+    # raise ENOSPC again when the `with` closes (flushes) it.
+    with open(path, "wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
                 os.fsync(filler.fileno())
         except OSError:
             pass
     # Small leftovers too (tmpfs rounds to pages).
     for n in range(1000):
         try:
-            with open(f"{path}.{n}", "wb") as small:
+            with open(f"{path}.{n}", "wb", buffering=0) as small:
                 small.write(b"\0" * 4096)
         except OSError:
             break
