@@ -46,7 +46,7 @@ test: $(STAMP) lame
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m fsbridge.bench
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,19 +10,27 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import os  # noqa: E402
 import pathlib  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fsbridge.fakes.freeswitch import FakeFreeSwitch  # noqa: E402
+
+# The real FreeSWITCH captures the suite replays: part of the repo (and the
+# sdist), so a clone runs its tests with nothing beside it.
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# ../shared beside the checkout; FSBRIDGE_SHARED overrides (e.g. in CI).
-SHARED = pathlib.Path(os.environ.get("FSBRIDGE_SHARED", REPO.parent / "shared"))
-TRACES = SHARED / "esl-traces"
+TRACES = REPO / "tests" / "data" / "esl"
 
 
 @pytest.fixture(scope="session")
 def traces_dir() -> pathlib.Path:
-    if not TRACES.is_dir():
-        pytest.fail(f"ESL traces not found at {TRACES} (set FSBRIDGE_SHARED)")
     return TRACES
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFreeSwitch]:
+    """A started fake FreeSWITCH, stopped after the test."""
+    server = FakeFreeSwitch().start()
+    yield server
+    server.stop()

@@ -15,14 +15,14 @@ import pytest
 
 from fsbridge import esl
 from fsbridge.esl import EslCommandError, EslConnection, EslNotConnected, EslTimeout
-from tests.fakes.fake_freeswitch import (  # noqa: F401  (fake: pytest fixture)
+from fsbridge.fakes.freeswitch import (
     FakeFreeSwitch,
     event_frame,
-    fake,
     trace_api_bodies,
     trace_events,
     wait_until,
 )
+from tests.conftest import TRACES
 
 EVENTS = ["CHANNEL_CREATE", "CHANNEL_HANGUP_COMPLETE", "BACKGROUND_JOB"]
 FAST = dict(connect_timeout=0.3, command_timeout=0.3, max_backoff=0.05, idle_timeout=30.0)
@@ -125,10 +125,10 @@ def test_commands_before_connecting_raise_not_connected(connect):
 
 
 def test_trace_events_arrive_in_order_with_headers_decoded_per_line(fake, connect):
-    events = trace_events("06a-click-to-call-answer.plain.txt")
+    events = trace_events(TRACES / "06a-click-to-call-answer.plain.txt")
     conn, rec = connect(fake.port)
     assert conn.wait_connected(2)
-    fake.replay("06a-click-to-call-answer.plain.txt").wait()
+    fake.replay(TRACES / "06a-click-to-call-answer.plain.txt").wait()
     wanted = [e for e in events if e.name in ("HEARTBEAT", *EVENTS)]
     assert wait_for(lambda: len(rec.events) == len(wanted))
     assert rec.names() == [e.name for e in wanted]

@@ -13,16 +13,17 @@ import time
 import pytest
 
 from fsbridge.wire import FrameParser, parse_event_plain, parse_header_block
-from tests.fakes.fake_freeswitch import (
+from fsbridge.fakes.freeswitch import (
+    CAPTURES,
     DISCONNECT_NOTICE,
     event_frame,
-    fake,  # noqa: F401  (pytest fixture)
     read_trace,
     rewrite_event,
     split_frames,
     trace_api_bodies,
     trace_events,
 )
+from tests.conftest import TRACES
 
 
 class RawClient:
@@ -138,7 +139,7 @@ def test_bgapi_reply_and_background_job_match_trace_93(traces_dir, fake, client_
     assert list(mine) == list(real_event_headers)  # same headers, same order
     assert mine["Job-UUID"] == "11111111-2222-3333-4444-555555555555"
     assert mine["Core-UUID"] == fake.core_uuid
-    assert body == trace_api_bodies("92-api-status-version.raw.txt")[0]  # `bgapi status` runs `status`
+    assert body == trace_api_bodies(TRACES / "92-api-status-version.raw.txt")[0]  # `bgapi status` runs `status`
     assert fake.commands[-1] == "bgapi status\nJob-UUID: 11111111-2222-3333-4444-555555555555"
 
 
@@ -159,7 +160,7 @@ def test_background_job_goes_only_to_subscribers(fake, client_factory):
 
 def test_trace_event_extraction_is_exact(traces_dir):
     data = read_trace(traces_dir / "01-inbound-single-answer.plain.txt")
-    events = trace_events("01-inbound-single-answer.plain.txt")
+    events = trace_events(TRACES / "01-inbound-single-answer.plain.txt")
     assert len(events) == data.count(b"Content-Type: text/event-plain\n")
     position = 0
     for event in events:  # each raw frame is a contiguous, in-order slice of the capture
@@ -172,7 +173,7 @@ def test_trace_event_extraction_is_exact(traces_dir):
 
 
 def test_replay_sends_only_subscribed_events_with_exact_bytes(fake, client_factory):
-    events = trace_events("01-inbound-single-answer.plain.txt")
+    events = trace_events(TRACES / "01-inbound-single-answer.plain.txt")
     client = client_factory()
     client.subscribe(b"CHANNEL_CREATE CHANNEL_HANGUP_COMPLETE")
     before = len(client.received)
@@ -182,13 +183,13 @@ def test_replay_sends_only_subscribed_events_with_exact_bytes(fake, client_facto
     assert client.received[before:] == b"".join(e.raw for e in wanted)
     # A whole capture as one byte stream: its replies are skipped, its events filtered the same way.
     before = len(client.received)
-    assert fake.replay([read_trace("01-inbound-single-answer.plain.txt")]).wait()
+    assert fake.replay([read_trace(TRACES / "01-inbound-single-answer.plain.txt")]).wait()
     assert len(client.read_frames(len(wanted))) == len(wanted)
     assert client.received[before:] == b"".join(e.raw for e in wanted)
 
 
 def test_custom_subclass_and_filter(fake, client_factory):
-    events = trace_events("05a-outbound-answer.plain.txt")
+    events = trace_events(TRACES / "05a-outbound-answer.plain.txt")
     custom = client_factory()
     custom.subscribe(b"CUSTOM sofia::register_attempt")
     target = next(e for e in events if e.name == "CHANNEL_CREATE")
@@ -254,7 +255,7 @@ def test_faults_silent_disconnect_restart(fake, client_factory):
 
 
 def test_rewrite_event_keeps_layout_and_recomputes_lengths():
-    events = trace_events("06a-click-to-call-answer.plain.txt")
+    events = trace_events(TRACES / "06a-click-to-call-answer.plain.txt")
     assert all(rewrite_event(e) == e.raw for e in events)  # identity keeps the captured bytes
     manager = "987741d5-a8ae-4322-a9eb-1a87a1af80df"
     ours = "0a2c1d3e-0000-4000-8000-000000000001"
@@ -272,7 +273,7 @@ def test_rewrite_event_keeps_layout_and_recomputes_lengths():
 
 def test_click_to_call_hook_replays_a_trace_rewritten_to_our_originate(fake, client_factory):
     """The pattern end-to-end tests use: our originate's UUIDs replace the trace's."""
-    events = trace_events("06a-click-to-call-answer.plain.txt")
+    events = trace_events(TRACES / "06a-click-to-call-answer.plain.txt")
     manager = "987741d5-a8ae-4322-a9eb-1a87a1af80df"
 
     def rewrite(command, headers, job_uuid):
@@ -293,3 +294,10 @@ def test_click_to_call_hook_replays_a_trace_rewritten_to_our_originate(fake, cli
     assert job_headers["Job-UUID"] == "5d1c7a52-1111-4222-8333-444455556666"
     assert job_body == b"+OK 0a2c1d3e-0000-4000-8000-000000000001\n"
     assert "0a2c1d3e-0000-4000-8000-000000000001" in {h["Unique-ID"] for h, _ in parsed if "Unique-ID" in h}
+
+
+def test_captures_packaged_with_the_fake_are_the_repo_captures_byte_for_byte():
+    packaged = sorted(CAPTURES.iterdir())
+    assert packaged, "the fake's own captures are missing from the package"
+    for path in packaged:
+        assert path.read_bytes() == (TRACES / path.name).read_bytes(), path.name

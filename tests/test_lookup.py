@@ -31,7 +31,7 @@ from fsbridge.lookup import (
     safe_display_name,
 )
 from fsbridge.planfix import Credentials, PlanfixClient
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.planfix import FakePlanfix
 
 DEADLINE = 0.25
 MARGIN = 0.2  # scheduling + HTTP on a busy CI machine

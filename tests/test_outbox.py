@@ -18,7 +18,7 @@ from fsbridge import outbox as outbox_mod
 from fsbridge.outbox import Outbox, OutboxError
 from fsbridge.planfix import Credentials, PlanfixClient
 from tests.conftest import REPO
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.outbox_helpers import Cmd, assert_each_once_in_call_order, call_commands, key, many_calls
 
 

@@ -20,7 +20,7 @@ from fsbridge.planfix import (
     compare_ping,
     mask_secret,
 )
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.planfix import FakePlanfix
 
 COMPLETED = {
     "cmd": "event",

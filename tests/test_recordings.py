@@ -31,7 +31,9 @@ from fsbridge.recordings import (
     check_settings,
     register_routes,
 )
+from fsbridge.tracker import CallTracker, TrackerSettings
 from fsbridge.wire import FrameParser, parse_event_plain
+from tests.traces import channel_events, read_trace
 
 FS_DIR = "/usr/local/freeswitch/recordings"  # what the traced FreeSWITCH used
 
@@ -49,7 +51,7 @@ def traced_recording(traces_dir, name: str) -> tuple[str, str]:
     """(Unique-ID, Record-File-Path) of the trace's RECORD_STOP."""
     parser = FrameParser()
     found = []
-    for frame in parser.feed((traces_dir / f"{name}.plain.txt").read_bytes()):
+    for frame in parser.feed(read_trace(traces_dir / f"{name}.plain.txt")):
         if frame.content_type != "text/event-plain":
             continue
         headers, _ = parse_event_plain(frame.body)
@@ -545,9 +547,6 @@ def test_file_swapped_for_a_symlink_is_not_served(tmp_path, make, site):
 )
 def test_trace_replay_through_the_tracker(traces_dir, tmp_path, make, site, trace, call_uuid, file_state):
     """The real tracker's COMPLETED for the trace, through on_completed."""
-    from fsbridge.tracker import CallTracker, TrackerSettings
-    from tests.traces import channel_events, read_trace
-
     _, fs_path = traced_recording(traces_dir, trace)
     path = local(tmp_path, fs_path)
     data = write_wav(path) if file_state == "wav" else None

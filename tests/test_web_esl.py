@@ -14,7 +14,7 @@ from gevent.pywsgi import WSGIServer
 from fsbridge.esl import EslConnection, EslNotConnected, EslTimeout
 from fsbridge.state import SettingsStore
 from fsbridge.web import WebDeps, WebSettings, create_app
-from tests.fakes.fake_freeswitch import fake, wait_until  # noqa: F401  (fake: pytest fixture)
+from fsbridge.fakes.freeswitch import wait_until
 from tests.test_web import COMMAND, TOKEN, make_call
 
 

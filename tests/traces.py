@@ -24,7 +24,7 @@ from fsbridge.events import (
     channel_event,
 )
 from fsbridge.wire import EventHeaders, Frame, FrameParser, parse_event_plain
-from tests.fakes.fake_freeswitch import read_trace  # noqa: F401 - re-exported for the trace tests
+from fsbridge.fakes.freeswitch import read_trace  # noqa: F401 - re-exported for the trace tests
 
 EVENT_PLAIN = "text/event-plain"
 

@@ -22,8 +22,8 @@ import wave
 import pytest
 import requests
 
-from tests.fakes.fake_freeswitch import FakeFreeSwitch
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.freeswitch import FakeFreeSwitch
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
 from tests.test_tracker_traces import CALLER, EXPECTED, MANAGER_UUID, RECORDINGS
 from tests.traces import read_trace, rewrite_click_to_call

@@ -12,8 +12,8 @@ import requests
 import urllib3
 
 from tests.conftest import REPO
-from tests.fakes.fake_freeswitch import FakeFreeSwitch
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.freeswitch import FakeFreeSwitch
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
 
 INVALID_PARAMETERS = {"error": "Invalid parameters"}

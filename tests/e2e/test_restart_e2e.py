@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fsbridge.opencalls import OpenCalls
 from fsbridge.tracker import PlanfixCommand
-from tests.fakes.fake_freeswitch import FakeFreeSwitch, trace_events
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.freeswitch import FakeFreeSwitch, trace_events
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
 from tests.test_tracker_traces import A01, incoming
 

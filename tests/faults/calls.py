@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from tests.fakes.fake_freeswitch import TraceEvent, events_of, rewrite_event
+from fsbridge.fakes.freeswitch import TraceEvent, events_of, rewrite_event
 from tests.test_tracker_traces import CALLER, EXPECTED, capture
 
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

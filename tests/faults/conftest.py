@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.fakes.fake_freeswitch import FakeFreeSwitch
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.freeswitch import FakeFreeSwitch
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
 from tests.test_tracker_traces import EXPECTED
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from fsbridge.wire import MAX_HEADER_BYTES
-from tests.fakes.fake_freeswitch import event_frame, events_of
+from fsbridge.fakes.freeswitch import event_frame, events_of
 from tests.faults.calls import caller_subs, expected_with_callid, fresh_call
 from tests.faults.conftest import (
     assert_clean_log, delivered_for, expected_fields, wait_connected, without_token,

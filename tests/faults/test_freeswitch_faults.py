@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.fakes.fake_freeswitch import events_of
+from fsbridge.fakes.freeswitch import events_of
 from tests.faults.calls import expected_with_callid, fresh_call
 from tests.faults.conftest import assert_clean_log, delivered_for, expected_fields, wait_connected, without_token
 

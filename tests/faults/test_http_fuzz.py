@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fsbridge.lookup import ANSWER_REGEX, CONTACT_PATH
-from tests.fakes.fake_freeswitch import FakeFreeSwitch
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.freeswitch import FakeFreeSwitch
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.faults.conftest import assert_clean_log, wait_connected
 from tests.faults.rawhttp import request
 from tests.service_proc import ServiceProcess

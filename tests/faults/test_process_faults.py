@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from fsbridge.state import SettingsStore
-from tests.fakes.fake_planfix import FakePlanfix
+from fsbridge.fakes.planfix import FakePlanfix
 from tests.faults.conftest import (
     assert_clean_log, duplicates, replay_calls, wait_all_delivered, wait_connected,
 )

@@ -1,18 +1,20 @@
 """A fake FreeSWITCH Event Socket server speaking the real wire protocol.
 
-Every byte it sends is either copied from the real captures in
-``../shared/esl-traces`` (greeting, replies, api bodies, disconnect notice,
-event frames) or built in exactly their layout (BACKGROUND_JOB for our own
-bgapi).  It runs on 127.0.0.1, an ephemeral port, with plain threads and
+Every byte it sends is either copied from real FreeSWITCH 1.10.12 captures
+(greeting, replies, api bodies, disconnect notice, event frames; the api
+bodies it answers by default come from ``captures/`` beside this module, the
+call captures from the caller) or built in exactly their layout
+(BACKGROUND_JOB for our own bgapi).  It is shared by the test suite, the
+benchmark and ``fsbridge demo``.  It runs on 127.0.0.1, an ephemeral port, with plain threads and
 sockets (greenlets under the test conftest's monkey patching).
 
 Trace helpers (reused by other tests)
 -------------------------------------
-``TRACES_DIR``
-    ``$FSBRIDGE_SHARED/esl-traces`` or ``<repo>/../shared/esl-traces``.
+``CAPTURES``
+    The directory of the captures packaged with the fake (api bodies).
 ``read_trace(path) -> bytes``
-    A trace file's bytes (``.gz`` decompressed); relative names are looked
-    up in ``TRACES_DIR``.
+    A capture's bytes, ``.gz`` decompressed; ``X.txt`` falls back to
+    ``X.txt.gz`` (the repo keeps the large captures gzipped).
 ``split_frames(data) -> list[RawFrame]``
     Cut a byte stream into frames by ``Content-Length``; each
     ``RawFrame(raw, headers, body)`` keeps its exact bytes in ``raw``.
@@ -86,8 +88,7 @@ receive events.
   ``subscribed`` (successful ``event`` commands); ``wait_until(predicate,
   timeout)``.
 
-Also: ``wait_until(predicate, timeout=2.0) -> bool`` (module function) and
-the pytest fixture ``fake`` (a started server, stopped after the test).
+Also: ``wait_until(predicate, timeout=2.0) -> bool`` (module function).
 """
 
 from __future__ import annotations
@@ -102,15 +103,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 from urllib.parse import quote
-
-import pytest
 
 from fsbridge.wire import parse_event_plain, parse_header_block
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-TRACES_DIR = pathlib.Path(os.environ.get("FSBRIDGE_SHARED", REPO.parent / "shared")) / "esl-traces"
+CAPTURES = pathlib.Path(__file__).resolve().parent / "captures"
 
 GREETING = b"Content-Type: auth/request\n\n"
 DISCONNECT_NOTICE = (
@@ -149,8 +147,10 @@ class TraceEvent:
 
 def _trace_path(path: str | os.PathLike) -> pathlib.Path:
     candidate = pathlib.Path(path)
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = TRACES_DIR / candidate
+    if not candidate.exists() and candidate.suffix != ".gz":
+        gzipped = candidate.with_name(candidate.name + ".gz")
+        if gzipped.exists():
+            return gzipped
     return candidate
 
 
@@ -279,9 +279,9 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 @lru_cache(maxsize=1)
 def _default_api_bodies() -> dict[str, bytes]:
-    status, version = trace_api_bodies("92-api-status-version.raw.txt")
-    channels_idle, calls_idle = trace_api_bodies("91-api-show-channels-calls-json-idle.raw.txt")
-    not_found, no_channel = trace_api_bodies("96-api-misc-errors.raw.txt")[:2]
+    status, version = trace_api_bodies(CAPTURES / "92-api-status-version.raw.txt")
+    channels_idle, calls_idle = trace_api_bodies(CAPTURES / "91-api-show-channels-calls-json-idle.raw.txt")
+    not_found, no_channel = trace_api_bodies(CAPTURES / "96-api-misc-errors.raw.txt")[:2]
     return {
         "status": status,
         "version": version,
@@ -295,7 +295,7 @@ def _default_api_bodies() -> dict[str, bytes]:
 @lru_cache(maxsize=1)
 def active_call_bodies() -> dict[str, bytes]:
     """``show channels as json`` / ``show calls as json`` during a call (trace 90)."""
-    bodies = trace_api_bodies("90-api-show-channels-calls-json-active.raw.txt")
+    bodies = trace_api_bodies(CAPTURES / "90-api-show-channels-calls-json-active.raw.txt")
     return {"show channels as json": bodies[0], "show calls as json": bodies[1]}
 
 
@@ -310,17 +310,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
             return False
         time.sleep(0.005)
     return True
-
-
-@pytest.fixture
-def fake() -> Iterator["FakeFreeSwitch"]:
-    """pytest fixture: a started FakeFreeSwitch, stopped after the test.
-
-    Import it into a test module (``from tests.fakes.fake_freeswitch import fake``).
-    """
-    server = FakeFreeSwitch().start()
-    yield server
-    server.stop()
 
 
 

@@ -46,14 +46,8 @@ from urllib.parse import parse_qsl
 from fsbridge.wire import FrameParser, parse_event_plain
 
 REPO = Path(__file__).resolve().parent.parent
+TRACES = REPO / "tests" / "data" / "esl"
 LOAD_TRACE = "load-100-calls.plain.txt.gz"
-FALLBACK_TRACES = (
-    "01-inbound-single-answer.plain.txt",
-    "02-inbound-ring-group.plain.txt",
-    "03-inbound-hunt-sequential.plain.txt",
-    "04a-inbound-missed-caller-cancel.plain.txt",
-    "05a-outbound-answer.plain.txt",
-)
 UUID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PBX_TOKEN = "bench-pbx-token-0123456789abcdef"
 PLANFIX_TOKEN = "bench-planfix-token"
@@ -95,20 +89,9 @@ class Input:
     core_uuid: str
 
 
-def shared_dir() -> Path:
-    env = os.environ.get("FSBRIDGE_SHARED")
-    return Path(env) if env else REPO.parent / "shared"
-
-
 def input_files() -> tuple[str, list[Path]]:
-    traces = shared_dir() / "esl-traces"
-    load = traces / LOAD_TRACE
-    if load.exists():
-        return str(load), [load]
-    fallback = [traces / name for name in FALLBACK_TRACES if (traces / name).exists()]
-    if not fallback:
-        raise SystemExit(f"bench: no ESL traces under {traces} (set FSBRIDGE_SHARED)")
-    return f"{traces}/01..05 (no {LOAD_TRACE})", fallback
+    load = TRACES / LOAD_TRACE
+    return str(load.relative_to(REPO)), [load]
 
 
 def _read(path: Path) -> bytes:
@@ -712,7 +695,7 @@ def _reference(inp: Input, n_calls: int, mode: str, planfix_url: str = "") -> di
     # cost does not cap the reference's rate.
     data = [frame for _, _, frame, _ in schedule(inp, n_calls, FULL_SPEED_ORDER_CPS, fs.subscribed)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fsbridge.bench", f"--{mode}-client", str(fs.port), str(expected),
+        [sys.executable, "-m", "bench", f"--{mode}-client", str(fs.port), str(expected),
          planfix_url or "-", " ".join(sorted(fs.subscribed))],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -808,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             naive_client(port, expected, url, events)
         return 0
-    parser = argparse.ArgumentParser(prog="python -m fsbridge.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
                         help="one-minute version (also BENCH_QUICK=1)")
     parser.add_argument("--calls", type=int, help="calls for the full-speed run")
