@@ -23,7 +23,7 @@ install: $(STAMP)
 # First `make run` on a checkout: a private config made from the sample,
 # with a fresh PBX token and a state directory inside the checkout.
 $(CONFIG): | $(STAMP)
-	$(BIN)/fsbridge init-config --sample conf/fsbridge.ini --out $(CONFIG) --storage-dir var
+	$(BIN)/fsbridge init-config --out $(CONFIG) --storage-dir var
 
 run: $(STAMP) $(CONFIG)
 	$(BIN)/fsbridge run -c $(CONFIG)
