@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= conf/local.ini
 
-.PHONY: run test bench install check clean lame
+.PHONY: run test bench install check clean lame demo
 
 # Create the virtualenv and install the package with its test tools.
 # The stamp is rebuilt whenever the dependency list changes.
@@ -44,6 +44,11 @@ lame:
 
 test: $(STAMP) lame
 	$(BIN)/python -m pytest -q
+
+# The real service between a fake FreeSWITCH and a fake PlanFix: four calls,
+# every PlanFix request printed; no FreeSWITCH, PlanFix or root needed.
+demo: $(STAMP)
+	$(BIN)/fsbridge demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

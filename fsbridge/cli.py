@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, config, packaged  # noqa: E402
+from fsbridge import __version__, config, demo, packaged  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = with_config(sub.add_parser("outbox", help="list pending and kept-aside requests"))
     outbox.add_argument("--retry", action="store_true", help="put kept-aside requests back in line")
     outbox.set_defaults(func=cmd_outbox)
+    demo_cmd = sub.add_parser("demo", help="watch fsbridge work between a fake FreeSWITCH and a fake PlanFix")
+    demo_cmd.add_argument("--keep", action="store_true", help="keep the temp directory (config, service log)")
+    demo_cmd.set_defaults(func=lambda args: demo.main(keep=args.keep))
     return parser
 
 
