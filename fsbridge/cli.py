@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, config, demo, packaged  # noqa: E402
+from fsbridge import __version__, config, demo, logs, packaged  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -92,19 +92,11 @@ def cmd_init_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if cfg is None:
         return EXIT_CONFIG
-    _setup_logging(cfg.log.level)
+    logs.setup(cfg.log, cfg.path)
     log = logging.getLogger("fsbridge")
     for warning in cfg.warnings:
         log.warning("%s", warning)

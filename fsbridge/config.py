@@ -157,6 +157,16 @@ def _log_level(raw: str) -> str:
     return value
 
 
+def _logger_levels(raw: str) -> dict[str, str]:
+    from fsbridge.logs import parse_levels  # logs imports metrics (prometheus): only when parsed
+
+    return parse_levels(raw)
+
+
+def _optional_listen(raw: str) -> Listen | None:
+    return _listen(raw) if raw else None
+
+
 def _dial_string(raw: str) -> str:
     # The originate builder's own rule (only {ext} substituted, no character
     # that splits an originate line), so check and run can never disagree.
@@ -269,6 +279,11 @@ SCHEMA: dict[str, list[Key]] = {
     ],
     "log": [
         Key("level", _log_level, "INFO"),
+        Key("format", _choice("text", "json"), "text"),
+        Key("levels", _logger_levels, ""),
+    ],
+    "metrics": [
+        Key("listen", _optional_listen, "127.0.0.1:9102"),
     ],
 }
 

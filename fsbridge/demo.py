@@ -119,6 +119,7 @@ class Demo:
         self.recordings.mkdir()
         self.port = _free_port()
         self.lookup_port = _free_port()
+        self.metrics_port = _free_port()
         self.planfix = FakePlanfix()
         self.fs = FakeFreeSwitch()
         self.proc: subprocess.Popen | None = None
@@ -165,6 +166,7 @@ class Demo:
             "[outbox]", "min_backoff = 0.05", "max_backoff = 0.5",
             "[storage]", f"dir = {self.workdir / 'state'}",
             "[dialplan]", f"listen = 127.0.0.1:{self.lookup_port}",
+            "[metrics]", f"listen = 127.0.0.1:{self.metrics_port}",
             "[recordings]", f"dir = {self.recordings}", f"freeswitch_dir = {FS_RECORDINGS}",
             "[log]", "level = INFO",
             "",

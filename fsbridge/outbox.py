@@ -56,6 +56,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
+from fsbridge import metrics
 from fsbridge.sqlitedb import open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 
@@ -412,6 +413,7 @@ class Outbox:
     def _settle(self, q: _CallQueue, entry: _Entry, result: DeliveryResult) -> bool:
         """Record the outcome of one attempt; False when the call must back off."""
         if result.outcome is Outcome.DELIVERED:
+            metrics.delivered(entry.created_at)
             self._drop(q, entry)
             now = time.time()
             self._last_success_at = now

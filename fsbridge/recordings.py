@@ -42,6 +42,7 @@ import gevent
 import gevent.queue
 from gevent import subprocess
 
+from fsbridge import metrics
 from fsbridge.sqlitedb import open_private
 
 log = logging.getLogger("fsbridge.recordings")
@@ -586,6 +587,7 @@ class Recordings:
             log.error("call %s: MP3 conversion of %s failed (%s); PlanFix gets the WAV link", call_id, wav, exc)
             _unlink_quietly(partial)
             ext = "wav"
+        metrics.RECORDINGS.labels("converted" if ext == "mp3" else "failed").inc()
         self._send_record(linked, ext)
 
     def _send_record(self, entry: IndexEntry, ext: str) -> None:

@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from fsbridge import __version__
+from fsbridge import __version__, metrics
 from fsbridge.config import Config
 
 log = logging.getLogger("fsbridge.service")
@@ -111,7 +111,7 @@ class Service:
         cfg = self.cfg
         self.settings_store = _settings_store(cfg)
         self.credentials = _make_credentials(cfg, self.settings_store)
-        self.client = _make_client(cfg, self.credentials)
+        self.client = metrics.InstrumentedClient(_make_client(cfg, self.credentials))
         self.outbox = outbox.Outbox(
             outbox.db_path_for(cfg.storage.dir),
             self.client,
@@ -156,6 +156,7 @@ class Service:
 
         self.lookup = ContactLookup(LookupSettings.from_config(cfg), self.client.contact)
         self.lookup_app = create_lookup_app(self.lookup.settings, lookup=self.lookup)
+        metrics.time_requests(self.lookup_app)
 
         self.esl = EslConnection(
             cfg.freeswitch.host,
@@ -194,6 +195,7 @@ class Service:
     # -- the event path (runs in the ESL reader greenlet: must not block) ----
 
     def _on_event(self, headers, body: bytes) -> None:
+        metrics.EVENTS.labels(headers.get("Event-Name") or "?").inc()
         event = self._channel_event(headers, body)
         if event is None:
             return
@@ -348,6 +350,7 @@ class Service:
         try:
             public.start()
             lookup.start()
+            self.metrics_server = metrics.serve(cfg.metrics.listen, self.health)
         except OSError as exc:
             raise ServiceError(f"cannot listen: {exc.strerror or exc}") from None
         scheme = "https" if cfg.server.certfile else "http"

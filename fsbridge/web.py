@@ -39,7 +39,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
-from fsbridge import __version__
+from fsbridge import __version__, logs, metrics
 from fsbridge.originate import OriginateError, OriginateSettings, build_originate
 from fsbridge.phone import clean_dial_number
 from fsbridge.planfix import Credentials
@@ -385,6 +385,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             raise _Reject(503, NOT_CONNECTED) from None
         log.info("makeCall from %s: %s -> %s, call %s, job %s", request.remote_addr, ext, number,
                  call_uuid, job_uuid)
+        metrics.CLICK_TO_CALL.labels(outcome="accepted", reason="").inc()
         return _json(200, {"callid": call_uuid})
 
     commands: dict[str, Callable[[MultiDict[str, str]], Response]] = {"setup": setup, "makeCall": make_call}
@@ -401,6 +402,8 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
                 raise _Reject(400, INVALID_PARAMETERS, f"unknown cmd {shown}; expected makeCall or setup")
             return handler(form)
         except _Reject as rejected:
+            logs.refused(request.remote_addr, _single(request.form, "cmd") if rejected.status != 413 else None,
+                         rejected.status, rejected.detail or rejected.error)
             return _error(rejected.status, rejected.error, rejected.detail)
 
     @app.get(HEALTH_PATH, provide_automatic_options=False)

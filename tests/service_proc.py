@@ -45,6 +45,7 @@ class ServiceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.dialplan_port = free_port()
+        self.metrics_port = free_port()
         self.token = TOKEN
         self.storage = self.workdir / "state"
         self.config_path = self.workdir / "fsbridge.ini"
@@ -73,6 +74,7 @@ class ServiceProcess:
             "outbox": {"min_backoff": "0.05", "max_backoff": "0.5"},
             "storage": {"dir": str(self.storage)},
             "dialplan": {"listen": f"127.0.0.1:{self.dialplan_port}"},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             "log": {"level": "DEBUG"},
         }
         for section, values in (settings or {}).items():
@@ -95,6 +97,10 @@ class ServiceProcess:
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def dialplan_url(self) -> str:

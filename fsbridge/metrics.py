@@ -1,0 +1,164 @@
+"""Prometheus metrics: the metric objects, and their own listener (``[metrics] listen``).
+
+Callers bump what happens as it happens (``metrics.EVENTS.labels(name).inc()``);
+what is a state -- ESL connection, outbox depth and age, kept-aside
+requests, open calls, lookup counters -- is read from ``Service.health()``
+at scrape time (:class:`HealthCollector`), so it can never drift from
+``/healthz``.  ``serve(listen, health)`` starts ``GET /metrics`` on a
+gevent WSGI server; an empty ``listen`` disables it.
+
+``EXPORTED`` lists every metric name this module exports (the Grafana
+dashboard and the alert rules in docs/ may use only these; a test checks).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from flask import g
+from gevent.pywsgi import WSGIServer
+from prometheus_client import REGISTRY, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# Seconds: PlanFix answers in tens of milliseconds; an outage retries for minutes.
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+_LOOKUP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 5)
+
+EVENTS = Counter("fsbridge_esl_events", "FreeSWITCH events read, by Event-Name", ["event"])
+PLANFIX_REQUESTS = Counter("fsbridge_planfix_requests",
+                           "Requests sent to PlanFix, by command and outcome", ["command", "outcome"])
+PLANFIX_SECONDS = Histogram("fsbridge_planfix_request_seconds",
+                            "Time of one PlanFix request (delivery latency), by command", ["command"],
+                            buckets=_LATENCY)
+EVENT_TO_PLANFIX = Histogram("fsbridge_event_to_planfix_seconds",
+                             "From storing a PlanFix command to PlanFix's 200 (retries included)",
+                             buckets=_LATENCY)
+LOOKUP_SECONDS = Histogram("fsbridge_lookup_seconds", "Dialplan caller-name lookups: time to answer",
+                           buckets=_LOOKUP)
+CLICK_TO_CALL = Counter("fsbridge_click_to_call", "makeCall requests: accepted, or refused by reason",
+                        ["outcome", "reason"])
+RECORDINGS = Counter("fsbridge_recordings", "Recordings converted to MP3, or failed (WAV sent)", ["result"])
+
+_REFUSAL = {400: "invalid_parameters", 401: "invalid_token", 413: "too_large", 429: "blocked",
+            503: "freeswitch_unavailable"}
+
+
+def refusal_reason(status: int) -> str:
+    return _REFUSAL.get(status, f"http_{status}")
+
+
+class HealthCollector:
+    """States read from ``health()`` at scrape time."""
+
+    def __init__(self, health: Callable[[], dict[str, Any]]) -> None:
+        self.health = health
+
+    def collect(self):
+        h = self.health()
+        fs = h.get("freeswitch", {})
+        up = GaugeMetricFamily("fsbridge_esl_up", "1 while connected to FreeSWITCH's Event Socket")
+        up.add_metric([], 1.0 if fs.get("state") == "connected" else 0.0)
+        yield up
+        connections = int(fs.get("connections") or 0)
+        reconnects = CounterMetricFamily("fsbridge_esl_reconnects",
+                                         "ESL connections made after the first one")
+        reconnects.add_metric([], max(0, connections - 1))
+        yield reconnects
+        box = h.get("outbox", {})
+        for name, key, doc in (
+            ("fsbridge_outbox_depth", "depth", "PlanFix commands waiting for delivery"),
+            ("fsbridge_outbox_oldest_pending_seconds", "oldest_pending_age_s", "Age of the oldest waiting command"),
+            ("fsbridge_outbox_kept_aside", "kept_aside", "Commands PlanFix refused, kept aside (fsbridge outbox)"),
+            ("fsbridge_outbox_in_flight", "in_flight", "Commands being sent now"),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], float(box.get(key) or 0))
+            yield gauge
+        last = GaugeMetricFamily("fsbridge_outbox_last_success_timestamp_seconds",
+                                 "When PlanFix last answered 200 (Unix time; 0 never)")
+        last.add_metric([], float(box.get("last_success_at") or 0))
+        yield last
+        calls = GaugeMetricFamily("fsbridge_open_calls", "Calls in progress")
+        calls.add_metric([], float(h.get("open_calls") or 0))
+        yield calls
+        lookups = CounterMetricFamily("fsbridge_lookups", "Dialplan lookups and PlanFix contact fetches, by result",
+                                      labels=["result"])
+        for result, count in sorted((h.get("dialplan_lookup") or {}).items()):
+            if result not in ("cached", "inflight"):
+                lookups.add_metric([result], count)
+        yield lookups
+
+
+class InstrumentedClient:
+    """A PlanfixClient that counts and times every request (the rest passes through)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def send(self, fields: dict[str, str]):
+        command = fields.get("cmd", "?")
+        started = time.monotonic()
+        result = self._client.send(fields)
+        PLANFIX_SECONDS.labels(command).observe(time.monotonic() - started)
+        PLANFIX_REQUESTS.labels(command, result.outcome.value).inc()
+        return result
+
+    def contact(self, *args: Any, **kwargs: Any):
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            found = self._client.contact(*args, **kwargs)
+            outcome = "found" if found is not None else "not_found"
+            return found
+        finally:
+            PLANFIX_SECONDS.labels("contact").observe(time.monotonic() - started)
+            PLANFIX_REQUESTS.labels("contact", outcome).inc()
+
+
+def delivered(created_at: float) -> None:
+    """A command PlanFix accepted, stored at ``created_at`` (Unix time)."""
+    EVENT_TO_PLANFIX.observe(max(0.0, time.time() - created_at))
+
+
+def time_requests(app: Any, histogram: Histogram = LOOKUP_SECONDS) -> None:
+    """Observe every request of a Flask app (the lookup listener) in ``histogram``."""
+    @app.before_request
+    def _start() -> None:
+        g.fsbridge_started = time.monotonic()
+
+    @app.teardown_request
+    def _stop(exc: BaseException | None) -> None:
+        started = g.pop("fsbridge_started", None)
+        if started is not None:
+            histogram.observe(time.monotonic() - started)
+
+
+_collector: HealthCollector | None = None
+
+EXPORTED = (
+    "fsbridge_esl_up", "fsbridge_esl_reconnects_total", "fsbridge_esl_events_total",
+    "fsbridge_planfix_requests_total", "fsbridge_planfix_request_seconds",
+    "fsbridge_event_to_planfix_seconds", "fsbridge_outbox_depth", "fsbridge_outbox_oldest_pending_seconds",
+    "fsbridge_outbox_kept_aside", "fsbridge_outbox_in_flight", "fsbridge_outbox_last_success_timestamp_seconds",
+    "fsbridge_open_calls", "fsbridge_lookups_total", "fsbridge_lookup_seconds", "fsbridge_click_to_call_total",
+    "fsbridge_recordings_total",
+)
+
+
+def serve(listen: Any, health: Callable[[], dict[str, Any]]):
+    """Start ``GET /metrics`` on ``listen`` (a config Listen, or None: disabled); returns the server."""
+    global _collector
+    if _collector is None:
+        _collector = HealthCollector(health)
+        REGISTRY.register(_collector)
+    else:
+        _collector.health = health
+    if not listen:
+        return None
+    server = WSGIServer((listen.host, listen.port), make_wsgi_app(REGISTRY), log=None)
+    server.start()
+    return server
