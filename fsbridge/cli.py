@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, config, demo, logs, packaged  # noqa: E402
+from fsbridge import __version__, calls, config, demo, logs, packaged  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -128,6 +128,13 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return outbox_command(cfg, retry=args.retry)
 
 
+def cmd_calls(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    return calls.cli(cfg.dialplan.listen, follow=args.follow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fsbridge", description="FreeSWITCH <-> PlanFix telephony bridge"
@@ -157,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = with_config(sub.add_parser("outbox", help="list pending and kept-aside requests"))
     outbox.add_argument("--retry", action="store_true", help="put kept-aside requests back in line")
     outbox.set_defaults(func=cmd_outbox)
+    calls_cmd = with_config(sub.add_parser("calls", help="list calls in progress (GET /calls on [dialplan] listen)"))
+    calls_cmd.add_argument("--follow", action="store_true", help="print PlanFix events as they are sent")
+    calls_cmd.set_defaults(func=cmd_calls)
     demo_cmd = sub.add_parser("demo", help="watch fsbridge work between a fake FreeSWITCH and a fake PlanFix")
     demo_cmd.add_argument("--keep", action="store_true", help="keep the temp directory (config, service log)")
     demo_cmd.set_defaults(func=lambda args: demo.main(keep=args.keep))

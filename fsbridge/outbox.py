@@ -56,7 +56,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from fsbridge import metrics
+from fsbridge import calls, metrics
 from fsbridge.sqlitedb import open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 
@@ -414,6 +414,7 @@ class Outbox:
         """Record the outcome of one attempt; False when the call must back off."""
         if result.outcome is Outcome.DELIVERED:
             metrics.delivered(entry.created_at)
+            calls.record_sent(entry.call_id, entry.fields)
             self._drop(q, entry)
             now = time.time()
             self._last_success_at = now

@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from fsbridge import __version__, metrics
+from fsbridge import __version__, calls, metrics
 from fsbridge.config import Config
 
 log = logging.getLogger("fsbridge.service")
@@ -157,6 +157,7 @@ class Service:
         self.lookup = ContactLookup(LookupSettings.from_config(cfg), self.client.contact)
         self.lookup_app = create_lookup_app(self.lookup.settings, lookup=self.lookup)
         metrics.time_requests(self.lookup_app)
+        calls.register_routes(self.lookup_app, self.tracker, self.outbox)
 
         self.esl = EslConnection(
             cfg.freeswitch.host,

@@ -192,6 +192,10 @@ class CallTracker:
     def open_calls(self) -> int:
         return len(self._calls)
 
+    def open_call_list(self) -> list[_Call]:
+        """The open calls, oldest first, for read-only views (fsbridge.calls)."""
+        return list(self._calls.values())
+
     def feed(self, event: ChannelEvent) -> list[PlanfixCommand]:
         name = event.name
         if name == "CHANNEL_CREATE":

@@ -1,0 +1,186 @@
+"""Calls in progress: ``GET /calls`` on the lookup listener and ``fsbridge calls``.
+
+"Why did this call not reach PlanFix?" can be answered while the call is
+up: for each open call its callid, direction, client number, each leg
+(UUID, extension, state) and the PlanFix events already sent (PlanFix
+answered 200) and still pending in the outbox.
+
+* ``view(calls, sent, pending)``: pure -- the tracker's open calls (read
+  only, via ``CallTracker.open_call_list()``) plus what was sent and what
+  waits, as JSON-ready dicts.
+* ``SENT``: the last ``SENT_KEPT`` delivered PlanFix commands, numbered;
+  the outbox adds each one as PlanFix accepts it (``record_sent``).
+  ``GET /calls/sent?after=N`` returns those after N (``fsbridge calls
+  --follow`` polls it).
+* ``register_routes(app, tracker, outbox)`` adds both routes to the lookup
+  listener (``[dialplan] listen``, loopback only -- config refuses anything
+  else), so call details never leave the host.
+* ``cli(listen, follow, out)``: the ``fsbridge calls -c FILE`` command.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import sys
+import threading
+import time
+from typing import Any, Iterable, TextIO
+
+import requests
+from flask import Flask, jsonify, request
+
+SENT_KEPT = 2000  # delivered commands remembered for /calls and --follow
+FOLLOW_POLL_S = 0.5
+
+
+class SentLog:
+    """A numbered ring of the PlanFix commands PlanFix accepted, newest last."""
+
+    def __init__(self, size: int = SENT_KEPT) -> None:
+        self._items: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def add(self, call_id: str, fields: dict[str, str]) -> None:
+        shown = {k: v for k, v in fields.items() if k != "planfix_token"}
+        with self._lock:
+            self._items.append({"seq": next(self._seq), "at": time.time(), "callid": call_id, "fields": shown})
+
+    def after(self, seq: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [item for item in self._items if item["seq"] > seq]
+
+    def for_call(self, call_id: str) -> list[dict[str, str]]:
+        with self._lock:
+            return [item["fields"] for item in self._items if item["callid"] == call_id]
+
+
+SENT = SentLog()
+
+
+def record_sent(call_id: str, fields: dict[str, str]) -> None:
+    SENT.add(call_id, fields)
+
+
+def _leg_state(call: Any, leg: Any) -> str:
+    if leg.ended:
+        return f"ended ({leg.cause or 'no cause'})"
+    if call.winner is leg:
+        return "answered"
+    if leg.slot is not None and all(slot is not leg.slot for slot in call.slots.values()):
+        return "cancelled"  # its COMPLETED is sent; FreeSWITCH is still hanging it up
+    return "ringing"
+
+
+def view(calls: Iterable[Any], sent: SentLog, pending: dict[str, list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """The open calls as dicts: what ``GET /calls`` answers."""
+    out = []
+    for call in calls:
+        legs = []
+        for leg in call.legs.values():
+            legs.append({
+                "uuid": leg.uuid,
+                "ext": leg.slot.ext if leg.slot is not None else "",
+                "state": _leg_state(call, leg),
+            })
+        if call.click_to_call:
+            direction = "click-to-call"
+        elif call.caller_ext:
+            direction = "out"
+        else:
+            direction = "in"
+        client = call.phone or next((s.phone for s in call.slots.values() if s.phone), "")
+        out.append({
+            "callid": call.uuid,
+            "direction": direction,
+            "client": client,
+            "did": call.diversion,
+            "manager_ext": call.caller_ext,
+            "extensions": [{"ext": s.ext, "type": s.type, "live_legs": s.live_legs} for s in call.slots.values()],
+            "legs": legs,
+            "sent": sent.for_call(call.uuid),
+            "pending": pending.get(call.uuid, []),
+        })
+    return out
+
+
+def _pending_by_call(outbox: Any) -> dict[str, list[dict[str, str]]]:
+    by_call: dict[str, list[dict[str, str]]] = {}
+    for entry in outbox.list_entries(include_kept_aside=True):
+        fields = {k: v for k, v in entry.fields.items() if k != "planfix_token"}
+        if entry.kept_aside:
+            fields["kept_aside"] = entry.kept_reason or "yes"
+        by_call.setdefault(entry.call_id, []).append(fields)
+    return by_call
+
+
+def register_routes(app: Flask, tracker: Any, outbox: Any) -> None:
+    @app.get("/calls")
+    def open_calls():
+        return jsonify({"calls": view(tracker.open_call_list(), SENT, _pending_by_call(outbox))})
+
+    @app.get("/calls/sent")
+    def sent_after():
+        try:
+            after = int(request.args.get("after", "0"))
+        except ValueError:
+            return jsonify({"error": "after must be a number"}), 400
+        items = SENT.after(after)
+        return jsonify({"sent": items, "next": items[-1]["seq"] if items else after})
+
+
+# -- the CLI -----------------------------------------------------------------
+
+
+def format_event(fields: dict[str, str]) -> str:
+    cmd = fields.get("cmd", "?")
+    head = f"{fields.get('event', '')} {fields.get('type', '')}" if cmd == "event" else cmd
+    # PlanFix's order (JSON transport sorts keys): who, where, then the outcome
+    order = {name: i for i, name in enumerate(("phone", "ext", "diversion", "status", "duration", "is_recorded"))}
+    names = sorted((k for k in fields if k not in ("cmd", "event", "type", "callid")), key=lambda k: (order.get(k, 99), k))
+    rest = " ".join(f"{k}={fields[k]}" for k in names)
+    return f"{head.strip()} {rest}".strip()
+
+
+def format_calls(calls: list[dict[str, Any]]) -> str:
+    if not calls:
+        return "no calls in progress\n"
+    lines = []
+    for call in calls:
+        lines.append(f"call {call['callid']}  {call['direction']}  client {call['client'] or '?'}"
+                     + (f"  did {call['did']}" if call["did"] else "")
+                     + (f"  manager {call['manager_ext']}" if call["manager_ext"] else ""))
+        for leg in call["legs"]:
+            lines.append(f"  leg {leg['uuid']}  ext {leg['ext'] or '-'}  {leg['state']}")
+        for fields in call["sent"]:
+            lines.append(f"  sent     {format_event(fields)}")
+        for fields in call["pending"]:
+            lines.append(f"  pending  {format_event(fields)}")
+    return "\n".join(lines) + "\n"
+
+
+def cli(listen: Any, follow: bool = False, out: TextIO = sys.stdout) -> int:
+    base = f"http://{listen.host}:{listen.port}"
+    try:
+        if not follow:
+            answer = requests.get(base + "/calls", timeout=5)
+            answer.raise_for_status()
+            out.write(format_calls(answer.json()["calls"]))
+            return 0
+        seq = requests.get(base + "/calls/sent", params={"after": 0}, timeout=5).json()["next"]
+        out.write(f"following PlanFix events sent by {base} (Ctrl-C stops)\n")
+        out.flush()
+        while True:
+            answer = requests.get(base + "/calls/sent", params={"after": seq}, timeout=5).json()
+            for item in answer["sent"]:
+                stamp = time.strftime("%H:%M:%S", time.localtime(item["at"]))
+                out.write(f"{stamp} {item['callid']} {format_event(item['fields'])}\n")
+            out.flush()
+            seq = answer["next"]
+            time.sleep(FOLLOW_POLL_S)
+    except requests.RequestException as exc:
+        print(f"error: cannot ask the service at {base} ([dialplan] listen): {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
