@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, calls, config, demo, logs, packaged  # noqa: E402
+from fsbridge import __version__, calls, config, connectcheck, demo, logs, packaged  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,6 +50,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_CONFIG
     print(f"{args.config}: OK")
+    if args.connect:
+        from fsbridge.service import ping_planfix  # as cmd_check's preflight: service loads late
+
+        return EXIT_OK if connectcheck.run(cfg, ping_planfix) == 0 else EXIT_FAILED
     return EXIT_OK
 
 
@@ -147,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config(sub.add_parser("run", help="start the service")).set_defaults(func=cmd_run)
-    with_config(
-        sub.add_parser("check", help="validate the config without starting anything")
-    ).set_defaults(func=cmd_check)
+    check = with_config(sub.add_parser("check", help="validate the config without starting anything"))
+    check.add_argument("--connect", action="store_true",
+                       help="also log in to FreeSWITCH's Event Socket and ping PlanFix")
+    check.set_defaults(func=cmd_check)
     sub.add_parser("gen-token", help="print a fresh random PBX token").set_defaults(
         func=cmd_gen_token
     )
