@@ -44,7 +44,8 @@ MAX_TRACKED = 1000  # distinct messages remembered (oldest forgotten first)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
-log = logging.getLogger("fsbridge")
+# Refusals are the HTTP endpoint's news: [log] levels = fsbridge.web=... governs them.
+web_log = logging.getLogger("fsbridge.web")
 _handler: logging.Handler | None = None
 _configured_loggers: set[str] = set()
 
@@ -215,6 +216,6 @@ def flush() -> None:
 def refused(address: str | None, cmd: str | None, status: int, reason: str) -> None:
     """One PlanFix request refused (400/401/413/429...): logged with why, counted."""
     shown = cmd if cmd in ("makeCall", "setup") else "request"
-    log.warning("%s from %s refused with %d: %s", shown, address, status, reason)
+    web_log.warning("%s from %s refused with %d: %s", shown, address, status, reason)
     if cmd == "makeCall":
         metrics.CLICK_TO_CALL.labels(outcome="refused", reason=metrics.refusal_reason(status)).inc()

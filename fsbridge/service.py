@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from fsbridge import __version__, calls, metrics
+from fsbridge import __version__, calls, metrics, reload
 from fsbridge.config import Config
 
 log = logging.getLogger("fsbridge.service")
@@ -368,6 +368,7 @@ class Service:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._stopping.set)
+        gevent.signal_handler(signal.SIGHUP, reload.Reloader(cfg).reload)
         self._stopping.wait()
         log.info("stopping: finishing in-flight PlanFix requests")
         public.stop(timeout=3)  # lets a makeCall or setup in progress finish

@@ -1,0 +1,41 @@
+"""SIGHUP re-reads the config: [log] applies at once, other changes are named as needing a restart."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from fsbridge.fakes.freeswitch import FakeFreeSwitch
+from tests.service_proc import ServiceProcess
+
+
+def wait_log(service: ServiceProcess, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = service.log()
+        if text in log:
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the log:\n{service.log()[-3000:]}")
+
+
+def test_sighup_applies_log_settings_and_names_what_needs_a_restart(tmp_path):
+    with FakeFreeSwitch() as fs:
+        with ServiceProcess(tmp_path, fs_port=fs.port) as service:
+            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
+            text = service.config_path.read_text()
+            text = text.replace("level = DEBUG", "level = INFO\nlevels = fsbridge.web=error\nformat = json")
+            text = text.replace("[outbox]", "[outbox]\nconcurrency = 3")
+            service.config_path.write_text(text)
+            service.proc.send_signal(signal.SIGHUP)
+            log = wait_log(service, "need a restart")
+            assert "applied [log] level, [log] format, [log] levels" in log
+            assert "[outbox] concurrency changed; these need a restart" in log
+            # json from now on, and fsbridge.web at ERROR: a refused makeCall leaves no line
+            service.post(cmd="makeCall", token="wrong", **{"from": "101", "to": "1"})
+            service.config_path.write_text(text.replace("[outbox]", "[outbox]\nnonsense"))
+            service.proc.send_signal(signal.SIGHUP)
+            log = wait_log(service, "not applied; the running configuration stays")
+            assert service.health()["freeswitch"]["state"] == "connected"
+    assert '"logger": "fsbridge.reload"' in log
+    assert "refused with 401" not in log
