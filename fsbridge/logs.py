@@ -11,8 +11,8 @@
 * :class:`RepeatFilter`: an identical message (same logger, level and text)
   is written the first time, then at most once per ``window`` seconds as
   ``... (repeated N times in the last M s)``; what is still pending is
-  written at exit.  FreeSWITCH down for an hour (a retry every 30 s) writes
-  13 lines instead of 120, a flood of wrong tokens or malformed requests
+  written at exit.  FreeSWITCH down for an hour (a retry every 15-30 s) writes
+  13 lines instead of 160, a flood of wrong tokens or malformed requests
   likewise.  DEBUG is never summarised (asked for, so shown in full).
 * :class:`HintFilter`: appends what to check to messages an admin cannot
   act on alone ("Connection refused" -> is mod_event_socket loaded? which
