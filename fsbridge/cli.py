@@ -59,7 +59,9 @@ def _recordings_note(rec: config.Section) -> str:
     if not rec.dir:
         return (f"recordings: not reported (is_recorded=0): [recordings] dir is empty and "
                 f"freeswitch_dir {rec.freeswitch_dir} does not exist here")
-    return f"recordings: read from {rec.dir} (FreeSWITCH writes them to {rec.freeswitch_dir})"
+    if rec.dir == rec.freeswitch_dir:
+        return f"recordings: read from {rec.dir} (where FreeSWITCH writes them)"
+    return f"recordings: read from {rec.dir} (FreeSWITCH names it {rec.freeswitch_dir})"
 
 
 def cmd_gen_token(args: argparse.Namespace) -> int:
