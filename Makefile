@@ -1,18 +1,31 @@
 # fsbridge: the two commands an admin needs are `make run` and `make test`.
-# Everything lives in .venv inside the checkout; only Python 3.11 and make
-# are needed on the machine.
+# Everything lives in .venv inside the checkout; only python3 (3.11 or newer)
+# and make are needed on the machine. Another interpreter:
+#   make test PYTHON=/usr/bin/python3.13
 
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= conf/local.ini
+# The interpreter .venv was made with, recorded in .venv/.python: when PYTHON
+# names another one (path or version), .venv is made again from scratch.
+PYTHON_ID := $(shell $(PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])' 2>/dev/null)
+PYWHO  := $(VENV)/.python
 
-.PHONY: run test bench install check clean lame demo
+.PHONY: run test bench install check clean lame demo FORCE
+
+$(PYWHO): FORCE
+	@test -n "$(PYTHON_ID)" || { echo "error: $(PYTHON) not found; install python3 (3.11 or newer) or pass PYTHON=..." >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: $(PYTHON) is $(PYTHON_ID); fsbridge needs Python 3.11 or newer" >&2; exit 1; }
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(PYTHON_ID)" ]; then \
+	  if [ -d $(VENV) ]; then echo "$(VENV) was made with another Python; making it again with $(PYTHON_ID)"; fi; \
+	  rm -rf $(VENV) && mkdir -p $(VENV) && echo "$(PYTHON_ID)" > $@; \
+	fi
 
 # Create the virtualenv and install the package with its test tools.
-# The stamp is rebuilt whenever the dependency list changes.
-$(STAMP): setup.cfg pyproject.toml
+# The stamp is rebuilt whenever the dependency list or the interpreter changes.
+$(STAMP): setup.cfg pyproject.toml $(PYWHO)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'

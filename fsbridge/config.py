@@ -9,7 +9,7 @@ source of truth for keys and defaults; `conf/fsbridge.ini` documents them and
 
 from __future__ import annotations
 
-import configparser
+import codecs
 import ipaddress
 import os
 import re
@@ -273,7 +273,9 @@ SCHEMA: dict[str, list[Key]] = {
     ],
     "recordings": [
         Key("dir", _str, ""),
-        Key("freeswitch_dir", _str, "/usr/local/freeswitch/recordings"),
+        # FreeSWITCH's Debian/Ubuntu packages; a source build uses
+        # /usr/local/freeswitch/recordings (init-config picks the one that exists).
+        Key("freeswitch_dir", _str, "/var/lib/freeswitch/recordings"),
         Key("convert", _choice("off", "mp3"), "off"),
         Key("retention_days", _int_range(0, 36500), "0"),
     ],
@@ -326,56 +328,159 @@ class Config:
             raise AttributeError(name) from None
 
 
-def _parser() -> configparser.ConfigParser:
-    # Inline comments need whitespace before ';' ("key = value  ; why").
-    return configparser.ConfigParser(
-        interpolation=None, inline_comment_prefixes=(";",), strict=True, empty_lines_in_values=False
-    )
+# One INI line, as an admin writes it.  Only "=" separates key and value;
+# ";" starts an inline comment when whitespace precedes it ("key = x  ; why").
+_HEADER = re.compile(r"\[(?P<name>[^\]]*)\]\s*(?:[;#].*)?")
+_INLINE_COMMENT = re.compile(r"\s;.*$")
+_SHOWN = 60  # enough of a bad line to find it
+
+
+@dataclass(frozen=True)
+class _Value:
+    raw: str
+    line: int
+
+
+def _read(path: str, problems: list[str], warnings: list[str]) -> dict[str, dict[str, _Value]]:
+    """Read ``path`` line by line: {section: {key: value}}; every bad line is a problem.
+
+    Hand-written rather than configparser, which stops at the first syntax
+    error, names no line for most of them, and silently glues an indented
+    line onto the value above (so the key above is blamed for it).
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    if data.startswith(codecs.BOM_UTF8):  # Notepad writes one
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        bad = []
+        for number, line in enumerate(data.split(b"\n"), 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(str(number))
+        problems.append(
+            f"{path}: line{'s' if len(bad) > 1 else ''} {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}: "
+            "not UTF-8 text (another encoding, e.g. Windows-1251?); save the file as UTF-8"
+        )
+        text = data.decode("utf-8", errors="replace")  # go on: report the other problems too
+
+    sections: dict[str, dict[str, _Value]] = {}
+    header_line: dict[str, int] = {}
+    current: str | None = None
+    previous = ""  # "[section] key" of the last key line, for indented lines
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        shown = stripped if len(stripped) <= _SHOWN else stripped[:_SHOWN] + "..."
+        if line[0].isspace():
+            key = stripped.partition("=")[0].strip().lower() if "=" in stripped else ""
+            where = f"[{current}] {key}" if current and key else f"line {number}"
+            above = f" ({previous})" if previous else ""
+            problems.append(
+                f"{path}: {where}: line {number} starts with a space, and INI reads an indented line "
+                f"as the continuation of the value above{above}, so it is ignored; "
+                "remove the spaces at the start of the line"
+            )
+            continue
+        if stripped.startswith("["):
+            header = _HEADER.fullmatch(stripped)
+            if not header or not header["name"].strip():
+                problems.append(f"{path}: line {number}: a section header looks like [name], got {shown!r}")
+                current = ""  # its keys belong to no known section: reported once, here
+                continue
+            current = header["name"].strip()
+            if current in header_line:
+                problems.append(
+                    f"{path}: [{current}]: line {number}: the section appears twice "
+                    f"(first on line {header_line[current]}); keep one"
+                )
+            header_line.setdefault(current, number)
+            sections.setdefault(current, {})
+            previous = ""
+            continue
+        if "=" not in stripped:
+            where = f"[{current}]" if current else f"line {number}"
+            problems.append(f"{path}: {where}: line {number}: expected key = value, got {shown!r}")
+            continue
+        if current == "":
+            continue
+        key, _, value = stripped.partition("=")
+        key = key.strip().lower()
+        value = _INLINE_COMMENT.sub("", value).strip()
+        if not key:
+            problems.append(f"{path}: line {number}: nothing before '=': {shown!r}")
+            continue
+        if current is None:
+            problems.append(f"{path}: {key}: line {number}: comes before any [section] line")
+            continue
+        previous = f"[{current}] {key}, line {number}"
+        if key in sections[current]:
+            problems.append(
+                f"{path}: [{current}] {key}: line {number}: set twice "
+                f"(also on line {sections[current][key].line}); keep one"
+            )
+            continue
+        sections[current][key] = _Value(value, number)
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            warnings.append(
+                f"{path}: [{current}] {key}: the value is in quotes, and INI keeps quotes as part of "
+                f"the value ({value}); remove them unless they belong to it"
+            )
+    return sections
 
 
 def load(path: str, *, require_token: bool = True) -> Config:
     """Read and validate ``path``; raise ConfigError listing every problem."""
-    parser = _parser()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh, source=path)
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
-    except configparser.Error as exc:
-        message = " ".join(str(exc).split())
-        raise ConfigError([f"{path}: not a valid INI file: {message}"]) from None
-
     problems: list[str] = []
     warnings: list[str] = []
+    parsed = _read(path, problems, warnings)
     sections: dict[str, Section] = {}
+    failed: set[str] = set()  # "section.key" that did not parse: cross checks skip them
 
-    for name in parser.sections():
+    for name in parsed:
         if name not in SCHEMA:
             problems.append(f"{path}: [{name}]: unknown section (known: {', '.join(SCHEMA)})")
     for name, keys in SCHEMA.items():
         known = {k.name for k in keys}
+        given = parsed.get(name, {})
         values: dict[str, Any] = {}
-        if parser.has_section(name):
-            for key in parser.options(name):
-                if key not in known:
-                    problems.append(
-                        f"{path}: [{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
-                    )
+        for key in given:
+            if key not in known:
+                problems.append(
+                    f"{path}: [{name}] {key}: unknown key (known: {', '.join(sorted(known))})"
+                )
         for key in keys:
-            raw = parser.get(name, key.name, fallback=key.default).strip()
+            raw = given[key.name].raw if key.name in given else key.default
             try:
                 values[key.name] = key.parse(raw)
             except ValueError as exc:
                 problems.append(f"{path}: [{name}] {key.name}: {exc}")
+                failed.add(f"{name}.{key.name}")
+                values[key.name] = key.parse(key.default)  # defaults always parse
         sections[name] = Section(name, values)
 
-    if not problems:
-        _cross_checks(path, sections, problems, warnings, require_token)
+    _default_recordings_dir(sections)
+    _cross_checks(path, sections, problems, warnings, require_token, failed)
     if problems:
         raise ConfigError(problems)
     return Config(path, sections, tuple(warnings))
+
+
+def _default_recordings_dir(s: dict[str, Section]) -> None:
+    """An empty [recordings] dir means FreeSWITCH's own directory, when it exists
+    here (FreeSWITCH on the same machine, the usual case)."""
+    rec = s["recordings"]
+    if not rec.dir and rec.freeswitch_dir and os.path.isdir(rec.freeswitch_dir):
+        s["recordings"] = Section("recordings", dict(rec.as_dict(), dir=rec.freeswitch_dir))
 
 
 def _cross_checks(
@@ -384,7 +489,13 @@ def _cross_checks(
     problems: list[str],
     warnings: list[str],
     require_token: bool,
+    failed: set[str],
 ) -> None:
+    """Checks across keys; a check whose keys did not parse is skipped (already reported)."""
+
+    def ok(*keys: str) -> bool:
+        return not failed.intersection(keys)
+
     server, planfix = s["server"], s["planfix"]
     token = server.token
     if require_token and not token:
@@ -396,37 +507,41 @@ def _cross_checks(
         problems.append(
             f"{path}: [server] token: must be at least 16 printable characters without spaces"
         )
-    if bool(server.certfile) != bool(server.keyfile):
+    if ok("server.certfile", "server.keyfile") and bool(server.certfile) != bool(server.keyfile):
         missing = "keyfile" if server.certfile else "certfile"
         problems.append(f"{path}: [server] {missing}: certfile and keyfile must be set together")
-    if planfix.url and planfix.url.startswith("http://") and not planfix.allow_http:
+    if ok("planfix.url", "planfix.allow_http") and planfix.url.startswith("http://") and not planfix.allow_http:
         problems.append(
             f"{path}: [planfix] url: PlanFix accepts only https://; "
             "set allow_http = yes only for a lab or tests"
         )
-    if s["outbox"].min_backoff > s["outbox"].max_backoff:
+    if ok("outbox.min_backoff", "outbox.max_backoff") and s["outbox"].min_backoff > s["outbox"].max_backoff:
         problems.append(f"{path}: [outbox] min_backoff: must not exceed max_backoff")
-    if not s["dialplan"].listen.is_loopback:
+    if ok("dialplan.listen") and not s["dialplan"].listen.is_loopback:
         warnings.append(
             f"{path}: [dialplan] listen: {s['dialplan'].listen} is not a loopback address; the "
             "lookup answers client names by phone number, keep it on 127.0.0.1 or firewall it"
         )
-    if s["dialplan"].listen == server.listen:
+    if ok("dialplan.listen", "server.listen") and s["dialplan"].listen == server.listen:
         problems.append(f"{path}: [dialplan] listen: must differ from [server] listen")
-    if not server.public_url:
+    if not ok("server.public_url", "planfix.allow_http"):
+        pass
+    elif not server.public_url:
         warnings.append(
             f"{path}: [server] public_url: empty; recording links cannot be made and "
             "`fsbridge ping` cannot compare PlanFix's PBX address"
         )
     elif not server.public_url.startswith("https://") and not planfix.allow_http:
         warnings.append(f"{path}: [server] public_url: PlanFix expects an https:// address")
-    if not server.certfile:
+    if ok("server.certfile") and not server.certfile:
         warnings.append(
             f"{path}: [server] certfile: not set, so the PlanFix endpoint speaks plain HTTP; "
             "put it behind a TLS proxy or set certfile/keyfile"
         )
     storage = s["storage"].dir
-    if os.path.exists(storage):
+    if not ok("storage.dir"):
+        pass
+    elif os.path.exists(storage):
         if not os.path.isdir(storage) or not os.access(storage, os.W_OK | os.X_OK):
             problems.append(f"{path}: [storage] dir: {storage} is not a writable directory")
     else:

@@ -414,9 +414,12 @@ def preflight_problems(cfg: Config) -> list[str]:
 
 def ping_planfix(cfg: Config) -> int:
     from fsbridge.planfix import cli_ping
+    from fsbridge.web import PLANFIX_PATH
 
     client = _make_client(cfg, _make_credentials(cfg, _settings_store(cfg)))
-    code, text = cli_ping(client, cfg.server.public_url, cfg.server.token)
+    # PlanFix holds our endpoint's address, public_url + /planfix (README step 4).
+    pbx_url = cfg.server.public_url + PLANFIX_PATH if cfg.server.public_url else ""
+    code, text = cli_ping(client, pbx_url, cfg.server.token)
     print(text)
     return code
 

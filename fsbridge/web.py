@@ -421,6 +421,8 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
         except Exception:
             log.exception("health check failed")
             body["health_error"] = "health check failed; see the log"
+        # Monitors (curl -f, load balancers) read the code, not the body.
+        if body.get("status") != "ok":
             status = 503
         return _json(status, body)
 

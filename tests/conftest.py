@@ -10,7 +10,9 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
 import pathlib  # noqa: E402
+import signal  # noqa: E402
 from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
@@ -34,3 +36,52 @@ def fake() -> Iterator[FakeFreeSwitch]:
     server = FakeFreeSwitch().start()
     yield server
     server.stop()
+
+
+# --- no process outlives the suite ------------------------------------------------
+# Every fixture that starts a process stops it in its teardown, pass or fail.
+# This is the net under them: at the end of the session every process still
+# descended from pytest is killed, listed, and the run fails.
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live (not zombie) processes below ``root``, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            stat = pathlib.Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":
+            parents[int(entry)] = int(ppid)
+    found, frontier = [], {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier}
+        found.extend(frontier)
+    out = []
+    for pid in found:
+        try:
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            cmdline = "?"
+        out.append((pid, cmdline.strip()))
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leftovers = _descendants(os.getpid())
+    for pid, _ in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if leftovers:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"  pid {pid}: {cmd}" for pid, cmd in leftovers]
+        message = "processes left running by the tests (now killed):\n" + "\n".join(lines)
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fsbridge import config
+from fsbridge import cli, config
 from tests.conftest import REPO
 
 SAMPLE = REPO / "conf" / "fsbridge.ini"
@@ -94,10 +94,12 @@ def test_empty_token_refused(tmp_path):
 
 
 def test_all_problems_reported_at_once(tmp_path):
+    # a bad port does not hide the empty token (a cross check)
     path = write(tmp_path, "[freeswitch]\nport = x\n[dialplan]\nlisten = nope\n")
     with pytest.raises(config.ConfigError) as err:
         config.load(path)
-    assert len(err.value.problems) == 2
+    assert [p.split(": ")[1] for p in err.value.problems] == [
+        "[freeswitch] port", "[dialplan] listen", "[server] token"]
 
 
 def test_non_loopback_lookup_listener_warns(tmp_path):
@@ -144,3 +146,108 @@ def test_init_config_makes_a_runnable_private_config(tmp_path):
     # a second run leaves the existing file (and its token) alone
     again = run_cli("init-config", "--sample", str(SAMPLE), "--out", str(out), "--storage-dir", "x")
     assert again.returncode == 0 and config.load(str(out)).server.token == cfg.server.token
+
+
+# --- syntax: every bad line reported, with its line, naming the right key ------------
+
+
+def problems_of(path):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    return err.value.problems
+
+
+def test_every_syntax_error_reported_not_only_the_first(tmp_path):
+    text = minimal(tmp_path, "[freeswitch]\nport 8021\nhost = 127.0.0.1\nhost = 10.0.0.1\n[log\nlevel = INFO\n")
+    path = write(tmp_path, "orphan = 1\n" + text)
+    problems = problems_of(path)
+    assert f"{path}: orphan: line 1: comes before any [section] line" in problems
+    assert f"{path}: [freeswitch]: line 7: expected key = value, got 'port 8021'" in problems
+    assert f"{path}: [freeswitch] host: line 9: set twice (also on line 8); keep one" in problems
+    assert f"{path}: line 10: a section header looks like [name], got '[log'" in problems
+    assert len(problems) == 4, problems
+
+
+def test_syntax_error_does_not_hide_bad_values_or_the_empty_token(tmp_path):
+    path = write(tmp_path, f"[storage]\ndir = {tmp_path}\n[freeswitch]\nport = 0\nnonsense\n")
+    problems = problems_of(path)
+    assert any("[freeswitch]: line 5: expected key = value" in p for p in problems)
+    assert any("[freeswitch] port: must be between 1 and 65535" in p for p in problems)
+    assert any("[server] token: must not be empty" in p for p in problems)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "notepad.ini"
+    path.write_bytes(b"\xef\xbb\xbf" + minimal(tmp_path).encode())
+    assert config.load(str(path)).server.token == "0123456789abcdef0123"
+
+
+def test_not_utf8_says_save_as_utf8_with_the_line(tmp_path):
+    path = tmp_path / "cp1251.ini"
+    text = minimal(tmp_path, "[click_to_call]\n; Менеджер\ncaller_id_name = Офис\n[freeswitch]\nport = x\n")
+    path.write_bytes(text.encode("cp1251"))
+    problems = problems_of(str(path))
+    assert f"{path}: lines 6, 7: not UTF-8 text (another encoding, e.g. Windows-1251?); save the file as UTF-8" \
+        in problems
+    assert any("[freeswitch] port: expected a whole number" in p for p in problems)  # and the rest still checked
+
+
+def test_quoted_value_is_a_warning(tmp_path):
+    path = write(tmp_path, minimal(tmp_path, '[freeswitch]\npassword = "Secret"\n'))
+    cfg = config.load(path)
+    assert cfg.freeswitch.password == '"Secret"'  # INI has no quoting: that is what would be sent
+    assert any(w.startswith(f"{path}: [freeswitch] password: the value is in quotes") for w in cfg.warnings)
+
+
+def test_indented_key_is_explained_and_the_key_above_not_blamed(tmp_path):
+    path = write(tmp_path, minimal(tmp_path, "[freeswitch]\nport = 8021\n  password = x\n"))
+    problems = problems_of(path)
+    assert problems == [
+        f"{path}: [freeswitch] password: line 7 starts with a space, and INI reads an indented line as the "
+        "continuation of the value above ([freeswitch] port, line 6), so it is ignored; "
+        "remove the spaces at the start of the line"
+    ]
+
+
+def test_inline_comment_needs_a_space_before_the_semicolon(tmp_path):
+    cfg = config.load(write(tmp_path, minimal(tmp_path, "[freeswitch]\npassword = a;b   ; why\n")))
+    assert cfg.freeswitch.password == "a;b"
+
+
+# --- [recordings] dir defaults to FreeSWITCH's directory when it exists here --------
+
+
+def test_recordings_dir_defaults_to_an_existing_freeswitch_dir(tmp_path):
+    fs_dir = tmp_path / "fs-recordings"
+    fs_dir.mkdir()
+    cfg = config.load(write(tmp_path, minimal(tmp_path, f"[recordings]\nfreeswitch_dir = {fs_dir}\n")))
+    assert cfg.recordings.dir == str(fs_dir)
+    missing = config.load(write(tmp_path, minimal(tmp_path, f"[recordings]\nfreeswitch_dir = {tmp_path}/no\n")))
+    assert missing.recordings.dir == ""
+    own = tmp_path / "mine"
+    own.mkdir()
+    given = config.load(write(tmp_path, minimal(tmp_path, f"[recordings]\ndir = {own}\nfreeswitch_dir = {fs_dir}\n")))
+    assert given.recordings.dir == str(own)
+
+
+def test_check_says_which_recordings_directory_is_used(tmp_path):
+    fs_dir = tmp_path / "fs-recordings"
+    fs_dir.mkdir()
+    used = run_cli("check", "-c", write(tmp_path, minimal(tmp_path, f"[recordings]\nfreeswitch_dir = {fs_dir}\n")))
+    assert used.returncode == 0, used.stderr
+    assert f"recordings: read from {fs_dir}" in used.stdout
+    none = run_cli("check", "-c", write(tmp_path, minimal(tmp_path, f"[recordings]\nfreeswitch_dir = {tmp_path}/no\n"),
+                                        "none.ini"))
+    assert none.returncode == 0, none.stderr
+    assert "recordings: not reported (is_recorded=0)" in none.stdout and f"{tmp_path}/no" in none.stdout
+
+
+def test_init_config_picks_the_freeswitch_recordings_that_exist(tmp_path, monkeypatch, capsys):
+    source_build = tmp_path / "usr-local-freeswitch-recordings"
+    source_build.mkdir()
+    monkeypatch.setattr(cli, "FREESWITCH_RECORDINGS", (str(tmp_path / "absent"), str(source_build)))
+    out = tmp_path / "x.ini"
+    assert cli.main(["init-config", "--out", str(out), "--storage-dir", str(tmp_path / "st")]) == 0
+    cfg = config.load(str(out))
+    assert cfg.recordings.freeswitch_dir == str(source_build) and cfg.recordings.dir == str(source_build)
+    assert str(source_build) in capsys.readouterr().out

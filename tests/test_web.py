@@ -66,7 +66,7 @@ class Harness:
         self.store = SettingsStore(self.store_path)
         self.credential_changes = 0
         self.names: dict[str, str] = {}
-        self.health = {"esl": {"state": "connected", "password": "ClueCon"}, "outbox": {"depth": 0},
+        self.health = {"status": "ok", "esl": {"state": "connected", "password": "ClueCon"}, "outbox": {"depth": 0},
                        "planfix_token": PF_TOKEN}
         settings = WebSettings(pbx_token=TOKEN, **settings_overrides)
         self.deps = WebDeps(
@@ -523,6 +523,13 @@ def test_healthz_reports_unconfigured_and_corrupt_settings(h, served):
 def test_healthz_uses_effective_credentials(h):
     h.deps.credentials = lambda: Credentials(url=PF_URL, token=PF_TOKEN)  # e.g. from the config file
     assert h.client.get("/healthz").get_json()["planfix_configured"] is True
+
+
+def test_healthz_degraded_is_503_with_the_same_body(h):
+    h.health = dict(h.health, status="degraded", esl={"state": "disconnected"})
+    r = h.client.get("/healthz")
+    assert r.status_code == 503
+    assert r.get_json()["status"] == "degraded" and r.get_json()["esl"] == {"state": "disconnected"}
 
 
 def test_healthz_survives_a_failing_health_source(h):

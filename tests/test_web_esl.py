@@ -27,7 +27,7 @@ def stack(fake, tmp_path):  # noqa: F811
     deps = WebDeps(
         originate=lambda command, job_uuid: esl.bgapi(command, job_uuid=job_uuid),
         settings_store=SettingsStore(tmp_path / "planfix-settings.json"),
-        health=lambda: {"freeswitch": esl.state},
+        health=lambda: {"status": "ok" if esl.state == "connected" else "degraded", "freeswitch": esl.state},
         not_connected_errors=(EslNotConnected, EslTimeout),
     )
     server = WSGIServer(("127.0.0.1", 0), create_app(WebSettings(pbx_token=TOKEN), deps), log=None)

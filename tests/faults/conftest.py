@@ -113,10 +113,11 @@ def service(tmp_path, fs, pf) -> Iterator[Callable[..., ServiceProcess]]:
             svc.start()
         return svc
 
-    yield make
-    for svc in started:
-        if svc.proc is not None:
-            svc.kill()
+    try:
+        yield make
+    finally:
+        for svc in started:
+            svc.kill()  # a no-op for one already stopped
 
 
 def wait_connected(svc: ServiceProcess, fs: FakeFreeSwitch, subscriptions: int = 1, timeout: float = 10.0) -> None:

@@ -49,13 +49,19 @@ def live(tmp_path_factory):
                          # The limiter has its own test; here wrong tokens must stay 401.
                          settings={"server": {"auth_failures_per_minute": "100000"},
                                    "dialplan": {"deadline": "0.3"}})
-    svc.start()
-    wait_connected(svc, fs)
-    yield svc, fs, pf
-    svc.stop()
-    check_freeswitch_commands(fs)
-    pf.assert_no_violations()
-    assert_clean_log(svc)
+    try:
+        svc.start()
+        wait_connected(svc, fs)
+        yield svc, fs, pf
+        svc.stop()
+        check_freeswitch_commands(fs)
+        pf.assert_no_violations()
+        assert_clean_log(svc)
+    finally:
+        # also when start, a test or a check above failed: no process outlives the module
+        svc.kill()
+        pf.stop()
+        fs.stop()
 
 
 def check_freeswitch_commands(fs: FakeFreeSwitch) -> int:
