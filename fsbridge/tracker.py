@@ -119,23 +119,32 @@ class _Slot:
 
 
 class _Leg:
-    """A B leg: a channel the A leg originated."""
+    """A channel taking part in a call besides its A leg.
 
-    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status")
+    Mostly a B leg the A leg (or a queue for it) originated; also a channel
+    that joined the call later: the transfer target of an attended transfer
+    (a leg of the consult call) or the channel of a phone that picked the
+    call up.  Those are *joined* legs: they count talk time from the join.
+    """
 
-    def __init__(self, uuid: str, slot: _Slot | None) -> None:
+    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us")
+
+    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0) -> None:
         self.uuid = uuid
         self.slot = slot
         self.ended = False
         self.billsec = -1            # -1: leg not ended (or ended without billsec)
         self.cause = ""
         self.sip_term_status = ""
+        self.answered_us = 0         # when it answered (from the CHANNEL_BRIDGE that made it the talker)
+        self.joined_us = joined_us   # 0: rung for this call; else when it was bridged in
+        self.end_us = 0
 
 
 class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
-        "winner", "winner_answered_us", "recording_path", "record_ms", "data",
+        "winner", "recording_path", "record_ms", "data",
     )
 
     def __init__(self, uuid: str) -> None:
@@ -146,8 +155,7 @@ class _Call:
         self.click_to_call = False
         self.slots: dict[int, _Slot] = {}   # open slots, in the order their first event went out
         self.legs: dict[str, _Leg] = {}
-        self.winner: _Leg | None = None
-        self.winner_answered_us = 0
+        self.winner: _Leg | None = None     # the leg talking with the caller (the latest bridge)
         self.recording_path = ""
         self.record_ms = -1          # -1: unknown
         self.data: dict[str, str] = {}
@@ -244,6 +252,10 @@ class CallTracker:
             return ev.other_leg_uuid
         if ev.call_uuid and ev.call_uuid != ev.uuid:
             return ev.call_uuid
+        # mod_callcenter originates agent legs on its own: their only link
+        # to the caller is the member session variable.
+        if ev.queue_member_uuid and ev.queue_member_uuid != ev.uuid:
+            return ev.queue_member_uuid
         return ""
 
     def _on_call_created(self, ev: ChannelEvent) -> list[PlanfixCommand]:
@@ -295,12 +307,9 @@ class CallTracker:
         return out
 
     def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand]) -> _Slot:
-        # Hunt: extensions whose legs all ended were passed over; close them
-        # before the next one is shown ringing.
-        winner_slot = call.winner.slot if call.winner is not None else None
-        for slot in list(call.slots.values()):
-            if slot.passed_over and slot is not winner_slot:
-                out.append(self._completed(call, slot, CANCELLED))
+        # Whoever's part is over gets COMPLETED before the next one is shown
+        # ringing: a hunt moved on, or the talker left (a transfer).
+        self._close_ended_parts(call, out)
         for slot in call.slots.values():
             if slot.type == TYPE_IN and slot.ext == ext:
                 return slot  # another device of the same extension: one pop-up
@@ -326,11 +335,27 @@ class CallTracker:
         out.append(self._command(call, slot, "OUTGOING"))
         return slot
 
+    def _close_ended_parts(self, call: _Call, out: list[PlanfixCommand]) -> None:
+        winner_slot = call.winner.slot if call.winner is not None else None
+        for slot in list(call.slots.values()):
+            if not slot.passed_over:
+                continue
+            if slot is winner_slot:
+                # The talker hung up or was transferred away; the caller
+                # stays.  The recording covers the whole call and is still
+                # being written: it goes with the last talker's COMPLETED.
+                out.append(self._completed_success(call, slot, call.winner, 0, final=False))
+            else:
+                out.append(self._completed(call, slot, CANCELLED))
+
     def _on_a_leg_event(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
         if ev.planfix_data:
             call.data.update(ev.planfix_data)
         name = ev.name
         if name == "CHANNEL_BRIDGE":
+            target = self._calls.get(ev.bridge_b_uuid)
+            if target is not None and target is not call:
+                return self._on_pickup(target, call, ev)
             return self._on_bridge(call, ev)
         if name == "RECORD_STOP":
             self._on_record_stop(call, ev)
@@ -351,6 +376,7 @@ class CallTracker:
             leg.billsec = ev.billsec
             leg.cause = ev.hangup_cause
             leg.sip_term_status = ev.sip_term_status
+            leg.end_us = ev.hangup_us or ev.timestamp_us
             slot = leg.slot
             if slot is not None:
                 slot.live_legs -= 1
@@ -359,21 +385,74 @@ class CallTracker:
         return []
 
     def _on_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
-        if call.winner is not None:
-            return []  # a second bridge (transfer, duplicate): the talker is known
-        leg = call.legs.get(ev.bridge_b_uuid)
+        """The A leg is bridged: the other side is now the one talking.
+
+        The first bridge names who answered; a later one is a transfer
+        (blind: to a leg the A leg originated again; attended: to a leg of
+        the consult call, which joins this call here).
+        """
+        other = ev.bridge_b_uuid
+        if call.winner is not None and call.winner.uuid == other:
+            return []  # re-delivered
+        out: list[PlanfixCommand] = []
+        leg = call.legs.get(other)
         if leg is None:
-            return []  # bridged to a channel we did not see originate
+            if call.winner is None and other not in self._owner:
+                return []  # bridged to a channel we did not see originate
+            leg = self._join(call, other, self._ext_or_empty(ev.other_leg_destination), ev.timestamp_us, out)
+        return out + self._take_over(call, leg, ev.other_leg_answered_us or ev.timestamp_us, ev.timestamp_us)
+
+    def _on_pickup(self, call: _Call, picker: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        """``picker``'s own channel was bridged to ``call``'s A leg.
+
+        That is how FreeSWITCH carries out ``intercept``/``pickup``: the
+        phone that picks up dials in (its own inbound call), the rung leg
+        ends PICKED_OFF, and the bridge is on the picker's channel.  The
+        picker's call dissolves into the caller's one as a joined leg.
+        """
+        del self._calls[picker.uuid]
+        for uuid in picker.legs:
+            self._owner.pop(uuid, None)
+        out: list[PlanfixCommand] = []
+        for slot in list(picker.slots.values()):
+            out.append(self._completed(picker, slot, CANCELLED))
+        leg = self._join(call, picker.uuid, picker.caller_ext, ev.timestamp_us, out)
+        return out + self._take_over(call, leg, ev.timestamp_us, ev.timestamp_us)
+
+    def _join(self, call: _Call, uuid: str, ext: str, now_us: int, out: list[PlanfixCommand]) -> _Leg:
+        """A channel first seen bridged into ``call`` becomes one of its legs."""
+        previous = self._owner.get(uuid)
+        if previous is not None:  # still a leg of the consult call
+            previous.legs.pop(uuid, None)
+        slot = None
+        if ext and not call.caller_ext:
+            slot = self._incoming_slot(call, ext, out)
+        leg = _Leg(uuid, slot, joined_us=now_us)
+        call.legs[uuid] = leg
+        self._owner[uuid] = call
+        if slot is not None:
+            slot.legs.append(leg)
+            slot.live_legs += 1
+        return leg
+
+    def _take_over(self, call: _Call, leg: _Leg, answered_us: int, now_us: int) -> list[PlanfixCommand]:
+        out: list[PlanfixCommand] = []
+        previous = call.winner
+        if previous is not None and previous.slot is not None and previous.slot is not leg.slot \
+                and id(previous.slot) in call.slots:
+            # Transferred away while still up: his part ends now.
+            out.append(self._completed_success(call, previous.slot, previous, now_us, final=False))
         call.winner = leg
-        call.winner_answered_us = ev.other_leg_answered_us or ev.timestamp_us
-        winner_slot = leg.slot
-        if winner_slot is None:
-            return []  # an internal call nobody is shown
-        winner_slot.last_failed_leg = None
-        out = [self._command(call, winner_slot, "ACCEPTED")]
-        for slot in list(call.slots.values()):
-            if slot is not winner_slot:
-                out.append(self._completed(call, slot, CANCELLED))
+        leg.answered_us = answered_us
+        slot = leg.slot
+        if slot is None:
+            return out  # an internal call nobody is shown, or a transfer outside
+        slot.last_failed_leg = None
+        if previous is None or previous.slot is not slot:
+            out.append(self._command(call, slot, "ACCEPTED"))
+        for other in list(call.slots.values()):
+            if other is not slot:
+                out.append(self._completed(call, other, CANCELLED))
         return out
 
     @staticmethod
@@ -391,7 +470,7 @@ class CallTracker:
         winner = call.winner
         for slot in list(call.slots.values()):
             if winner is not None and slot is winner.slot:
-                out.append(self._completed_success(call, slot, end_us))
+                out.append(self._completed_success(call, slot, winner, end_us, final=True))
             elif slot.type == TYPE_IN:
                 out.append(self._completed(call, slot, MISSED))
             elif slot.last_failed_leg is not None:
@@ -420,16 +499,13 @@ class CallTracker:
             while len(finished) > limit:
                 del finished[next(iter(finished))]
 
-    def _completed_success(self, call: _Call, slot: _Slot, end_us: int) -> PlanfixCommand:
-        winner = call.winner
-        assert winner is not None
-        if winner.billsec >= 0:
-            duration = winner.billsec
-        elif call.winner_answered_us and end_us > call.winner_answered_us:
-            duration = (end_us - call.winner_answered_us) // 1_000_000
-        else:
-            duration = 0
-        recorded = call.record_ms > 0 or (call.record_ms < 0 and bool(call.recording_path))
+    def _completed_success(
+        self, call: _Call, slot: _Slot, leg: _Leg | None, end_us: int, final: bool
+    ) -> PlanfixCommand:
+        """``Success`` with the leg's own talk time; the recording only on the final one."""
+        assert leg is not None
+        duration = _talk_seconds(leg, end_us)
+        recorded = final and (call.record_ms > 0 or (call.record_ms < 0 and bool(call.recording_path)))
         path = call.recording_path if recorded and call.recording_path else None
         return self._completed(call, slot, SUCCESS, duration=duration, is_recorded=recorded, recording_path=path)
 
@@ -479,6 +555,9 @@ class CallTracker:
     def _is_ext(self, value: str) -> bool:
         return bool(value) and self._ext_re.search(value) is not None
 
+    def _ext_or_empty(self, value: str) -> str:
+        return value if self._is_ext(value) else ""
+
     def _leg_ext(self, ev: ChannelEvent) -> str:
         """The extension a B leg rings, or "" for a leg to the outside."""
         if self._is_ext(ev.dialed_user):
@@ -491,6 +570,26 @@ class CallTracker:
         if not raw:
             return ""
         return sanitize(self._normalize(raw), 64)
+
+
+def _talk_seconds(leg: _Leg, end_us: int) -> int:
+    """Seconds ``leg`` talked in this call.
+
+    A rung leg: its ``billsec``, else answer-to-``end_us``.  A joined leg
+    (attended-transfer target, picker) answered before it joined, so its
+    billsec includes the consult or the dialling: count from the join,
+    rounded (bridge and hangup stamps are a few ms off the answer's),
+    never above billsec.
+    """
+    end = leg.end_us or end_us
+    if leg.joined_us:
+        seconds = max(0, round((end - leg.joined_us) / 1_000_000)) if end > leg.joined_us else 0
+        return min(seconds, leg.billsec) if leg.billsec >= 0 else seconds
+    if leg.billsec >= 0:
+        return leg.billsec
+    if leg.answered_us and end > leg.answered_us:
+        return (end - leg.answered_us) // 1_000_000
+    return 0
 
 
 # Causes (Hangup-Cause / originate_disposition) -> outgoing status.
