@@ -129,6 +129,7 @@ class Service:
                 report_internal_calls=cfg.calls.report_internal_calls,
                 max_open_calls=cfg.calls.max_open_calls,
                 normalize_phone=normalize,
+                click_to_call_diversion=cfg.click_to_call.client_caller_id,
             )
         )
         self._channel_event = events.channel_event

@@ -79,6 +79,10 @@ class TrackerSettings:
     # UUIDs of recently finished calls remembered so that a re-delivered
     # CHANNEL_CREATE does not start the call again.
     finished_memory: int = 4096
+    # The number a click-to-call client sees ([click_to_call]
+    # client_caller_id): the diversion of every event of such a call.
+    # Empty: taken from the client leg once it exists.
+    click_to_call_diversion: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -269,7 +273,10 @@ class CallTracker:
             call.caller_ext = ext
             # The manager's phone rings first; the client leg comes after
             # the manager answers.  PlanFix shows the call from now on.
-            slot = self._open_slot(call, TYPE_OUT, ext, self._phone(ev.click_to_call_phone), "")
+            slot = self._open_slot(
+                call, TYPE_OUT, ext, self._phone(ev.click_to_call_phone),
+                self._phone(self._settings.click_to_call_diversion),
+            )
             out.append(self._command(call, slot, "OUTGOING"))
             return out
         if ev.direction != "inbound":

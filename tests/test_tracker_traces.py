@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 
 from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
-from fsbridge.tracker import CallTracker, PlanfixCommand
+from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
 from tests.traces import channel_events, event_frames, frames_of, read_trace, rewrite_click_to_call
 
 CALLER = "79101234567"
@@ -377,3 +377,14 @@ def test_rewrite_changes_nothing_else(traces_dir):
         1 for h, _ in event_frames(original, names=None)
         if h.get("Unique-ID") == old_manager and h.get("variable_uuid") is not None
     )
+
+
+@pytest.mark.parametrize("name", ["06a-click-to-call-answer", "06b-click-to-call-manager-busy"])
+def test_click_to_call_diversion_from_configuration(traces_dir, name):
+    """With the client's caller ID configured, every event carries it, OUTGOING too."""
+    tracker = CallTracker(TrackerSettings(click_to_call_diversion="+7 495 000-00-00"))
+    commands = []
+    for event in channel_events(capture(traces_dir, name)):
+        commands += tracker.feed(event)
+    assert [c.fields["event"] for c in commands] == [f["event"] for f, _ in EXPECTED[name]]
+    assert {c.fields["diversion"] for c in commands} == {DID}
