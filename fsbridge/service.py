@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,31 @@ log = logging.getLogger("fsbridge.service")
 # Concurrent HTTP connections per listener; more wait in the accept queue.
 HTTP_MAX_CONNECTIONS = 1000
 
+
+
+_USER_DIAL_STRING = re.compile(r"user/\{ext\}(@[A-Za-z0-9_.-]+)?")
+
+
+def sofia_contact_query(dial_string: str, ext: str) -> str | None:
+    """``sofia_contact <ext>[@domain]`` for a ``user/{ext}[@domain]`` dial string, else None."""
+    found = _USER_DIAL_STRING.fullmatch(dial_string)
+    if found is None:
+        return None
+    return f"sofia_contact {ext}{found.group(1) or ''}"
+
+
+def registration_problem(ext: str, reply: str) -> str | None:
+    """What ``sofia_contact`` says about ``ext``: None if it has a contact.
+
+    mod_sofia answers ``error/user_not_registered`` both for a user the
+    directory does not have and for one with no registration (originate
+    would fail with SUBSCRIBER_ABSENT / USER_NOT_REGISTERED, capture 95).
+    """
+    reply = reply.strip()
+    if reply and not reply.startswith("error/"):
+        return None
+    return (f"from: extension {ext} is unknown to FreeSWITCH or not registered "
+            f"({reply or 'no contact'}); nothing was dialled")
 
 class ServiceError(Exception):
     """The service cannot start (the message says why, for the admin)."""
@@ -188,9 +214,31 @@ class Service:
                     extension_pattern=cfg.calls.extension_pattern,
                 ),
                 credentials=self.credentials,
+                extension_problem=self._extension_problem,
             ),
         )
         recordings.register_routes(self.app, self.recordings)
+
+    def _extension_problem(self, ext: str) -> str | None:
+        """Ask FreeSWITCH whether the manager's phone can be rung at all.
+
+        ``ext`` was checked by the extension pattern and originate's
+        whitelist before it gets here.  Only for ``user/{ext}[@domain]``
+        dial strings: another dial string (a gateway, loopback) has no
+        registration to ask about.  A FreeSWITCH without mod_sofia's API
+        answers -ERR: the check is skipped rather than refusing every call.
+        """
+        from fsbridge.esl import EslCommandError  # the service imports esl lazily (see _build)
+
+        query = sofia_contact_query(self.cfg.click_to_call.dial_string, ext)
+        if query is None:
+            return None
+        try:
+            reply = self.esl.api(query)
+        except EslCommandError as exc:
+            log.warning("cannot check extension %s before makeCall (%s): dialling anyway", ext, exc)
+            return None
+        return registration_problem(ext, reply)
 
     # -- the event path (runs in the ESL reader greenlet: must not block) ----
 
