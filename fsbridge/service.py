@@ -330,24 +330,36 @@ class Service:
         """After every (re)connect: close calls that ended while we were away."""
         self._reconcile()
 
-    def _reconcile(self) -> bool:
-        """Close, from FreeSWITCH's list of live channels, every call that
-        ended unseen: while the connection was down (the tracker's open calls)
-        or before this process started (calls an earlier process reported).
-        Returns False when FreeSWITCH could not be asked."""
-        if not self.tracker.open_calls() and not self.open_calls.inherited:
-            return True
+    def _reconcile(self, adopt: bool = True) -> bool:
+        """Square the calls we know with FreeSWITCH's list of live channels.
+
+        Close every call that ended unseen: while the connection was down
+        (the tracker's open calls) or before this process started (calls an
+        earlier process reported).  Then (``adopt``) take up the live calls
+        we do not track: begun during the gap, or before this process
+        started; those are then reported from FreeSWITCH's own events to
+        their real end.  Returns False when FreeSWITCH could not be asked."""
         try:
-            live = self._live_uuids(self.esl.api("show channels as json"))
+            listing = self.esl.api("show channels as json")
+            live = self._live_uuids(listing)
         except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
             log.warning("could not reconcile open calls with FreeSWITCH: %s", exc)
             return False
-        commands = self.tracker.reconcile(live, int(time.time() * 1_000_000))
+        now_us = int(time.time() * 1_000_000)
+        commands = self.tracker.reconcile(live, now_us)
         commands += [self._command_type(call_id, fields)
                      for call_id, fields in self.open_calls.close_inherited(live)]
         if commands:
             log.info("reconcile: %d calls ended while fsbridge could not see them",
                      len({c.call_id for c in commands}))
+        if adopt:
+            adopted = self.tracker.adopt(listing, now_us)
+            if adopted:
+                # Followed from now on: their end comes with real events.
+                self.open_calls.forget_inherited({c.call_id for c in adopted})
+                log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
+            commands += adopted
+        if commands:
             self.recordings.process(commands, self._store)
         return True
 
@@ -356,7 +368,7 @@ class Service:
         without events we can use: look again every minute until all closed."""
         while self.open_calls.inherited and not self._stopping.wait(60):
             if self.esl.state == "connected":
-                self._reconcile()
+                self._reconcile(adopt=False)
 
     # -- health ----------------------------------------------------------------
 

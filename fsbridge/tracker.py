@@ -33,6 +33,7 @@ __all__ = [
     "PlanfixCommand",
     "TrackerSettings",
     "default_normalize_phone",
+    "adoption_events",
     "live_uuids_from_show_json",
     "outgoing_status",
 ]
@@ -231,6 +232,22 @@ class CallTracker:
             if call.uuid in live_call_uuids or any(uuid in live_call_uuids for uuid in call.legs):
                 continue
             out += self._finish(call, end_us=now_us, disposition="", a_cause="")
+        return out
+
+    def adopt(self, show_channels_json: str, now_us: int) -> list[PlanfixCommand]:
+        """Take up calls that started while we could not see FreeSWITCH.
+
+        Run after a (re)connect with ``show channels as json``: each live
+        call not tracked yet (begun during the gap, or before this process
+        started) is fed as the events its channels imply
+        (``adoption_events``), so it is shown now and its real end (billsec,
+        recording, data_*) arrives with FreeSWITCH's own later events.
+        Calls already tracked are left alone (their duplicates are dropped
+        as re-deliveries).  Raises ValueError as ``live_uuids_from_show_json``.
+        """
+        out: list[PlanfixCommand] = []
+        for event in adoption_events(show_channels_json, now_us):
+            out += self.feed(event)
         return out
 
     # -- events ---------------------------------------------------------------
@@ -647,13 +664,7 @@ def outgoing_status(b_cause: str, sip_term_status: str, disposition: str, a_caus
     return NO_ANSWER
 
 
-def live_uuids_from_show_json(text: str) -> set[str]:
-    """Channel UUIDs alive in ``show calls as json`` / ``show channels as json``.
-
-    Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
-    idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
-    Raises ValueError when the text is not such a reply (``-ERR ...``).
-    """
+def _show_rows(text: str) -> list[dict]:
     try:
         reply = json.loads(text)
     except ValueError as exc:
@@ -663,10 +674,76 @@ def live_uuids_from_show_json(text: str) -> set[str]:
     rows = reply.get("rows") or []
     if not isinstance(rows, list):
         raise ValueError("show reply: 'rows' is not a list")
-    live: set[str] = set()
     for row in rows:
         if not isinstance(row, dict):
             raise ValueError("show reply: a row is not an object")
+    return rows
+
+
+def _row_str(row: dict, key: str, limit: int = 64) -> str:
+    value = row.get(key)
+    return sanitize(value, limit) if isinstance(value, str) else ""
+
+
+def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
+    """The events a ``show channels as json`` listing implies, A legs first.
+
+    A row whose ``call_uuid`` is its own (or empty) and that is inbound is a
+    call's A leg: CHANNEL_CREATE with its caller (``cid_num``) and the
+    number dialled (``dest``).  An outbound row whose ``call_uuid`` names
+    another live row is a leg that call rings: CHANNEL_CREATE naming it as
+    originator, ``dest`` its extension.  Such a leg in callstate ACTIVE has
+    answered, and FreeSWITCH answers a rung leg only when it is bridged
+    with the caller: CHANNEL_BRIDGE on the A leg.  The listing carries no
+    channel variables, so legs known only by a variable (mod_callcenter
+    agents, our click-to-call tag) cannot be adopted.  Creation times come
+    from ``created_epoch`` (seconds); the bridge is stamped ``now_us``.
+    """
+    rows = _show_rows(show_channels_json)
+    by_uuid = {_row_str(row, "uuid"): row for row in rows if _row_str(row, "uuid")}
+    events: list[ChannelEvent] = []
+    bridges: list[ChannelEvent] = []
+    a_legs: set[str] = set()
+    for uuid, row in by_uuid.items():
+        call_uuid = _row_str(row, "call_uuid")
+        if _row_str(row, "direction", 16) == "inbound" and call_uuid in ("", uuid):
+            a_legs.add(uuid)
+            events.append(ChannelEvent(
+                name="CHANNEL_CREATE", uuid=uuid, call_uuid=uuid, direction="inbound",
+                caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
+                timestamp_us=_epoch_us(row, now_us),
+            ))
+    for uuid, row in by_uuid.items():
+        call_uuid = _row_str(row, "call_uuid")
+        if _row_str(row, "direction", 16) != "outbound" or call_uuid == uuid or call_uuid not in a_legs:
+            continue
+        events.append(ChannelEvent(
+            name="CHANNEL_CREATE", uuid=uuid, call_uuid=call_uuid, direction="outbound",
+            caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
+            other_leg_uuid=call_uuid, other_type="originator", timestamp_us=_epoch_us(row, now_us),
+        ))
+        if _row_str(row, "callstate", 16) == "ACTIVE":
+            bridges.append(ChannelEvent(
+                name="CHANNEL_BRIDGE", uuid=call_uuid, bridge_a_uuid=call_uuid, bridge_b_uuid=uuid,
+                timestamp_us=now_us,
+            ))
+    return events + bridges
+
+
+def _epoch_us(row: dict, default_us: int) -> int:
+    raw = _row_str(row, "created_epoch", 16)
+    return int(raw) * 1_000_000 if raw.isdigit() else default_us
+
+
+def live_uuids_from_show_json(text: str) -> set[str]:
+    """Channel UUIDs alive in ``show calls as json`` / ``show channels as json``.
+
+    Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
+    idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
+    Raises ValueError when the text is not such a reply (``-ERR ...``).
+    """
+    live: set[str] = set()
+    for row in _show_rows(text):
         for key in ("uuid", "call_uuid", "b_uuid"):
             value = row.get(key)
             if isinstance(value, str) and value:
