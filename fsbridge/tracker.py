@@ -16,7 +16,11 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
 * Each extension taking part gets a *slot*: exactly one INCOMING or
   OUTGOING, at most one ACCEPTED, exactly one COMPLETED, same ext and callid.
 * The winner comes only from CHANNEL_BRIDGE (``Other-Leg-*`` on the A leg's
-  CHANNEL_ANSWER can name a loser).
+  CHANNEL_ANSWER can name a loser).  A later CHANNEL_BRIDGE on the A leg is
+  a transfer: the previous talker's part ends, the new one's begins.  A
+  bridge on another call's A leg whose Bridge-B is our A leg is a pickup.
+* mod_callcenter agent legs carry no originator: they are attached by
+  ``variable_cc_member_session_uuid``.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class _Leg:
 class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
-        "winner", "recording_path", "record_ms", "data",
+        "winner", "recording_path", "record_ms", "data", "voicemail_path",
     )
 
     def __init__(self, uuid: str) -> None:
@@ -164,6 +168,7 @@ class _Call:
         self.recording_path = ""
         self.record_ms = -1          # -1: unknown
         self.data: dict[str, str] = {}
+        self.voicemail_path = ""     # the message the caller left, if any
 
 
 class CallTracker:
@@ -183,10 +188,13 @@ class CallTracker:
     * ``is_recorded``: ``1`` only for ``Success`` when the call was recorded
       with content: a RECORD_STOP or HANGUP_COMPLETE said ``record_ms``
       (or ``record_seconds``) > 0, or RECORD_STOP named a file and no length
-      was reported at all.  ``0`` otherwise (also for every loser).
+      was reported at all.  ``0`` otherwise (also for every loser, and for
+      a talker whose part ended before the call did: a transfer).  A
+      ``Missed`` COMPLETED is ``1`` when the caller left a voicemail
+      message (``variable_voicemail_file_path`` on the A leg's end).
     * ``PlanfixCommand.recording_path``: the ``Record-File-Path`` of the
-      last RECORD_STOP of the call, set only when ``is_recorded`` is ``1``
-      and a RECORD_STOP was seen.  The service checks that file on disk and
+      last RECORD_STOP of the call (the voicemail message for ``Missed``),
+      set only when ``is_recorded`` is ``1`` and the file is named.  The service checks that file on disk and
       adds ``record_link`` (or downgrades ``is_recorded``) before sending.
     * ``data_<field>``: every ``planfix_data_<field>`` variable seen on the
       A leg so far (all of them on the final COMPLETED).
@@ -387,6 +395,8 @@ class CallTracker:
         if name in _LEG_END_EVENTS:
             if ev.record_ms >= 0:
                 call.record_ms = max(call.record_ms, ev.record_ms)
+            if ev.voicemail_path and ev.voicemail_seconds != 0:
+                call.voicemail_path = ev.voicemail_path
             end_us = ev.hangup_us or ev.timestamp_us
             return self._finish(call, end_us, ev.originate_disposition, ev.hangup_cause)
         return []
@@ -496,7 +506,10 @@ class CallTracker:
             if winner is not None and slot is winner.slot:
                 out.append(self._completed_success(call, slot, winner, end_us, final=True))
             elif slot.type == TYPE_IN:
-                out.append(self._completed(call, slot, MISSED))
+                # Voicemail answering is not an employee answering: still
+                # Missed, with the caller's message as its recording.
+                vm = call.voicemail_path
+                out.append(self._completed(call, slot, MISSED, is_recorded=bool(vm), recording_path=vm or None))
             elif slot.last_failed_leg is not None:
                 failed = slot.last_failed_leg
                 status = outgoing_status(failed.cause, failed.sip_term_status, disposition, a_cause)

@@ -13,7 +13,7 @@ import pytest
 
 from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
 from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
-from tests.traces import channel_events, event_frames, frames_of, read_trace, rewrite_click_to_call
+from tests.traces import channel_events, encode_frame, event_frames, frames_of, read_trace, rewrite_click_to_call
 
 CALLER = "79101234567"
 DID = "74950000000"
@@ -388,3 +388,36 @@ def test_click_to_call_diversion_from_configuration(traces_dir, name):
         commands += tracker.feed(event)
     assert [c.fields["event"] for c in commands] == [f["event"] for f, _ in EXPECTED[name]]
     assert {c.fields["diversion"] for c in commands} == {DID}
+
+
+VOICEMAIL_FILE = "/usr/local/freeswitch/recordings/voicemail/default/127.0.0.1/101/msg_5d1c7e2a-8f3b-4c6d-9e0a-1b2c3d4e5f60.wav"
+
+
+def with_voicemail_message(raw: bytes, a_leg: str, message_len: str) -> bytes:
+    """Capture 25 as if the caller had left a message: the variables
+    mod_voicemail sets on the caller's channel after saving one
+    (voicemail_leave_main: voicemail_file_path, voicemail_message_len)
+    added to the A leg's CHANNEL_HANGUP_COMPLETE.  Content-Lengths fixed."""
+    out = bytearray()
+    for frame in frames_of(raw):
+        body = frame.body
+        if (b"Event-Name: CHANNEL_HANGUP_COMPLETE\n" in body and b"\nUnique-ID: " + a_leg.encode() + b"\n" in body):
+            extra = (f"variable_voicemail_file_path: {quote(VOICEMAIL_FILE, safe='')}\n"
+                     f"variable_voicemail_message_len: {quote(message_len, safe='')}\n").encode()
+            body = body.replace(b"\nvariable_", b"\n" + extra + b"variable_", 1)
+        headers = dict(frame.headers)
+        out += encode_frame(headers, body)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("message_len, recorded", [("00:00:07", True), ("00:00:00", False)])
+def test_voicemail_message_is_the_missed_calls_recording(traces_dir, message_len, recorded):
+    raw = with_voicemail_message(
+        read_trace(traces_dir / "25-inbound-group-noanswer-then-voicemail.plain.txt"), A25, message_len)
+    commands, tracker = replay(raw)
+    expected = EXPECTED["25-inbound-group-noanswer-then-voicemail"]
+    assert [c.fields for c in commands[:3]] == [f for f, _ in expected[:3]]
+    for command, (fields, _) in zip(commands[3:], expected[3:], strict=True):
+        assert command.fields == {**fields, "is_recorded": "1" if recorded else "0"}
+        assert command.recording_path == (VOICEMAIL_FILE if recorded else None)
+    assert tracker.open_calls() == 0
