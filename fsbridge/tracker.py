@@ -430,11 +430,30 @@ class CallTracker:
             return []  # re-delivered
         out: list[PlanfixCommand] = []
         leg = call.legs.get(other)
+        if leg is None and call.winner is None and other not in self._owner:
+            return []  # bridged to a channel we did not see originate
+        self._end_talker(call, leg, ev.timestamp_us, out)
         if leg is None:
-            if call.winner is None and other not in self._owner:
-                return []  # bridged to a channel we did not see originate
             leg = self._join(call, other, self._ext_or_empty(ev.other_leg_destination), ev.timestamp_us, out)
+        elif leg.slot is not None and id(leg.slot) not in call.slots and leg.slot.type == TYPE_IN:
+            # His part was closed (Cancelled when another answered) while his
+            # leg stayed up; now bridged: he takes part again.
+            old = leg.slot
+            old.live_legs -= 1
+            leg.slot = self._incoming_slot(call, old.ext, out)
+            leg.slot.legs.append(leg)
+            leg.slot.live_legs += 1
         return out + self._take_over(call, leg, ev.other_leg_answered_us or ev.timestamp_us, ev.timestamp_us)
+
+    def _end_talker(self, call: _Call, next_leg: _Leg | None, now_us: int, out: list[PlanfixCommand]) -> None:
+        """The caller is bridged elsewhere: the current talker's part ends now."""
+        previous = call.winner
+        if previous is None or previous is next_leg or previous.slot is None:
+            return
+        if next_leg is not None and next_leg.slot is previous.slot:
+            return  # another device of the same extension: one part
+        if id(previous.slot) in call.slots:
+            out.append(self._completed_success(call, previous.slot, previous, now_us, final=False))
 
     def _on_pickup(self, call: _Call, picker: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
         """``picker``'s own channel was bridged to ``call``'s A leg.
@@ -472,10 +491,7 @@ class CallTracker:
     def _take_over(self, call: _Call, leg: _Leg, answered_us: int, now_us: int) -> list[PlanfixCommand]:
         out: list[PlanfixCommand] = []
         previous = call.winner
-        if previous is not None and previous.slot is not None and previous.slot is not leg.slot \
-                and id(previous.slot) in call.slots:
-            # Transferred away while still up: his part ends now.
-            out.append(self._completed_success(call, previous.slot, previous, now_us, final=False))
+        self._end_talker(call, leg, now_us, out)
         call.winner = leg
         leg.answered_us = answered_us
         slot = leg.slot
