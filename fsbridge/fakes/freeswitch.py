@@ -284,7 +284,9 @@ def _default_api_bodies() -> dict[str, bytes]:
     status, version = trace_api_bodies(CAPTURES / "92-api-status-version.raw.txt")
     channels_idle, calls_idle = trace_api_bodies(CAPTURES / "91-api-show-channels-calls-json-idle.raw.txt")
     not_found, no_channel = trace_api_bodies(CAPTURES / "96-api-misc-errors.raw.txt")[:2]
+    _contact, not_registered = trace_api_bodies(CAPTURES / "97-api-sofia-contact.raw.txt")[:2]
     return {
+        "#not-registered": not_registered,
         "status": status,
         "version": version,
         "show channels as json": channels_idle,
@@ -671,12 +673,13 @@ class FakeFreeSwitch:
 
     def _sofia_contact(self, arg: str) -> bytes:
         # mod_sofia: [profile/]user[@domain]; the contact of a registered
-        # user, else error/user_not_registered (also for unknown users).
+        # user, else error/user_not_registered (also for unknown users):
+        # the shapes of capture 97.
         user = arg.strip().rpartition("/")[2].partition("@")[0]
         if user in self.registered:
             port = 5090 + int(user[-1]) if user[-1].isdigit() else 5060
             return f"sofia/internal/sip:{user}@127.0.0.1:{port}".encode("utf-8")
-        return b"error/user_not_registered"
+        return _default_api_bodies()["#not-registered"]
 
     def _bgapi_result(self, command: str) -> bytes:
         for prefix, body in self._bgapi:

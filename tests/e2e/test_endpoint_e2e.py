@@ -212,3 +212,14 @@ def test_which_dial_strings_get_the_registration_check(dial_string, query):
     assert sofia_contact_query(dial_string, "101") == query
     assert registration_problem("101", "sofia/internal/sip:101@127.0.0.1:5091") is None
     assert "not registered" in registration_problem("101", "error/user_not_registered\n")
+
+
+def test_fake_sofia_contact_answers_as_the_real_one(traces_dir):
+    """Capture 97 (real FreeSWITCH, 101 registered on port 5091) against the fake."""
+    from fsbridge.fakes.freeswitch import trace_api_bodies
+
+    real = trace_api_bodies(traces_dir / "97-api-sofia-contact.raw.txt")
+    fake = FakeFreeSwitch()
+    fake.registered = {"101"}
+    assert [fake._api_body(c) for c in ("sofia_contact 101", "sofia_contact 999", "sofia_contact 101@127.0.0.1")] \
+        == real
