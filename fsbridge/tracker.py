@@ -386,7 +386,8 @@ class CallTracker:
         name = ev.name
         if name == "CHANNEL_BRIDGE":
             target = self._calls.get(ev.bridge_b_uuid)
-            if target is not None and target is not call:
+            if target is not None and target is not call and call.caller_ext and not call.click_to_call:
+                # An extension's own call bridged to another call's caller.
                 return self._on_pickup(target, call, ev)
             return self._on_bridge(call, ev)
         if name == "RECORD_STOP":
