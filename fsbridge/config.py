@@ -261,6 +261,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("keep_plus", _bool, "no"),
         Key("caller_id_name", _caller_id_name, ""),
         Key("caller_id_number", _caller_id_number, ""),
+        Key("client_caller_id", _caller_id_number, ""),
     ],
     "dialplan": [
         Key("listen", _listen, "127.0.0.1:8081"),

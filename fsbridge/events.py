@@ -114,6 +114,10 @@ class ChannelEvent:
     timestamp_us: int = 0                     # Event-Date-Timestamp
     record_file_path: str = ""                # Record-File-Path (RECORD_STOP)
     record_ms: int = -1                       # variable_record_ms (-1 = not present)
+    queue_member_uuid: str = ""               # variable_cc_member_session_uuid (mod_callcenter agent leg -> caller)
+    other_leg_destination: str = ""           # Other-Leg-Destination-Number (CHANNEL_BRIDGE)
+    voicemail_path: str = ""                  # variable_voicemail_file_path (mod_voicemail: message left)
+    voicemail_seconds: int = -1               # variable_voicemail_message_len "HH:MM:SS" (-1 = not present)
     click_to_call_id: str = ""                # variable_fsbridge_click_to_call (our makeCall request id)
     click_to_call_ext: str = ""               # variable_fsbridge_ext
     click_to_call_phone: str = ""             # variable_fsbridge_phone
@@ -191,7 +195,9 @@ def _create_fields(headers: EventHeaders) -> dict:
         if fields["other_leg_uuid"]:
             fields["other_type"] = sanitize(get("Other-Type"), 16)
         else:
-            # An outbound channel nobody originated: an `originate`, maybe ours.
+            # An outbound channel nobody originated: a mod_callcenter agent
+            # leg (its only link to the caller), or an `originate`, maybe ours.
+            fields["queue_member_uuid"] = sanitize(get("variable_cc_member_session_uuid"), MAX_ID_CHARS)
             fields["click_to_call_id"] = sanitize(get("variable_" + CLICK_TO_CALL_VAR), MAX_ID_CHARS)
             if fields["click_to_call_id"]:
                 fields["click_to_call_ext"] = sanitize(get("variable_" + CLICK_TO_CALL_EXT_VAR), MAX_NUMBER_CHARS)
@@ -207,6 +213,9 @@ def _bridge_fields(headers: EventHeaders) -> dict:
         "bridge_a_uuid": sanitize(get("Bridge-A-Unique-ID"), MAX_ID_CHARS),
         "bridge_b_uuid": sanitize(get("Bridge-B-Unique-ID"), MAX_ID_CHARS),
         "other_leg_answered_us": _int(get("Other-Leg-Channel-Answered-Time")),
+        # Names the extension of a leg bridged in from another call
+        # (attended transfer), whose CHANNEL_CREATE belonged to that call.
+        "other_leg_destination": sanitize(get("Other-Leg-Destination-Number"), MAX_NUMBER_CHARS),
         "planfix_data": _planfix_data(headers),
     }
 
@@ -223,7 +232,22 @@ def _leg_end_fields(headers: EventHeaders) -> dict:
     }
     if get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
         fields["record_ms"] = _record_ms(headers)
+        # mod_voicemail sets these on the caller's channel once it saved a
+        # message (voicemail_leave_main, after deliver_vm).
+        path = sanitize(get("variable_voicemail_file_path"), MAX_PATH_CHARS)
+        if path:
+            fields["voicemail_path"] = path
+            fields["voicemail_seconds"] = _hms_seconds(get("variable_voicemail_message_len"))
     return fields
+
+
+def _hms_seconds(value: str | None) -> int:
+    """``HH:MM:SS`` -> seconds; -1 when absent or not in that shape."""
+    parts = (value or "").split(":")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return -1
+    hours, minutes, seconds = map(int, parts)
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def _record_stop_fields(headers: EventHeaders) -> dict:

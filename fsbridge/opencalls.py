@@ -98,5 +98,11 @@ class OpenCalls:
                 closing.append((call_id, fields))
         return closing
 
+    def forget_inherited(self, call_ids: set[str]) -> None:
+        """These inherited calls are tracked again (adopted live): their
+        COMPLETED will come from real events, not from ``close_inherited``."""
+        for call_id in call_ids:
+            self.inherited.pop(call_id, None)
+
     def close(self) -> None:
         self._db.close()

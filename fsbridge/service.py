@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,31 @@ log = logging.getLogger("fsbridge.service")
 # Concurrent HTTP connections per listener; more wait in the accept queue.
 HTTP_MAX_CONNECTIONS = 1000
 
+
+
+_USER_DIAL_STRING = re.compile(r"user/\{ext\}(@[A-Za-z0-9_.-]+)?")
+
+
+def sofia_contact_query(dial_string: str, ext: str) -> str | None:
+    """``sofia_contact <ext>[@domain]`` for a ``user/{ext}[@domain]`` dial string, else None."""
+    found = _USER_DIAL_STRING.fullmatch(dial_string)
+    if found is None:
+        return None
+    return f"sofia_contact {ext}{found.group(1) or ''}"
+
+
+def registration_problem(ext: str, reply: str) -> str | None:
+    """What ``sofia_contact`` says about ``ext``: None if it has a contact.
+
+    mod_sofia answers ``error/user_not_registered`` both for a user the
+    directory does not have and for one with no registration (originate
+    would fail with SUBSCRIBER_ABSENT / USER_NOT_REGISTERED, capture 95).
+    """
+    reply = reply.strip()
+    if reply and not reply.startswith("error/"):
+        return None
+    return (f"from: extension {ext} is unknown to FreeSWITCH or not registered "
+            f"({reply or 'no contact'}); nothing was dialled")
 
 class ServiceError(Exception):
     """The service cannot start (the message says why, for the admin)."""
@@ -129,6 +155,7 @@ class Service:
                 report_internal_calls=cfg.calls.report_internal_calls,
                 max_open_calls=cfg.calls.max_open_calls,
                 normalize_phone=normalize,
+                click_to_call_diversion=cfg.click_to_call.client_caller_id,
             )
         )
         self._channel_event = events.channel_event
@@ -189,9 +216,31 @@ class Service:
                     extension_pattern=cfg.calls.extension_pattern,
                 ),
                 credentials=self.credentials,
+                extension_problem=self._extension_problem,
             ),
         )
         recordings.register_routes(self.app, self.recordings)
+
+    def _extension_problem(self, ext: str) -> str | None:
+        """Ask FreeSWITCH whether the manager's phone can be rung at all.
+
+        ``ext`` was checked by the extension pattern and originate's
+        whitelist before it gets here.  Only for ``user/{ext}[@domain]``
+        dial strings: another dial string (a gateway, loopback) has no
+        registration to ask about.  A FreeSWITCH without mod_sofia's API
+        answers -ERR: the check is skipped rather than refusing every call.
+        """
+        from fsbridge.esl import EslCommandError  # the service imports esl lazily (see _build)
+
+        query = sofia_contact_query(self.cfg.click_to_call.dial_string, ext)
+        if query is None:
+            return None
+        try:
+            reply = self.esl.api(query)
+        except EslCommandError as exc:
+            log.warning("cannot check extension %s before makeCall (%s): dialling anyway", ext, exc)
+            return None
+        return registration_problem(ext, reply)
 
     # -- the event path (runs in the ESL reader greenlet: must not block) ----
 
@@ -284,24 +333,36 @@ class Service:
         """After every (re)connect: close calls that ended while we were away."""
         self._reconcile()
 
-    def _reconcile(self) -> bool:
-        """Close, from FreeSWITCH's list of live channels, every call that
-        ended unseen: while the connection was down (the tracker's open calls)
-        or before this process started (calls an earlier process reported).
-        Returns False when FreeSWITCH could not be asked."""
-        if not self.tracker.open_calls() and not self.open_calls.inherited:
-            return True
+    def _reconcile(self, adopt: bool = True) -> bool:
+        """Square the calls we know with FreeSWITCH's list of live channels.
+
+        Close every call that ended unseen: while the connection was down
+        (the tracker's open calls) or before this process started (calls an
+        earlier process reported).  Then (``adopt``) take up the live calls
+        we do not track: begun during the gap, or before this process
+        started; those are then reported from FreeSWITCH's own events to
+        their real end.  Returns False when FreeSWITCH could not be asked."""
         try:
-            live = self._live_uuids(self.esl.api("show channels as json"))
+            listing = self.esl.api("show channels as json")
+            live = self._live_uuids(listing)
         except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
             log.warning("could not reconcile open calls with FreeSWITCH: %s", exc)
             return False
-        commands = self.tracker.reconcile(live, int(time.time() * 1_000_000))
+        now_us = int(time.time() * 1_000_000)
+        commands = self.tracker.reconcile(live, now_us)
         commands += [self._command_type(call_id, fields)
                      for call_id, fields in self.open_calls.close_inherited(live)]
         if commands:
             log.info("reconcile: %d calls ended while fsbridge could not see them",
                      len({c.call_id for c in commands}))
+        if adopt:
+            adopted = self.tracker.adopt(listing, now_us)
+            if adopted:
+                # Followed from now on: their end comes with real events.
+                self.open_calls.forget_inherited({c.call_id for c in adopted})
+                log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
+            commands += adopted
+        if commands:
             self.recordings.process(commands, self._store)
         return True
 
@@ -310,7 +371,7 @@ class Service:
         without events we can use: look again every minute until all closed."""
         while self.open_calls.inherited and not self._stopping.wait(60):
             if self.esl.state == "connected":
-                self._reconcile()
+                self._reconcile(adopt=False)
 
     # -- health ----------------------------------------------------------------
 

@@ -16,7 +16,11 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
 * Each extension taking part gets a *slot*: exactly one INCOMING or
   OUTGOING, at most one ACCEPTED, exactly one COMPLETED, same ext and callid.
 * The winner comes only from CHANNEL_BRIDGE (``Other-Leg-*`` on the A leg's
-  CHANNEL_ANSWER can name a loser).
+  CHANNEL_ANSWER can name a loser).  A later CHANNEL_BRIDGE on the A leg is
+  a transfer: the previous talker's part ends, the new one's begins.  A
+  bridge on another call's A leg whose Bridge-B is our A leg is a pickup.
+* mod_callcenter agent legs carry no originator: they are attached by
+  ``variable_cc_member_session_uuid``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ __all__ = [
     "PlanfixCommand",
     "TrackerSettings",
     "default_normalize_phone",
+    "adoption_events",
     "live_uuids_from_show_json",
     "outgoing_status",
 ]
@@ -79,6 +84,10 @@ class TrackerSettings:
     # UUIDs of recently finished calls remembered so that a re-delivered
     # CHANNEL_CREATE does not start the call again.
     finished_memory: int = 4096
+    # The number a click-to-call client sees ([click_to_call]
+    # client_caller_id): the diversion of every event of such a call.
+    # Empty: taken from the client leg once it exists.
+    click_to_call_diversion: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -119,23 +128,32 @@ class _Slot:
 
 
 class _Leg:
-    """A B leg: a channel the A leg originated."""
+    """A channel taking part in a call besides its A leg.
 
-    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status")
+    Mostly a B leg the A leg (or a queue for it) originated; also a channel
+    that joined the call later: the transfer target of an attended transfer
+    (a leg of the consult call) or the channel of a phone that picked the
+    call up.  Those are *joined* legs: they count talk time from the join.
+    """
 
-    def __init__(self, uuid: str, slot: _Slot | None) -> None:
+    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us")
+
+    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0) -> None:
         self.uuid = uuid
         self.slot = slot
         self.ended = False
         self.billsec = -1            # -1: leg not ended (or ended without billsec)
         self.cause = ""
         self.sip_term_status = ""
+        self.answered_us = 0         # when it answered (from the CHANNEL_BRIDGE that made it the talker)
+        self.joined_us = joined_us   # 0: rung for this call; else when it was bridged in
+        self.end_us = 0
 
 
 class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
-        "winner", "winner_answered_us", "recording_path", "record_ms", "data",
+        "winner", "recording_path", "record_ms", "data", "voicemail_path",
     )
 
     def __init__(self, uuid: str) -> None:
@@ -146,11 +164,11 @@ class _Call:
         self.click_to_call = False
         self.slots: dict[int, _Slot] = {}   # open slots, in the order their first event went out
         self.legs: dict[str, _Leg] = {}
-        self.winner: _Leg | None = None
-        self.winner_answered_us = 0
+        self.winner: _Leg | None = None     # the leg talking with the caller (the latest bridge)
         self.recording_path = ""
         self.record_ms = -1          # -1: unknown
         self.data: dict[str, str] = {}
+        self.voicemail_path = ""     # the message the caller left, if any
 
 
 class CallTracker:
@@ -170,10 +188,13 @@ class CallTracker:
     * ``is_recorded``: ``1`` only for ``Success`` when the call was recorded
       with content: a RECORD_STOP or HANGUP_COMPLETE said ``record_ms``
       (or ``record_seconds``) > 0, or RECORD_STOP named a file and no length
-      was reported at all.  ``0`` otherwise (also for every loser).
+      was reported at all.  ``0`` otherwise (also for every loser, and for
+      a talker whose part ended before the call did: a transfer).  A
+      ``Missed`` COMPLETED is ``1`` when the caller left a voicemail
+      message (``variable_voicemail_file_path`` on the A leg's end).
     * ``PlanfixCommand.recording_path``: the ``Record-File-Path`` of the
-      last RECORD_STOP of the call, set only when ``is_recorded`` is ``1``
-      and a RECORD_STOP was seen.  The service checks that file on disk and
+      last RECORD_STOP of the call (the voicemail message for ``Missed``),
+      set only when ``is_recorded`` is ``1`` and the file is named.  The service checks that file on disk and
       adds ``record_link`` (or downgrades ``is_recorded``) before sending.
     * ``data_<field>``: every ``planfix_data_<field>`` variable seen on the
       A leg so far (all of them on the final COMPLETED).
@@ -225,6 +246,22 @@ class CallTracker:
             out += self._finish(call, end_us=now_us, disposition="", a_cause="")
         return out
 
+    def adopt(self, show_channels_json: str, now_us: int) -> list[PlanfixCommand]:
+        """Take up calls that started while we could not see FreeSWITCH.
+
+        Run after a (re)connect with ``show channels as json``: each live
+        call not tracked yet (begun during the gap, or before this process
+        started) is fed as the events its channels imply
+        (``adoption_events``), so it is shown now and its real end (billsec,
+        recording, data_*) arrives with FreeSWITCH's own later events.
+        Calls already tracked are left alone (their duplicates are dropped
+        as re-deliveries).  Raises ValueError as ``live_uuids_from_show_json``.
+        """
+        out: list[PlanfixCommand] = []
+        for event in adoption_events(show_channels_json, now_us):
+            out += self.feed(event)
+        return out
+
     # -- events ---------------------------------------------------------------
 
     def _on_create(self, ev: ChannelEvent) -> list[PlanfixCommand]:
@@ -248,6 +285,10 @@ class CallTracker:
             return ev.other_leg_uuid
         if ev.call_uuid and ev.call_uuid != ev.uuid:
             return ev.call_uuid
+        # mod_callcenter originates agent legs on its own: their only link
+        # to the caller is the member session variable.
+        if ev.queue_member_uuid and ev.queue_member_uuid != ev.uuid:
+            return ev.queue_member_uuid
         return ""
 
     def _on_call_created(self, ev: ChannelEvent) -> list[PlanfixCommand]:
@@ -261,7 +302,10 @@ class CallTracker:
             call.caller_ext = ext
             # The manager's phone rings first; the client leg comes after
             # the manager answers.  PlanFix shows the call from now on.
-            slot = self._open_slot(call, TYPE_OUT, ext, self._phone(ev.click_to_call_phone), "")
+            slot = self._open_slot(
+                call, TYPE_OUT, ext, self._phone(ev.click_to_call_phone),
+                self._phone(self._settings.click_to_call_diversion),
+            )
             out.append(self._command(call, slot, "OUTGOING"))
             return out
         if ev.direction != "inbound":
@@ -299,12 +343,9 @@ class CallTracker:
         return out
 
     def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand]) -> _Slot:
-        # Hunt: extensions whose legs all ended were passed over; close them
-        # before the next one is shown ringing.
-        winner_slot = call.winner.slot if call.winner is not None else None
-        for slot in list(call.slots.values()):
-            if slot.passed_over and slot is not winner_slot:
-                out.append(self._completed(call, slot, CANCELLED))
+        # Whoever's part is over gets COMPLETED before the next one is shown
+        # ringing: a hunt moved on, or the talker left (a transfer).
+        self._close_ended_parts(call, out)
         for slot in call.slots.values():
             if slot.type == TYPE_IN and slot.ext == ext:
                 return slot  # another device of the same extension: one pop-up
@@ -330,11 +371,28 @@ class CallTracker:
         out.append(self._command(call, slot, "OUTGOING"))
         return slot
 
+    def _close_ended_parts(self, call: _Call, out: list[PlanfixCommand]) -> None:
+        winner_slot = call.winner.slot if call.winner is not None else None
+        for slot in list(call.slots.values()):
+            if not slot.passed_over:
+                continue
+            if slot is winner_slot:
+                # The talker hung up or was transferred away; the caller
+                # stays.  The recording covers the whole call and is still
+                # being written: it goes with the last talker's COMPLETED.
+                out.append(self._completed_success(call, slot, call.winner, 0, final=False))
+            else:
+                out.append(self._completed(call, slot, CANCELLED))
+
     def _on_a_leg_event(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
         if ev.planfix_data:
             call.data.update(ev.planfix_data)
         name = ev.name
         if name == "CHANNEL_BRIDGE":
+            target = self._calls.get(ev.bridge_b_uuid)
+            if target is not None and target is not call and call.caller_ext and not call.click_to_call:
+                # An extension's own call bridged to another call's caller.
+                return self._on_pickup(target, call, ev)
             return self._on_bridge(call, ev)
         if name == "RECORD_STOP":
             self._on_record_stop(call, ev)
@@ -342,6 +400,8 @@ class CallTracker:
         if name in _LEG_END_EVENTS:
             if ev.record_ms >= 0:
                 call.record_ms = max(call.record_ms, ev.record_ms)
+            if ev.voicemail_path and ev.voicemail_seconds != 0:
+                call.voicemail_path = ev.voicemail_path
             end_us = ev.hangup_us or ev.timestamp_us
             return self._finish(call, end_us, ev.originate_disposition, ev.hangup_cause)
         return []
@@ -355,6 +415,7 @@ class CallTracker:
             leg.billsec = ev.billsec
             leg.cause = ev.hangup_cause
             leg.sip_term_status = ev.sip_term_status
+            leg.end_us = ev.hangup_us or ev.timestamp_us
             slot = leg.slot
             if slot is not None:
                 slot.live_legs -= 1
@@ -363,21 +424,90 @@ class CallTracker:
         return []
 
     def _on_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
-        if call.winner is not None:
-            return []  # a second bridge (transfer, duplicate): the talker is known
-        leg = call.legs.get(ev.bridge_b_uuid)
-        if leg is None:
+        """The A leg is bridged: the other side is now the one talking.
+
+        The first bridge names who answered; a later one is a transfer
+        (blind: to a leg the A leg originated again; attended: to a leg of
+        the consult call, which joins this call here).
+        """
+        other = ev.bridge_b_uuid
+        if call.winner is not None and call.winner.uuid == other:
+            return []  # re-delivered
+        out: list[PlanfixCommand] = []
+        leg = call.legs.get(other)
+        if leg is None and call.winner is None and other not in self._owner:
             return []  # bridged to a channel we did not see originate
+        self._end_talker(call, leg, ev.timestamp_us, out)
+        if leg is None:
+            leg = self._join(call, other, self._ext_or_empty(ev.other_leg_destination), ev.timestamp_us, out)
+        elif leg.slot is not None and id(leg.slot) not in call.slots and leg.slot.type == TYPE_IN:
+            # His part was closed (Cancelled when another answered) while his
+            # leg stayed up; now bridged: he takes part again.
+            old = leg.slot
+            old.live_legs -= 1
+            leg.slot = self._incoming_slot(call, old.ext, out)
+            leg.slot.legs.append(leg)
+            leg.slot.live_legs += 1
+        return out + self._take_over(call, leg, ev.other_leg_answered_us or ev.timestamp_us, ev.timestamp_us)
+
+    def _end_talker(self, call: _Call, next_leg: _Leg | None, now_us: int, out: list[PlanfixCommand]) -> None:
+        """The caller is bridged elsewhere: the current talker's part ends now."""
+        previous = call.winner
+        if previous is None or previous is next_leg or previous.slot is None:
+            return
+        if next_leg is not None and next_leg.slot is previous.slot:
+            return  # another device of the same extension: one part
+        if id(previous.slot) in call.slots:
+            out.append(self._completed_success(call, previous.slot, previous, now_us, final=False))
+
+    def _on_pickup(self, call: _Call, picker: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        """``picker``'s own channel was bridged to ``call``'s A leg.
+
+        That is how FreeSWITCH carries out ``intercept``/``pickup``: the
+        phone that picks up dials in (its own inbound call), the rung leg
+        ends PICKED_OFF, and the bridge is on the picker's channel.  The
+        picker's call dissolves into the caller's one as a joined leg.
+        """
+        del self._calls[picker.uuid]
+        for uuid in picker.legs:
+            self._owner.pop(uuid, None)
+        out: list[PlanfixCommand] = []
+        for slot in list(picker.slots.values()):
+            out.append(self._completed(picker, slot, CANCELLED))
+        leg = self._join(call, picker.uuid, picker.caller_ext, ev.timestamp_us, out)
+        return out + self._take_over(call, leg, ev.timestamp_us, ev.timestamp_us)
+
+    def _join(self, call: _Call, uuid: str, ext: str, now_us: int, out: list[PlanfixCommand]) -> _Leg:
+        """A channel first seen bridged into ``call`` becomes one of its legs."""
+        previous = self._owner.get(uuid)
+        if previous is not None:  # still a leg of the consult call
+            previous.legs.pop(uuid, None)
+        slot = None
+        if ext and not call.caller_ext:
+            slot = self._incoming_slot(call, ext, out)
+        leg = _Leg(uuid, slot, joined_us=now_us)
+        call.legs[uuid] = leg
+        self._owner[uuid] = call
+        if slot is not None:
+            slot.legs.append(leg)
+            slot.live_legs += 1
+        return leg
+
+    def _take_over(self, call: _Call, leg: _Leg, answered_us: int, now_us: int) -> list[PlanfixCommand]:
+        out: list[PlanfixCommand] = []
+        previous = call.winner
+        self._end_talker(call, leg, now_us, out)
         call.winner = leg
-        call.winner_answered_us = ev.other_leg_answered_us or ev.timestamp_us
-        winner_slot = leg.slot
-        if winner_slot is None:
-            return []  # an internal call nobody is shown
-        winner_slot.last_failed_leg = None
-        out = [self._command(call, winner_slot, "ACCEPTED")]
-        for slot in list(call.slots.values()):
-            if slot is not winner_slot:
-                out.append(self._completed(call, slot, CANCELLED))
+        leg.answered_us = answered_us
+        slot = leg.slot
+        if slot is None:
+            return out  # an internal call nobody is shown, or a transfer outside
+        slot.last_failed_leg = None
+        if previous is None or previous.slot is not slot:
+            out.append(self._command(call, slot, "ACCEPTED"))
+        for other in list(call.slots.values()):
+            if other is not slot:
+                out.append(self._completed(call, other, CANCELLED))
         return out
 
     @staticmethod
@@ -395,9 +525,12 @@ class CallTracker:
         winner = call.winner
         for slot in list(call.slots.values()):
             if winner is not None and slot is winner.slot:
-                out.append(self._completed_success(call, slot, end_us))
+                out.append(self._completed_success(call, slot, winner, end_us, final=True))
             elif slot.type == TYPE_IN:
-                out.append(self._completed(call, slot, MISSED))
+                # Voicemail answering is not an employee answering: still
+                # Missed, with the caller's message as its recording.
+                vm = call.voicemail_path
+                out.append(self._completed(call, slot, MISSED, is_recorded=bool(vm), recording_path=vm or None))
             elif slot.last_failed_leg is not None:
                 failed = slot.last_failed_leg
                 status = outgoing_status(failed.cause, failed.sip_term_status, disposition, a_cause)
@@ -424,16 +557,13 @@ class CallTracker:
             while len(finished) > limit:
                 del finished[next(iter(finished))]
 
-    def _completed_success(self, call: _Call, slot: _Slot, end_us: int) -> PlanfixCommand:
-        winner = call.winner
-        assert winner is not None
-        if winner.billsec >= 0:
-            duration = winner.billsec
-        elif call.winner_answered_us and end_us > call.winner_answered_us:
-            duration = (end_us - call.winner_answered_us) // 1_000_000
-        else:
-            duration = 0
-        recorded = call.record_ms > 0 or (call.record_ms < 0 and bool(call.recording_path))
+    def _completed_success(
+        self, call: _Call, slot: _Slot, leg: _Leg | None, end_us: int, final: bool
+    ) -> PlanfixCommand:
+        """``Success`` with the leg's own talk time; the recording only on the final one."""
+        assert leg is not None
+        duration = _talk_seconds(leg, end_us)
+        recorded = final and (call.record_ms > 0 or (call.record_ms < 0 and bool(call.recording_path)))
         path = call.recording_path if recorded and call.recording_path else None
         return self._completed(call, slot, SUCCESS, duration=duration, is_recorded=recorded, recording_path=path)
 
@@ -483,6 +613,9 @@ class CallTracker:
     def _is_ext(self, value: str) -> bool:
         return bool(value) and self._ext_re.search(value) is not None
 
+    def _ext_or_empty(self, value: str) -> str:
+        return value if self._is_ext(value) else ""
+
     def _leg_ext(self, ev: ChannelEvent) -> str:
         """The extension a B leg rings, or "" for a leg to the outside."""
         if self._is_ext(ev.dialed_user):
@@ -495,6 +628,26 @@ class CallTracker:
         if not raw:
             return ""
         return sanitize(self._normalize(raw), 64)
+
+
+def _talk_seconds(leg: _Leg, end_us: int) -> int:
+    """Seconds ``leg`` talked in this call.
+
+    A rung leg: its ``billsec``, else answer-to-``end_us``.  A joined leg
+    (attended-transfer target, picker) answered before it joined, so its
+    billsec includes the consult or the dialling: count from the join,
+    rounded (bridge and hangup stamps are a few ms off the answer's),
+    never above billsec.
+    """
+    end = leg.end_us or end_us
+    if leg.joined_us:
+        seconds = max(0, round((end - leg.joined_us) / 1_000_000)) if end > leg.joined_us else 0
+        return min(seconds, leg.billsec) if leg.billsec >= 0 else seconds
+    if leg.billsec >= 0:
+        return leg.billsec
+    if leg.answered_us and end > leg.answered_us:
+        return (end - leg.answered_us) // 1_000_000
+    return 0
 
 
 # Causes (Hangup-Cause / originate_disposition) -> outgoing status.
@@ -545,13 +698,7 @@ def outgoing_status(b_cause: str, sip_term_status: str, disposition: str, a_caus
     return NO_ANSWER
 
 
-def live_uuids_from_show_json(text: str) -> set[str]:
-    """Channel UUIDs alive in ``show calls as json`` / ``show channels as json``.
-
-    Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
-    idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
-    Raises ValueError when the text is not such a reply (``-ERR ...``).
-    """
+def _show_rows(text: str) -> list[dict]:
     try:
         reply = json.loads(text)
     except ValueError as exc:
@@ -561,10 +708,76 @@ def live_uuids_from_show_json(text: str) -> set[str]:
     rows = reply.get("rows") or []
     if not isinstance(rows, list):
         raise ValueError("show reply: 'rows' is not a list")
-    live: set[str] = set()
     for row in rows:
         if not isinstance(row, dict):
             raise ValueError("show reply: a row is not an object")
+    return rows
+
+
+def _row_str(row: dict, key: str, limit: int = 64) -> str:
+    value = row.get(key)
+    return sanitize(value, limit) if isinstance(value, str) else ""
+
+
+def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
+    """The events a ``show channels as json`` listing implies, A legs first.
+
+    A row whose ``call_uuid`` is its own (or empty) and that is inbound is a
+    call's A leg: CHANNEL_CREATE with its caller (``cid_num``) and the
+    number dialled (``dest``).  An outbound row whose ``call_uuid`` names
+    another live row is a leg that call rings: CHANNEL_CREATE naming it as
+    originator, ``dest`` its extension.  Such a leg in callstate ACTIVE has
+    answered, and FreeSWITCH answers a rung leg only when it is bridged
+    with the caller: CHANNEL_BRIDGE on the A leg.  The listing carries no
+    channel variables, so legs known only by a variable (mod_callcenter
+    agents, our click-to-call tag) cannot be adopted.  Creation times come
+    from ``created_epoch`` (seconds); the bridge is stamped ``now_us``.
+    """
+    rows = _show_rows(show_channels_json)
+    by_uuid = {_row_str(row, "uuid"): row for row in rows if _row_str(row, "uuid")}
+    events: list[ChannelEvent] = []
+    bridges: list[ChannelEvent] = []
+    a_legs: set[str] = set()
+    for uuid, row in by_uuid.items():
+        call_uuid = _row_str(row, "call_uuid")
+        if _row_str(row, "direction", 16) == "inbound" and call_uuid in ("", uuid):
+            a_legs.add(uuid)
+            events.append(ChannelEvent(
+                name="CHANNEL_CREATE", uuid=uuid, call_uuid=uuid, direction="inbound",
+                caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
+                timestamp_us=_epoch_us(row, now_us),
+            ))
+    for uuid, row in by_uuid.items():
+        call_uuid = _row_str(row, "call_uuid")
+        if _row_str(row, "direction", 16) != "outbound" or call_uuid == uuid or call_uuid not in a_legs:
+            continue
+        events.append(ChannelEvent(
+            name="CHANNEL_CREATE", uuid=uuid, call_uuid=call_uuid, direction="outbound",
+            caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
+            other_leg_uuid=call_uuid, other_type="originator", timestamp_us=_epoch_us(row, now_us),
+        ))
+        if _row_str(row, "callstate", 16) == "ACTIVE":
+            bridges.append(ChannelEvent(
+                name="CHANNEL_BRIDGE", uuid=call_uuid, bridge_a_uuid=call_uuid, bridge_b_uuid=uuid,
+                timestamp_us=now_us,
+            ))
+    return events + bridges
+
+
+def _epoch_us(row: dict, default_us: int) -> int:
+    raw = _row_str(row, "created_epoch", 16)
+    return int(raw) * 1_000_000 if raw.isdigit() else default_us
+
+
+def live_uuids_from_show_json(text: str) -> set[str]:
+    """Channel UUIDs alive in ``show calls as json`` / ``show channels as json``.
+
+    Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
+    idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
+    Raises ValueError when the text is not such a reply (``-ERR ...``).
+    """
+    live: set[str] = set()
+    for row in _show_rows(text):
         for key in ("uuid", "call_uuid", "b_uuid"):
             value = row.get(key)
             if isinstance(value, str) and value:

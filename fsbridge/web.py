@@ -157,6 +157,9 @@ class WebDeps:
     # default: what settings_store holds.
     credentials: Callable[[], Credentials | None] | None = None
     clock: Callable[[], float] = time.monotonic
+    # makeCall's (validated) extension -> why FreeSWITCH cannot ring it
+    # (unknown, not registered), or None.  Asked before anything is dialled.
+    extension_problem: Callable[[str], str | None] | None = None
 
 
 class _Failures:
@@ -378,6 +381,14 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             # normalize_to let through something the builder's whitelist refuses.
             log.warning("makeCall from %s refused: %s", request.remote_addr, exc)
             raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
+        try:
+            problem = deps.extension_problem(ext) if deps.extension_problem else None
+        except deps.not_connected_errors as exc:
+            log.warning("makeCall %s: FreeSWITCH unavailable: %s", ext, exc)
+            raise _Reject(503, NOT_CONNECTED) from None
+        if problem:
+            log.warning("makeCall from %s refused: %s", request.remote_addr, problem)
+            raise _Reject(400, INVALID_PARAMETERS, problem)
         try:
             job_uuid = deps.originate(command, request_id)
         except deps.not_connected_errors as exc:

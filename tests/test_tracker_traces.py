@@ -12,8 +12,8 @@ from urllib.parse import quote
 import pytest
 
 from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
-from fsbridge.tracker import CallTracker, PlanfixCommand
-from tests.traces import channel_events, event_frames, frames_of, read_trace, rewrite_click_to_call
+from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
+from tests.traces import channel_events, encode_frame, event_frames, frames_of, read_trace, rewrite_click_to_call
 
 CALLER = "79101234567"
 DID = "74950000000"
@@ -78,6 +78,37 @@ A05C = "5cc7d0c0-20d2-4e9e-9768-7f33cfb79fbe"
 A05E = "0d7a8756-497a-40e5-9526-5faec52e20fa"
 A05F = "352459e6-2a36-4f29-8a40-c1789aaf8e25"
 M = MANAGER_UUID
+A20 = "65fea2c9-2ef6-4bd6-89c8-1743322443a1"
+A21 = "b1c544df-b3e9-4c64-8543-e978ae7e084d"
+A22 = "0141140c-2718-4988-b42d-8faf7af49e95"
+A23 = "c06ece27-6211-492b-ba97-3271169b2ef0"
+A25 = "9b0f9a5f-4579-4317-9812-343545fe8c23"
+A27 = "5264cb9b-0ab5-4590-b481-e9c69a228883"
+
+
+# The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
+# DID) on the A leg; it reaches the COMPLETED sent after the tracker saw it.
+LINE = {"data_line": DID}
+
+
+def queued(callid: str, ext: str, event: str, caller: str, did: str, **extra: str) -> dict:
+    return cmd("in", event, ext, callid, caller, did, **extra)
+
+
+def transferred(callid: str, first_s: int, second_s: int) -> list:
+    """101 answers and hands the caller to 102: two parts, one callid.
+
+    101's COMPLETED goes out when his part ends (before 102 rings); the
+    recording covers the whole call and goes with the last talker."""
+    return [
+        (incoming(callid, "101", "INCOMING"), None),
+        (incoming(callid, "101", "ACCEPTED"), None),
+        (incoming(callid, "101", "COMPLETED", **completed("Success", first_s, 0), **LINE), None),
+        (incoming(callid, "102", "INCOMING"), None),
+        (incoming(callid, "102", "ACCEPTED"), None),
+        (incoming(callid, "102", "COMPLETED", **completed("Success", second_s, 1), **LINE),
+         RECORDINGS + callid + ".wav"),
+    ]
 
 # trace -> [(fields, recording_path)], in the order they must leave.
 EXPECTED = {
@@ -142,6 +173,39 @@ EXPECTED = {
         (outgoing(A05F, "OUTGOING"), None),
         (outgoing(A05F, "COMPLETED", **completed("NoAnswer")), None),
     ],
+    # Blind transfer by API: the A leg's second CHANNEL_BRIDGE names 102.
+    "20-inbound-blind-transfer-uuid_transfer-101-to-102": transferred(A20, 1, 2),
+    # Attended: 102's leg belongs to the consult call until the caller is
+    # bridged to it; 102's talk time counts from that bridge (12 s of 13).
+    "21-inbound-attended-transfer-101-consults-102": transferred(A21, 3, 12),
+    # Pickup: the bridge is on 102's own channel, Bridge-B the caller's leg.
+    "22-inbound-pickup-102-intercepts-101": [
+        (incoming(A22, "101", "INCOMING"), None),
+        (incoming(A22, "101", "COMPLETED", **completed("Cancelled")), None),
+        (incoming(A22, "102", "INCOMING"), None),
+        (incoming(A22, "102", "ACCEPTED"), None),
+        (incoming(A22, "102", "COMPLETED", **completed("Success", 3, 1), **LINE), RECORDINGS + A22 + ".wav"),
+    ],
+    # mod_callcenter ring-all: agent legs linked by cc_member_session_uuid
+    # (INCOMING in the order FreeSWITCH created them).
+    "23-inbound-callcenter-queue-ring-all": [
+        (queued(A23, "101", "INCOMING", "79160000023", "74950000001"), None),
+        (queued(A23, "103", "INCOMING", "79160000023", "74950000001"), None),
+        (queued(A23, "102", "INCOMING", "79160000023", "74950000001"), None),
+        (queued(A23, "102", "ACCEPTED", "79160000023", "74950000001"), None),
+        (queued(A23, "101", "COMPLETED", "79160000023", "74950000001", **completed("Cancelled")), None),
+        (queued(A23, "103", "COMPLETED", "79160000023", "74950000001", **completed("Cancelled")), None),
+        (queued(A23, "102", "COMPLETED", "79160000023", "74950000001", **completed("Success", 2, 1)),
+         RECORDINGS + A23 + ".wav"),
+    ],
+    # Voicemail answered the A leg: nobody talked, all Missed (no message left).
+    "25-inbound-group-noanswer-then-voicemail": [
+        *[(queued(A25, ext, "INCOMING", "79160000025", "74950000003"), None) for ext in ("101", "102", "103")],
+        *[(queued(A25, ext, "COMPLETED", "79160000025", "74950000003", **completed("Missed")), None)
+          for ext in ("101", "102", "103")],
+    ],
+    # Blind transfer by the phone's REFER: the same facts as 20.
+    "27-inbound-blind-transfer-sip-refer-with-force_transfer_context": transferred(A27, 1, 2),
     # Click-to-call: the caller ID shown to the client (diversion) is known
     # only once the client leg exists, after the manager answered.
     "06a-click-to-call-answer": [
@@ -313,3 +377,47 @@ def test_rewrite_changes_nothing_else(traces_dir):
         1 for h, _ in event_frames(original, names=None)
         if h.get("Unique-ID") == old_manager and h.get("variable_uuid") is not None
     )
+
+
+@pytest.mark.parametrize("name", ["06a-click-to-call-answer", "06b-click-to-call-manager-busy"])
+def test_click_to_call_diversion_from_configuration(traces_dir, name):
+    """With the client's caller ID configured, every event carries it, OUTGOING too."""
+    tracker = CallTracker(TrackerSettings(click_to_call_diversion="+7 495 000-00-00"))
+    commands = []
+    for event in channel_events(capture(traces_dir, name)):
+        commands += tracker.feed(event)
+    assert [c.fields["event"] for c in commands] == [f["event"] for f, _ in EXPECTED[name]]
+    assert {c.fields["diversion"] for c in commands} == {DID}
+
+
+VOICEMAIL_FILE = "/usr/local/freeswitch/recordings/voicemail/default/127.0.0.1/101/msg_5d1c7e2a-8f3b-4c6d-9e0a-1b2c3d4e5f60.wav"
+
+
+def with_voicemail_message(raw: bytes, a_leg: str, message_len: str) -> bytes:
+    """Capture 25 as if the caller had left a message: the variables
+    mod_voicemail sets on the caller's channel after saving one
+    (voicemail_leave_main: voicemail_file_path, voicemail_message_len)
+    added to the A leg's CHANNEL_HANGUP_COMPLETE.  Content-Lengths fixed."""
+    out = bytearray()
+    for frame in frames_of(raw):
+        body = frame.body
+        if (b"Event-Name: CHANNEL_HANGUP_COMPLETE\n" in body and b"\nUnique-ID: " + a_leg.encode() + b"\n" in body):
+            extra = (f"variable_voicemail_file_path: {quote(VOICEMAIL_FILE, safe='')}\n"
+                     f"variable_voicemail_message_len: {quote(message_len, safe='')}\n").encode()
+            body = body.replace(b"\nvariable_", b"\n" + extra + b"variable_", 1)
+        headers = dict(frame.headers)
+        out += encode_frame(headers, body)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("message_len, recorded", [("00:00:07", True), ("00:00:00", False)])
+def test_voicemail_message_is_the_missed_calls_recording(traces_dir, message_len, recorded):
+    raw = with_voicemail_message(
+        read_trace(traces_dir / "25-inbound-group-noanswer-then-voicemail.plain.txt"), A25, message_len)
+    commands, tracker = replay(raw)
+    expected = EXPECTED["25-inbound-group-noanswer-then-voicemail"]
+    assert [c.fields for c in commands[:3]] == [f for f, _ in expected[:3]]
+    for command, (fields, _) in zip(commands[3:], expected[3:], strict=True):
+        assert command.fields == {**fields, "is_recorded": "1" if recorded else "0"}
+        assert command.recording_path == (VOICEMAIL_FILE if recorded else None)
+    assert tracker.open_calls() == 0

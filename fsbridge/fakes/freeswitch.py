@@ -60,7 +60,9 @@ receive events.
   str|bytes``; the exact api command text is the key.  Defaults: ``status``,
   ``version``, ``show channels as json``, ``show calls as json`` (idle),
   from traces 91/92; ``global_getvar core_uuid``; ``uuid_kill`` -> ``-ERR No
-  such channel!``; anything else ``-ERR <verb> Command not found!`` (96).
+  such channel!``; ``sofia_contact [profile/]<user>[@domain]`` -> a contact
+  for users in ``registered`` (default 101-103), else
+  ``error/user_not_registered`` as mod_sofia answers; anything else ``-ERR <verb> Command not found!`` (96).
   ``use_active_calls()`` switches the two json listings to trace 90.
 * ``set_bgapi_result(prefix, body)``: BACKGROUND_JOB body for bgapi
   commands starting with ``prefix`` (str/bytes or ``callable(command)``).
@@ -282,7 +284,9 @@ def _default_api_bodies() -> dict[str, bytes]:
     status, version = trace_api_bodies(CAPTURES / "92-api-status-version.raw.txt")
     channels_idle, calls_idle = trace_api_bodies(CAPTURES / "91-api-show-channels-calls-json-idle.raw.txt")
     not_found, no_channel = trace_api_bodies(CAPTURES / "96-api-misc-errors.raw.txt")[:2]
+    _contact, not_registered = trace_api_bodies(CAPTURES / "97-api-sofia-contact.raw.txt")[:2]
     return {
+        "#not-registered": not_registered,
         "status": status,
         "version": version,
         "show channels as json": channels_idle,
@@ -428,6 +432,9 @@ class FakeFreeSwitch:
         self._listener: socket.socket | None = None
         self._running = False
         self._sequence = 1000
+        # Extensions with a SIP registration (`sofia_contact` finds them);
+        # the lab's phones by default.
+        self.registered: set[str] = {"101", "102", "103"}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -660,7 +667,19 @@ class FakeFreeSwitch:
             return self.core_uuid.encode("ascii")
         if verb == "uuid_kill":
             return defaults["#no-such-channel"]
+        if verb == "sofia_contact":
+            return self._sofia_contact(command.partition(" ")[2])
         return f"-ERR {verb} Command not found!\n".encode("utf-8")
+
+    def _sofia_contact(self, arg: str) -> bytes:
+        # mod_sofia: [profile/]user[@domain]; the contact of a registered
+        # user, else error/user_not_registered (also for unknown users):
+        # the shapes of capture 97.
+        user = arg.strip().rpartition("/")[2].partition("@")[0]
+        if user in self.registered:
+            port = 5090 + int(user[-1]) if user[-1].isdigit() else 5060
+            return f"sofia/internal/sip:{user}@127.0.0.1:{port}".encode("utf-8")
+        return _default_api_bodies()["#not-registered"]
 
     def _bgapi_result(self, command: str) -> bytes:
         for prefix, body in self._bgapi:

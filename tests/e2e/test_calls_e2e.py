@@ -177,3 +177,31 @@ def test_load_capture_every_call_reported(stack, traces_dir):
     health = service.wait_health(lambda h: h["outbox"]["depth"] == 0)
     assert health["open_calls"] == 0
     planfix.assert_no_violations()
+
+
+def test_click_to_call_diversion_from_configuration(tmp_path, traces_dir):
+    """[click_to_call] client_caller_id: the number the client sees is the
+    diversion of every event, OUTGOING included (06b: the manager is busy,
+    so no client leg ever names it)."""
+    raw = read_trace(traces_dir / "06b-click-to-call-manager-busy.plain.txt")
+
+    def answer_originate(command: str, headers: dict[str, str], job_uuid: str | None):
+        variables = dict(re.findall(r"([a-z_]+)=([^,}]*)", command.split("}", 1)[0]))
+        return [rewrite_click_to_call(
+            raw, manager_uuid=variables["origination_uuid"], job_uuid=job_uuid,
+            request_id=variables["fsbridge_click_to_call"], ext=variables["fsbridge_ext"],
+            phone=variables["fsbridge_phone"],
+        )]
+
+    with FakePlanfix() as planfix, FakeFreeSwitch() as fs:
+        with ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url, planfix_token=planfix.token,
+                            settings={"click_to_call": {"client_caller_id": "+74950000000"}}) as service:
+            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
+            fs.on_command("bgapi originate", answer_originate)
+            answer = service.post(cmd="makeCall", token=service.token, **{"from": "101", "to": CALLER})
+            assert answer.status_code == 200, answer.text
+            callid = answer.json()["callid"]
+            got = wait_requests(planfix, callid, 2, service)
+            assert [(r["event"], r["diversion"]) for r in got] == [("OUTGOING", "74950000000"),
+                                                                  ("COMPLETED", "74950000000")]
+            planfix.assert_no_violations()

@@ -106,6 +106,23 @@ def test_make_call_validation_and_injection_never_reach_freeswitch(tmp_path, fs,
         assert "Traceback" not in service.log()
 
 
+def test_make_call_for_an_extension_freeswitch_cannot_ring_is_refused_before_dialling(tmp_path, fs):
+    """Unknown (999) or not registered (104): 400 with a detail, no originate (capture 95)."""
+    fs.registered = {"101"}
+    with ServiceProcess(tmp_path, fs_port=fs.port) as service:
+        service.wait_health(connected)
+        fs.clear_commands()
+        for ext in ("999", "104"):
+            answer = service.post(cmd="makeCall", token=service.token, **{"from": ext, "to": "79101234567"})
+            assert (answer.status_code, answer.json()["error"]) == (400, "Invalid parameters"), ext
+            assert f"extension {ext} is unknown to FreeSWITCH or not registered" in answer.json()["detail"]
+        assert [c for c in fs.commands if "sofia_contact" in c] == ["api sofia_contact 999", "api sofia_contact 104"]
+        assert not [c for c in fs.commands if "originate" in c]
+        answer = service.post(cmd="makeCall", token=service.token, **{"from": "101", "to": "79101234567"})
+        assert answer.status_code == 200, answer.text
+        fs.wait_for_command("bgapi originate")
+
+
 def test_make_call_503_while_freeswitch_is_away_then_reconnects(tmp_path, fs):
     with ServiceProcess(tmp_path, fs_port=fs.port) as service:
         service.wait_health(connected)
@@ -181,3 +198,28 @@ def test_https_when_certfile_and_keyfile_are_set(tmp_path, fs):
             assert (answer.status_code, answer.json()) == (401, INVALID_TOKEN)
             with pytest.raises(requests.exceptions.ConnectionError):
                 requests.get(service.url.replace("https://", "http://") + "/healthz", timeout=3)
+
+
+@pytest.mark.parametrize("dial_string, query", [
+    ("user/{ext}", "sofia_contact 101"),
+    ("user/{ext}@pbx.example.com", "sofia_contact 101@pbx.example.com"),
+    ("sofia/gateway/gw/{ext}", None),     # no registration to ask about
+    ("loopback/{ext}/default", None),
+])
+def test_which_dial_strings_get_the_registration_check(dial_string, query):
+    from fsbridge.service import registration_problem, sofia_contact_query
+
+    assert sofia_contact_query(dial_string, "101") == query
+    assert registration_problem("101", "sofia/internal/sip:101@127.0.0.1:5091") is None
+    assert "not registered" in registration_problem("101", "error/user_not_registered\n")
+
+
+def test_fake_sofia_contact_answers_as_the_real_one(traces_dir):
+    """Capture 97 (real FreeSWITCH, 101 registered on port 5091) against the fake."""
+    from fsbridge.fakes.freeswitch import trace_api_bodies
+
+    real = trace_api_bodies(traces_dir / "97-api-sofia-contact.raw.txt")
+    fake = FakeFreeSwitch()
+    fake.registered = {"101"}
+    assert [fake._api_body(c) for c in ("sofia_contact 101", "sofia_contact 999", "sofia_contact 101@127.0.0.1")] \
+        == real

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
 from fsbridge.opencalls import OpenCalls
 from fsbridge.tracker import PlanfixCommand
-from fsbridge.fakes.freeswitch import FakeFreeSwitch, trace_events
+from fsbridge.fakes.freeswitch import FakeFreeSwitch, active_call_bodies, trace_events
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
 from tests.test_tracker_traces import A01, incoming
+
+# The legs of the call capture 90's `show channels as json` lists.
+LISTED_A = b"cf9e6d82-e4af-4a4a-adbb-4d63e4ae5566"
+LISTED_B = b"0d4ec6ad-3849-475a-a21d-65d2ab06ffb0"
 
 
 def test_call_open_at_sigkill_is_completed_after_restart(tmp_path, traces_dir):
@@ -34,6 +40,44 @@ def test_call_open_at_sigkill_is_completed_after_restart(tmp_path, traces_dir):
             ]
             assert any(c.startswith("api show channels as json") for c in fs.commands)
             service.wait_health(lambda h: h["open_calls_from_before_restart"] == 0)
+            planfix.assert_no_violations()
+        finally:
+            service.stop()
+
+
+def test_call_still_up_at_restart_is_taken_up_and_ends_with_its_real_facts(tmp_path, traces_dir):
+    """Killed mid-call, started again while the call goes on: FreeSWITCH's
+    channel list (capture 90's, with 01's UUIDs) names it, the new process
+    takes it up, and its real end arrives: Success with 101's billsec."""
+    events = trace_events(traces_dir / "01-inbound-single-answer.plain.txt")
+    bridge = next(i for i, e in enumerate(events) if e.name == "CHANNEL_BRIDGE")
+    b_leg = next(re.search(rb"\nUnique-ID: ([0-9a-f-]{36})\n", e.body).group(1) for e in events
+                 if e.name == "CHANNEL_CREATE" and b"\nCall-Direction: outbound\n" in e.body)
+    listing = active_call_bodies()["show channels as json"]
+    listing = listing.replace(LISTED_A, A01.encode()).replace(LISTED_B, b_leg)
+    with FakePlanfix() as planfix, FakeFreeSwitch() as fs:
+        service = ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url,
+                                 planfix_token=planfix.token).start()
+        try:
+            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
+            fs.replay(events[: bridge + 1]).wait(5)
+            planfix.wait_for(2, timeout=10, delivered=True)
+            service.wait_health(lambda h: h["outbox"]["depth"] == 0)
+            service.kill()
+            fs.set_api("show channels as json", listing)
+            service.start()
+            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected" and h["open_calls"] == 1)
+            fs.replay(events[bridge + 1:]).wait(5)
+            service.wait_health(lambda h: h["open_calls"] == 0 and h["outbox"]["depth"] == 0)
+            got = [dict(r, planfix_token=None) for r in planfix.requests]
+            # INCOMING/ACCEPTED come again from the new process (duplicates PlanFix tolerates)
+            assert [r for i, r in enumerate(got) if r not in got[:i]] == [
+                dict(incoming(A01, "101", "INCOMING"), planfix_token=None),
+                dict(incoming(A01, "101", "ACCEPTED"), planfix_token=None),
+                dict(incoming(A01, "101", "COMPLETED", duration="3", is_recorded="0", status="Success"),
+                     planfix_token=None),
+            ]
+            assert service.wait_health(lambda h: True)["open_calls_from_before_restart"] == 0
             planfix.assert_no_violations()
         finally:
             service.stop()

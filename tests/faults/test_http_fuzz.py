@@ -35,7 +35,9 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 # Commands the service itself sends on connect; everything else must be an originate.
 SESSION_COMMANDS = re.compile(
-    r"auth \S+|event plain [A-Z_ ]+|api show channels as json|api global_getvar core_uuid|exit")
+    r"auth \S+|event plain [A-Z_ ]+|api show channels as json|api global_getvar core_uuid|exit"
+    # the registration check before a makeCall: a validated extension only
+    r"|api sofia_contact [0-9]{2,6}")
 ORIGINATE = re.compile(r"bgapi (?P<line>originate [^\n]*)\nJob-UUID: (?P<job>[0-9a-f-]{36})")
 
 

@@ -1,0 +1,166 @@
+"""Call flows beyond a plain ring, as variations the captures (20-27) do not
+show on their own: one-at-a-time queue strategies, a transfer back to the
+first extension, a transfer outside, a talker replaced while still up, and
+adopting live calls from ``show channels as json``.
+
+Events are synthetic plain-event bytes (see test_tracker_edges), with the
+headers FreeSWITCH sends in the captures for the same facts.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fsbridge.fakes.freeswitch import active_call_bodies
+from fsbridge.tracker import CallTracker, adoption_events
+from tests.test_tracker_edges import T0, Call, event, feed_all, summary
+
+A_LISTED = "cf9e6d82-e4af-4a4a-adbb-4d63e4ae5566"   # capture 90's call
+B_LISTED = "0d4ec6ad-3849-475a-a21d-65d2ab06ffb0"
+
+
+def agent_leg(call: Call, b: str, ext: str, t: float):
+    """A mod_callcenter agent leg: no originator, only the member session UUID."""
+    return event("CHANNEL_CREATE", b, Channel__Call__UUID=b, Call__Direction="outbound",
+                 Caller__Caller__ID__Number=call.caller, Caller__Destination__Number=ext,
+                 variable_dialed_user=ext, variable_cc_member_session_uuid=call.a,
+                 Event__Date__Timestamp=str(T0 + int(t * 1e6)))
+
+
+def test_queue_ringing_one_agent_at_a_time_moves_on_with_cancelled():
+    """longest-idle / round-robin / top-down, agent no-answer: each agent
+    passed over is Cancelled before the next one rings."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0),
+        agent_leg(call, "q1", "101", 1), call.leg_end("q1", 16, cause="NO_ANSWER"),
+        agent_leg(call, "q2", "102", 17), call.leg_end("q2", 32, cause="NO_ANSWER"),
+        agent_leg(call, "q3", "103", 33), call.bridge("q3", 35),
+        call.leg_end("q3", 40, billsec=5), call.end(40),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "COMPLETED", "Cancelled", "0"),
+        ("102", "INCOMING", "", ""), ("102", "COMPLETED", "Cancelled", "0"),
+        ("103", "INCOMING", "", ""), ("103", "ACCEPTED", "", ""), ("103", "COMPLETED", "Success", "5"),
+    ]
+    assert {c.call_id for c in commands} == {"a1"}
+
+
+def test_queue_nobody_answers_is_missed_for_the_last_agent():
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), agent_leg(call, "q1", "101", 1), call.leg_end("q1", 16, cause="NO_ANSWER"),
+        agent_leg(call, "q2", "102", 17), call.end(20, cause="ORIGINATOR_CANCEL"),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "COMPLETED", "Cancelled", "0"),
+        ("102", "INCOMING", "", ""), ("102", "COMPLETED", "Missed", "0"),
+    ]
+
+
+def test_transfer_back_to_the_first_extension_is_a_second_part():
+    """Each time an extension rings it gets its own INCOMING ... COMPLETED."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), call.bridge("b1", 1),
+        call.leg_end("b1", 4, billsec=3),
+        call.leg("b2", "102", 4), call.leg_end("b2", 10, cause="NO_ANSWER"),
+        call.leg("b3", "101", 10), call.bridge("b3", 11), call.leg_end("b3", 18, billsec=7),
+        call.end(18),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "3"),
+        ("102", "INCOMING", "", ""), ("102", "COMPLETED", "Cancelled", "0"),
+        ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "7"),
+    ]
+
+
+def test_transfer_to_an_outside_number_ends_the_talkers_part():
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), call.bridge("b1", 1),
+        call.leg_end("b1", 4, billsec=3),
+        call.outside_leg("b2", "79990001122", t=4), call.bridge("b2", 6), call.leg_end("b2", 20, billsec=14),
+        call.end(20),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "3"),
+    ]
+
+
+def test_talker_replaced_while_still_up_counts_until_the_new_bridge():
+    """uuid_bridge of the caller elsewhere before the old leg's end arrives."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), call.leg("b2", "102", 0.1),
+        call.bridge("b1", 1), call.bridge("b2", 9),
+        call.leg_end("b1", 9), call.leg_end("b2", 15, billsec=6), call.end(15),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("102", "INCOMING", "", ""),
+        ("101", "ACCEPTED", "", ""), ("102", "COMPLETED", "Cancelled", "0"),
+        # 102's still-ringing leg was Cancelled when 101 won; bridged now, he rings anew
+        ("101", "COMPLETED", "Success", "8"),
+        ("102", "INCOMING", "", ""), ("102", "ACCEPTED", "", ""), ("102", "COMPLETED", "Success", "6"),
+    ]
+
+
+def test_a_repeated_bridge_changes_nothing():
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), call.bridge("b1", 1), call.bridge("b1", 1),
+        call.leg_end("b1", 4, billsec=3), call.end(4),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "3"),
+    ]
+
+
+# -- adoption -------------------------------------------------------------------
+
+def listing() -> str:
+    return active_call_bodies()["show channels as json"].decode()
+
+
+def test_adoption_events_of_capture_90():
+    events = adoption_events(listing(), T0)
+    assert [(e.name, e.uuid, e.direction, e.destination_number) for e in events] == [
+        ("CHANNEL_CREATE", A_LISTED, "inbound", "74950000000"),
+        ("CHANNEL_CREATE", B_LISTED, "outbound", "101"),
+        ("CHANNEL_BRIDGE", A_LISTED, "", ""),
+    ]
+    assert events[0].timestamp_us == 1795856524 * 1_000_000
+    assert events[2].bridge_b_uuid == B_LISTED
+
+
+def test_adopted_call_ends_with_its_real_facts():
+    tracker = CallTracker()
+    adopted = tracker.adopt(listing(), T0)
+    assert [(c.fields["event"], c.fields["ext"], c.fields["phone"], c.fields["diversion"]) for c in adopted] == [
+        ("INCOMING", "101", "79101234567", "74950000000"), ("ACCEPTED", "101", "79101234567", "74950000000"),
+    ]
+    call = Call(A_LISTED)
+    ended = feed_all(tracker, [call.leg_end(B_LISTED, 30, billsec=27), call.end(30)])
+    assert summary(ended) == [("101", "COMPLETED", "Success", "27")]
+    assert tracker.open_calls() == 0
+
+
+def test_adopting_a_call_already_tracked_sends_nothing_again():
+    tracker = CallTracker()
+    call = Call(A_LISTED)
+    feed_all(tracker, [call.create(0), call.leg(B_LISTED, "101", 0.1), call.bridge(B_LISTED, 1)])
+    assert tracker.adopt(listing(), T0) == []
+
+
+def test_a_ringing_leg_is_adopted_without_accepted():
+    reply = json.loads(listing())
+    reply["rows"][1]["callstate"] = "RINGING"
+    adopted = CallTracker().adopt(json.dumps(reply), T0)
+    assert [c.fields["event"] for c in adopted] == ["INCOMING"]
+
+
+def test_adoption_skips_legs_it_cannot_place():
+    reply = json.loads(listing())
+    reply["rows"][1]["call_uuid"] = reply["rows"][1]["uuid"]   # e.g. a queue agent leg: no link in the listing
+    assert CallTracker().adopt(json.dumps(reply), T0) == []
+    assert adoption_events('{"row_count":0}', T0) == []
