@@ -20,7 +20,7 @@ def check_connect(service: ServiceProcess) -> subprocess.CompletedProcess:
 def test_both_work(tmp_path):
     with FakePlanfix() as planfix, FakeFreeSwitch() as fs:
         service = ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url, planfix_token=planfix.token)
-        planfix.ping_reply = {"pbxToken": service.token, "pbxUrl": service.url}
+        planfix.ping_reply = {"pbxToken": service.token, "pbxUrl": service.url + "/planfix"}
         done = check_connect(service)
         assert fs.commands[:2] == ["auth ClueCon", "api status"]
     assert "FreeSWITCH 127.0.0.1:%d: logged in; UP " % fs.port in done.stdout, done.stdout
