@@ -217,6 +217,13 @@ SCHEMA: dict[str, list[Key]] = {
         Key("max_body_bytes", _int_range(1024, 1024 * 1024), "16384"),
         Key("auth_failures_per_minute", _int_range(1, 100000), "10"),
         Key("auth_block", _seconds(1, 86400), "300"),
+        Key("request_line_timeout", _seconds(0.1, 600), "10"),
+        Key("header_timeout", _seconds(0.1, 600), "10"),
+        Key("body_timeout", _seconds(0.1, 3600), "30"),
+        Key("keepalive_timeout", _seconds(0.1, 3600), "15"),
+        Key("tls_handshake_timeout", _seconds(0.1, 600), "10"),
+        Key("max_connections", _int_range(10, 1_000_000), "10000"),
+        Key("max_connections_per_address", _int_range(1, 1_000_000), "64"),
     ],
     "planfix": [
         Key("url", _url, ""),

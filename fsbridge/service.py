@@ -22,15 +22,11 @@ import time
 
 import gevent
 import gevent.event
-import gevent.pool
 
 from fsbridge import __version__
 from fsbridge.config import Config
 
 log = logging.getLogger("fsbridge.service")
-
-# Concurrent HTTP connections per listener; more wait in the accept queue.
-HTTP_MAX_CONNECTIONS = 1000
 
 
 class ServiceError(Exception):
@@ -329,20 +325,23 @@ class Service:
     # -- running ------------------------------------------------------------
 
     def _server(self, listen, app, tls: bool):
-        from fsbridge.lookup import NoDelayWSGIServer
+        from fsbridge.httpguard import GuardedWSGIServer, GuardSettings
 
         kwargs = {}
         if tls:
             kwargs = {"certfile": self.cfg.server.certfile, "keyfile": self.cfg.server.keyfile}
-        # A pool, not bare greenlets: it bounds concurrent connections (a
-        # flood cannot exhaust memory) and lets stop(timeout) wait for the
-        # requests in flight at SIGTERM instead of cutting them off.
-        return NoDelayWSGIServer((listen.host, listen.port), app, log=None,
-                                 error_log=logging.getLogger("fsbridge.http"),
-                                 spawn=gevent.pool.Pool(HTTP_MAX_CONNECTIONS), **kwargs)
+        # Timeouts per request phase and connection caps (httpguard): an idle
+        # or trickling client can no longer hold a slot PlanFix needs.
+        return GuardedWSGIServer((listen.host, listen.port), app, GuardSettings.from_config(self.cfg),
+                                 error_log=logging.getLogger("fsbridge.http"), **kwargs)
 
     def run(self) -> int:
+        from fsbridge.httpguard import raise_nofile_limit
+
         cfg = self.cfg
+        soft, _hard = raise_nofile_limit()
+        if soft < cfg.server.max_connections + 1000:
+            log.warning("open-files limit %d is below [server] max_connections + 1000: raise LimitNOFILE", soft)
         public = self._server(cfg.server.listen, self.app, tls=bool(cfg.server.certfile))
         lookup = self._server(cfg.dialplan.listen, self.lookup_app, tls=False)
         try:
