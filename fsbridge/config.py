@@ -80,6 +80,17 @@ def _host(raw: str) -> str:
     return raw
 
 
+def _host_patterns(raw: str) -> tuple[str, ...]:
+    """Host names or *.domain patterns, separated by spaces or commas."""
+    items = tuple(p for p in re.split(r"[\s,]+", raw) if p)
+    if not items:
+        raise ValueError("must name at least one host, e.g. *.planfix.ru")
+    for item in items:
+        if not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", item):
+            raise ValueError(f"expected host names or *.domain patterns, got {item!r}")
+    return items
+
+
 @dataclass(frozen=True)
 class Listen:
     host: str
@@ -229,6 +240,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("url", _url, ""),
         Key("token", _str, ""),
         Key("allow_http", _bool, "no"),
+        Key("allowed_hosts", _host_patterns, "*.planfix.ru *.planfix.com *.planfix.ua"),
         Key("connect_timeout", _seconds(0.1, 120), "3"),
         Key("read_timeout", _seconds(0.1, 600), "10"),
     ],

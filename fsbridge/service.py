@@ -63,12 +63,14 @@ def _make_credentials(cfg: Config, store):
 
 def _make_client(cfg: Config, credentials):
     from fsbridge.planfix import PlanfixClient
+    from fsbridge.planfix_address import AddressPolicy
 
     return PlanfixClient(
         credentials,
         connect_timeout=cfg.planfix.connect_timeout,
         read_timeout=cfg.planfix.read_timeout,
         pool_size=cfg.outbox.concurrency,
+        address_policy=AddressPolicy.from_config(cfg),
     )
 
 

@@ -43,6 +43,7 @@ from fsbridge import __version__
 from fsbridge.originate import OriginateError, OriginateSettings, build_originate
 from fsbridge.phone import clean_dial_number
 from fsbridge.planfix import Credentials
+from fsbridge.planfix_address import DEFAULT_ALLOWED_HOSTS, AddressPolicy, check_url, host_of
 from fsbridge.state import SettingsError, SettingsStore, validate_planfix_token, validate_planfix_url
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class WebSettings:
     """What the endpoint needs from the config (see the module doc of config keys)."""
 
     pbx_token: str = field(repr=False)  # [server] token: PlanFix sends it as `token`
-    allow_http: bool = False  # [planfix] allow_http: setup may store an http:// PlanFix URL
+    allow_http: bool = False  # [planfix] allow_http: lab mode, setup may store http://, IPs, any host
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS  # [planfix] allowed_hosts
     max_body_bytes: int = 16 * 1024  # [server] max_body_bytes
     originate: OriginateSettings = field(default_factory=OriginateSettings)  # [click_to_call] + [calls]
     # [security]: after `auth_failures` wrong tokens within `auth_window_s`
@@ -106,6 +108,7 @@ class WebSettings:
         return cls(
             pbx_token=server.token,
             allow_http=cfg.planfix.allow_http,
+            allowed_hosts=tuple(cfg.planfix.allowed_hosts),
             max_body_bytes=server.max_body_bytes,
             originate=OriginateSettings(
                 dial_string=c2c.dial_string,
@@ -326,6 +329,14 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             raise _Reject(413, REQUEST_TOO_LARGE, f"more than {_MAX_FORM_FIELDS} form fields")
         return form
 
+    address_policy = AddressPolicy(settings.allowed_hosts, lab_mode=settings.allow_http)
+
+    def current_credentials() -> Credentials | None:
+        try:
+            return deps.credentials() if deps.credentials is not None else deps.settings_store.load()
+        except SettingsError:
+            return None
+
     def setup(form: MultiDict[str, str]) -> Response:
         url, token = _single(form, "planfix_url"), _single(form, "planfix_token")
         try:
@@ -334,17 +345,23 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             if token is None:
                 raise ValueError("planfix_token is missing (or sent more than once)")
             url = validate_planfix_url(url, settings.allow_http)
+            check_url(url, address_policy)
             token = validate_planfix_token(token)
         except ValueError as exc:
             log.warning("setup from %s refused: %s", request.remote_addr, exc)
             raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
+        previous = current_credentials()
         try:
             deps.settings_store.save(Credentials(url=url, token=token))
         except SettingsError as exc:
             log.error("setup from %s: %s", request.remote_addr, exc)
             raise _Reject(500, INTERNAL_ERROR,
                           "the PBX could not store the PlanFix settings; see the fsbridge log") from None
-        log.info("setup from %s: PlanFix URL set to %s", request.remote_addr, url)
+        # Hosts only: a query string may carry secrets.
+        if previous is not None and host_of(previous.url) != host_of(url):
+            log.warning("setup from %s: PlanFix address changed from %s to %s", request.remote_addr,
+                        host_of(previous.url), host_of(url))
+        log.info("setup from %s: PlanFix host set to %s", request.remote_addr, host_of(url))
         try:
             deps.on_credentials_changed()
         except Exception:  # stored durably already; the outbox picks them up on its next try
