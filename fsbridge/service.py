@@ -104,7 +104,7 @@ class Service:
         from fsbridge.esl import EslConnection, EslNotConnected, EslTimeout
         from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
         from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
-        from fsbridge.web import WebDeps, WebSettings, create_app
+        from fsbridge.web import WebDeps, WebSettings, create_app, register_detailed_health
 
         cfg = self.cfg
         self.settings_store = _settings_store(cfg)
@@ -169,25 +169,25 @@ class Service:
             idle_timeout=cfg.freeswitch.idle_timeout,
         )
         web_settings = WebSettings.from_config(cfg)
-        self.app = create_app(
-            web_settings,
-            WebDeps(
-                originate=lambda command, job_uuid: self.esl.bgapi(command, job_uuid=job_uuid),
-                settings_store=self.settings_store,
-                on_credentials_changed=self.outbox.wake,
-                health=self.health,
-                not_connected_errors=(EslNotConnected, EslTimeout),
-                client_name=self.lookup.contact_name_for,
-                normalize_to=functools.partial(
-                    phone.dial_number,
-                    region=cfg.phone.default_region,
-                    keep_plus=cfg.click_to_call.keep_plus,
-                    extension_pattern=cfg.calls.extension_pattern,
-                ),
-                credentials=self.credentials,
+        self._web_deps = WebDeps(
+            originate=lambda command, job_uuid: self.esl.bgapi(command, job_uuid=job_uuid),
+            settings_store=self.settings_store,
+            on_credentials_changed=self.outbox.wake,
+            health=self.health,
+            not_connected_errors=(EslNotConnected, EslTimeout),
+            client_name=self.lookup.contact_name_for,
+            normalize_to=functools.partial(
+                phone.dial_number,
+                region=cfg.phone.default_region,
+                keep_plus=cfg.click_to_call.keep_plus,
+                extension_pattern=cfg.calls.extension_pattern,
             ),
+            credentials=self.credentials,
         )
+        self.app = create_app(web_settings, self._web_deps)
         recordings.register_routes(self.app, self.recordings)
+        # The detailed /healthz only on the dialplan listener (loopback by default).
+        register_detailed_health(self.lookup_app, self._web_deps)
 
     # -- the event path (runs in the ESL reader greenlet: must not block) ----
 

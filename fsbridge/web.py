@@ -286,6 +286,58 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+def public_health(detail: dict[str, Any]) -> dict[str, Any]:
+    """What anyone on the internet may see of ``detail``: ``status`` and numbers.
+
+    No text at all beyond the status word: upstream replies, error messages,
+    addresses, URLs and the Core-UUID are strings, and strings stay on the
+    loopback listener (``register_detailed_health``).  Nested dicts keep only
+    their integer and boolean values (counts, flags).
+    """
+    out: dict[str, Any] = {}
+    for key, value in detail.items():
+        if key in ("status", "version", "health_error") and isinstance(value, str):  # our own words
+            out[key] = value
+        elif isinstance(value, dict):
+            counts = public_health({k: v for k, v in value.items() if k not in ("status", "version")})
+            if counts:
+                out[key] = counts
+        elif isinstance(value, (bool, int, float)) and "port" not in key:
+            out[key] = value
+    return out
+
+
+def health_body(deps: WebDeps, detailed: bool) -> tuple[dict[str, Any], int]:
+    """The /healthz answer: (body, HTTP status).  The status code comes from
+    what the service reports, never from what is shown."""
+    body: dict[str, Any] = {"version": __version__}
+    status = 200
+    try:
+        creds = deps.credentials() if deps.credentials is not None else deps.settings_store.load()
+        body["planfix_configured"] = creds is not None
+    except SettingsError as exc:
+        body["planfix_configured"] = False
+        body["planfix_settings_error"] = str(exc)
+    try:
+        body.update(_scrub(dict(deps.health())))
+    except Exception:
+        log.exception("health check failed")
+        body["health_error"] = "health check failed; see the log"
+        status = 503
+    if "freeswitch" in body and isinstance(body["freeswitch"], dict):
+        body["freeswitch"].setdefault("connected", body["freeswitch"].get("state") == "connected")
+    return (body if detailed else public_health(body)), status
+
+
+def register_detailed_health(app: Flask, deps: WebDeps) -> None:
+    """The full /healthz (errors, addresses, Core-UUID) on a loopback-only app."""
+
+    @app.get(HEALTH_PATH, provide_automatic_options=False)
+    def healthz_detailed() -> Response:
+        body, status = health_body(deps, detailed=True)
+        return _json(status, body)
+
+
 def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     """The PlanFix-facing Flask app; the limiter is ``app.extensions["fsbridge.auth_limiter"]``."""
     app = Flask("fsbridge.web")
@@ -422,20 +474,8 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
 
     @app.get(HEALTH_PATH, provide_automatic_options=False)
     def healthz() -> Response:
-        body: dict[str, Any] = {"version": __version__}
-        status = 200
-        try:
-            creds = deps.credentials() if deps.credentials is not None else deps.settings_store.load()
-            body["planfix_configured"] = creds is not None
-        except SettingsError as exc:
-            body["planfix_configured"] = False
-            body["planfix_settings_error"] = str(exc)
-        try:
-            body.update(_scrub(dict(deps.health())))
-        except Exception:
-            log.exception("health check failed")
-            body["health_error"] = "health check failed; see the log"
-            status = 503
+        # The public listener: status and counts only (see public_health).
+        body, status = health_body(deps, detailed=False)
         return _json(status, body)
 
     @app.errorhandler(HTTPException)

@@ -123,7 +123,8 @@ class ServiceProcess:
         raise RuntimeError(f"service did not answer /healthz in {wait}s:\n{self.log()}")
 
     def health(self) -> dict:
-        return requests.get(self.url + "/healthz", timeout=5, verify=False).json()
+        """The detailed /healthz: served on the loopback dialplan listener only."""
+        return requests.get(self.dialplan_url + "/healthz", timeout=5).json()
 
     def wait_health(self, predicate, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+import flask
 import pytest
 import requests
 from gevent.pywsgi import WSGIServer
@@ -20,7 +21,7 @@ from fsbridge.esl import EslNotConnected, EslTimeout
 from fsbridge.originate import OriginateSettings
 from fsbridge.planfix import Credentials
 from fsbridge.state import SettingsError, SettingsStore
-from fsbridge.web import WebDeps, WebSettings, create_app
+from fsbridge.web import WebDeps, WebSettings, create_app, register_detailed_health
 
 TOKEN = "202cb962ac59075b964b07152d234b70"
 PF_URL = "https://test.planfix.ru/tel/api"
@@ -508,15 +509,40 @@ def test_healthz_has_no_secrets(h, served):
     body = r.json()
     assert body["version"] == __version__
     assert body["planfix_configured"] is True
-    assert body["esl"] == {"state": "connected"} and body["outbox"] == {"depth": 0}
+    # The public view: status and counts only; the ESL state text stays on loopback.
+    assert "esl" not in body and body["outbox"] == {"depth": 0}
     for secret in (TOKEN, PF_TOKEN, "ClueCon"):
         assert secret not in r.text
 
 
-def test_healthz_reports_unconfigured_and_corrupt_settings(h, served):
-    assert requests.get(f"{served}/healthz", timeout=5).json()["planfix_configured"] is False
+def test_public_healthz_shows_no_upstream_text_addresses_or_uuids(h):
+    h.deps.health = lambda: {
+        "status": "degraded",
+        "freeswitch": {"state": "connected", "detail": "10.0.0.5:8021", "core_uuid": "c0ffee-uuid", "connections": 3},
+        "outbox": {"depth": 7, "last_error": "HTTP 500 from http://10.1.1.1/x: secret reply", "in_flight": 1},
+        "storage_error": "disk /var/lib/fsbridge full",
+    }
+    body = h.client.get("/healthz").get_json()
+    assert body == {"version": __version__, "planfix_configured": False, "status": "degraded",
+                    "freeswitch": {"connections": 3, "connected": True}, "outbox": {"depth": 7, "in_flight": 1}}
+
+
+def test_detailed_healthz_is_served_where_registered(h):
+    h.deps.health = lambda: {"status": "ok", "outbox": {"depth": 0, "last_error": "HTTP 500 from x"}}
+    loopback_app = flask.Flask("loopback")
+    register_detailed_health(loopback_app, h.deps)
+    body = loopback_app.test_client().get("/healthz").get_json()
+    assert body["outbox"]["last_error"] == "HTTP 500 from x"
+
+
+def test_healthz_reports_unconfigured_and_corrupt_settings(h):
+    assert h.client.get("/healthz").get_json()["planfix_configured"] is False
     h.store_path.write_text("{broken")
-    body = requests.get(f"{served}/healthz", timeout=5).json()
+    public = h.client.get("/healthz").get_json()
+    assert public["planfix_configured"] is False and "planfix_settings_error" not in public
+    loopback_app = flask.Flask("loopback")
+    register_detailed_health(loopback_app, h.deps)
+    body = loopback_app.test_client().get("/healthz").get_json()
     assert body["planfix_configured"] is False and "damaged" in body["planfix_settings_error"]
 
 

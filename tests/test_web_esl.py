@@ -27,7 +27,7 @@ def stack(fake, tmp_path):  # noqa: F811
     deps = WebDeps(
         originate=lambda command, job_uuid: esl.bgapi(command, job_uuid=job_uuid),
         settings_store=SettingsStore(tmp_path / "planfix-settings.json"),
-        health=lambda: {"freeswitch": esl.state},
+        health=lambda: {"freeswitch": esl.health()},
         not_connected_errors=(EslNotConnected, EslTimeout),
     )
     server = WSGIServer(("127.0.0.1", 0), create_app(WebSettings(pbx_token=TOKEN), deps), log=None)
@@ -66,4 +66,4 @@ def test_freeswitch_down_is_503_and_nothing_queued(stack):
     assert r.status_code == 503 and r.json() == {"error": "FreeSWITCH is not connected"}
     assert not [c for c in fs.commands if c.startswith("bgapi")]
     health = requests.get(f"{url}/healthz", timeout=5).json()
-    assert health["freeswitch"] != "connected"
+    assert health["freeswitch"]["connected"] is False
