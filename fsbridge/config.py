@@ -161,6 +161,20 @@ def _region(raw: str) -> str:
     return raw.upper()
 
 
+def _regions(raw: str) -> tuple[str, ...]:
+    """Two-letter country codes separated by spaces or commas (empty: none)."""
+    return tuple(_region(item) for item in re.split(r"[\s,]+", raw) if item)
+
+
+def _prefixes(raw: str) -> tuple[str, ...]:
+    """Number prefixes ("+7800", "8800", "103") separated by spaces or commas."""
+    items = tuple(p for p in re.split(r"[\s,]+", raw) if p)
+    for item in items:
+        if not re.fullmatch(r"\+?[0-9]{1,15}", item):
+            raise ValueError(f"expected number prefixes such as +7800, got {item!r}")
+    return items
+
+
 def _log_level(raw: str) -> str:
     value = raw.upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -270,6 +284,12 @@ SCHEMA: dict[str, list[Key]] = {
         Key("keep_plus", _bool, "no"),
         Key("caller_id_name", _caller_id_name, ""),
         Key("caller_id_number", _caller_id_number, ""),
+        Key("allowed_countries", _regions, ""),
+        Key("allow_prefixes", _prefixes, ""),
+        Key("deny_prefixes", _prefixes, ""),
+        Key("calls_per_extension_per_minute", _int_range(1, 100000), "10"),
+        Key("calls_per_minute", _int_range(1, 1000000), "60"),
+        Key("max_concurrent", _int_range(1, 100000), "20"),
     ],
     "dialplan": [
         Key("listen", _listen, "127.0.0.1:8081"),

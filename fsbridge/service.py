@@ -183,6 +183,9 @@ class Service:
                 extension_pattern=cfg.calls.extension_pattern,
             ),
             credentials=self.credentials,
+            # A click-to-call's UUID is its A leg: open while the tracker has it.
+            # (tracker has no public lookup by UUID yet; a read-only peek.)
+            call_active=lambda call_uuid: call_uuid in self.tracker._calls,  # noqa: SLF001
         )
         self.app = create_app(web_settings, self._web_deps)
         recordings.register_routes(self.app, self.recordings)

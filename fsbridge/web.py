@@ -40,7 +40,14 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from fsbridge import __version__
-from fsbridge.originate import OriginateError, OriginateSettings, build_originate
+from fsbridge.originate import (
+    CallPolicy,
+    OriginateError,
+    OriginateSettings,
+    RateLimiter,
+    build_originate,
+    check_destination,
+)
 from fsbridge.phone import clean_dial_number
 from fsbridge.planfix import Credentials
 from fsbridge.planfix_address import DEFAULT_ALLOWED_HOSTS, AddressPolicy, check_url, host_of
@@ -93,6 +100,11 @@ class WebSettings:
     auth_window_s: float = 60.0
     auth_block_s: float = 300.0
     auth_max_addresses: int = 10_000  # bound on the failure table (memory)
+    # [click_to_call] destination policy; None: no policy (unit tests of other parts).
+    call_policy: CallPolicy | None = field(default_factory=CallPolicy)
+    calls_per_extension: int = 10  # [click_to_call] calls_per_extension_per_minute
+    calls_total: int = 60  # [click_to_call] calls_per_minute
+    max_concurrent_calls: int = 20  # [click_to_call] max_concurrent
 
     @classmethod
     def from_config(cls, cfg: Any) -> "WebSettings":
@@ -122,6 +134,17 @@ class WebSettings:
             ),
             auth_failures=server.auth_failures_per_minute,
             auth_window_s=60.0,
+            call_policy=CallPolicy(
+                default_region=cfg.phone.default_region,
+                allowed_countries=tuple(c2c.allowed_countries),
+                allow_prefixes=tuple(c2c.allow_prefixes),
+                deny_prefixes=tuple(c2c.deny_prefixes),
+                keep_plus=c2c.keep_plus,
+                extension_pattern=cfg.calls.extension_pattern,
+            ),
+            calls_per_extension=c2c.calls_per_extension_per_minute,
+            calls_total=c2c.calls_per_minute,
+            max_concurrent_calls=c2c.max_concurrent,
             auth_block_s=float(optional_server.get("auth_block", cls.auth_block_s)),
         )
 
@@ -160,6 +183,9 @@ class WebDeps:
     # default: what settings_store holds.
     credentials: Callable[[], Credentials | None] | None = None
     clock: Callable[[], float] = time.monotonic
+    # Is this click-to-call (by call UUID) still up?  Counts towards
+    # max_concurrent_calls; default: a call counts for its ringing time only.
+    call_active: Callable[[str], bool] | None = None
 
 
 class _Failures:
@@ -354,6 +380,21 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     app.extensions["fsbridge.auth_limiter"] = limiter
     normalize_to = deps.normalize_to or functools.partial(clean_dial_number, keep_plus=settings.originate.keep_plus)
     extension = re.compile(settings.originate.extension_pattern)
+    call_rate = RateLimiter(settings.calls_per_extension, settings.calls_total)
+    placed: collections.OrderedDict[str, float] = collections.OrderedDict()  # call uuid -> when accepted
+
+    def concurrent_calls(now: float) -> int:
+        # A call counts while the manager's phone may still ring, and after
+        # that while FreeSWITCH still has it (when the service can tell).
+        ringing = settings.originate.timeout_s + 5
+        for call_uuid, at in list(placed.items()):
+            if now - at > ringing and (deps.call_active is None or not deps.call_active(call_uuid)):
+                del placed[call_uuid]
+        return len(placed)
+
+    def refuse_call(ext: str, to: str, reason: str) -> None:
+        log.warning("makeCall from %s refused: %s -> %s: %s", request.remote_addr, ext, _echo(to), reason)
+        raise _Reject(400, INVALID_PARAMETERS, reason)
 
     def authenticate(form: MultiDict[str, str]) -> None:
         address = request.remote_addr
@@ -439,10 +480,24 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             raise _Reject(400, INVALID_PARAMETERS,
                           "to must be one phone number: digits, '*', '#', optional leading '+', "
                           "at most 32 characters (spaces, dashes, dots, parentheses are ignored)")
+        keep_plus = None
+        if settings.call_policy is not None:
+            verdict = check_destination(clean_dial_number(raw_to, keep_plus=True) or "", settings.call_policy)
+            if verdict.dial is None:
+                refuse_call(ext, raw_to, verdict.reason)
+            number, keep_plus = verdict.dial, True
+            now = deps.clock()
+            if concurrent_calls(now) >= settings.max_concurrent_calls:
+                refuse_call(ext, raw_to, f"{settings.max_concurrent_calls} click-to-call calls are already "
+                                         "under way ([click_to_call] max_concurrent)")
+            too_many = call_rate.allow(ext, now)
+            if too_many:
+                refuse_call(ext, raw_to, too_many)
         call_uuid, request_id = str(uuid.uuid4()), str(uuid.uuid4())
         try:
             command = build_originate(ext, number, call_uuid=call_uuid, request_id=request_id,
-                                      client_name=lookup_client_name(number), settings=settings.originate)
+                                      client_name=lookup_client_name(number), settings=settings.originate,
+                                      keep_plus=keep_plus)
         except OriginateError as exc:
             # normalize_to let through something the builder's whitelist refuses.
             log.warning("makeCall from %s refused: %s", request.remote_addr, exc)
@@ -452,6 +507,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
         except deps.not_connected_errors as exc:
             log.warning("makeCall %s -> %s (call %s): FreeSWITCH unavailable: %s", ext, number, call_uuid, exc)
             raise _Reject(503, NOT_CONNECTED) from None
+        placed[call_uuid] = deps.clock()
         log.info("makeCall from %s: %s -> %s, call %s, job %s", request.remote_addr, ext, number,
                  call_uuid, job_uuid)
         return _json(200, {"callid": call_uuid})
