@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import functools
 import hmac
-import ipaddress
 import logging
 import re
 import time
@@ -40,6 +39,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from fsbridge import __version__
+from fsbridge.httpguard import address_key
 from fsbridge.originate import (
     CallPolicy,
     OriginateError,
@@ -217,46 +217,44 @@ class AuthFailureLimiter:
         self.max_addresses = max_addresses
         self._clock = clock
         self._table: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+        # Blocked addresses live apart: a flood of new addresses evicts only
+        # counting entries, never a block (issue 14).  Bounded the same way,
+        # the block ending soonest going first.
+        self._blocked: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
 
-    @staticmethod
-    def key(address: str | None) -> str:
-        if not address:
-            return "unknown"
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return address[:64]
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped is not None:
-                return str(ip.ipv4_mapped)
-            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return str(ip)
+    key = staticmethod(address_key)
 
     def is_blocked(self, address: str | None) -> bool:
-        entry = self._table.get(self.key(address))
+        entry = self._blocked.get(self.key(address))
         return entry is not None and entry.blocked_until > self._clock()
 
     def record_failure(self, address: str | None) -> bool:
         """Count one wrong token; True when the address is (now) blocked."""
         key, now = self.key(address), self._clock()
+        blocked = self._blocked.get(key)
+        if blocked is not None:
+            if blocked.blocked_until > now:
+                blocked.refused += 1
+                return True
+            del self._blocked[key]
+            if blocked.refused:
+                log.warning("wrong-token block for %s ended; %d more wrong tokens were refused during it",
+                            key, blocked.refused)
         entry = self._table.pop(key, None) or _Failures()
         self._table[key] = entry  # most recent at the end
         while len(self._table) > self.max_addresses:
             self._table.popitem(last=False)
-        if entry.blocked_until > now:
-            entry.refused += 1
-            return True
-        if entry.refused:
-            log.warning("wrong-token block for %s ended; %d more wrong tokens were refused during it",
-                        key, entry.refused)
-            entry.refused = 0
         times = entry.times
         times.append(now)
         while times and times[0] <= now - self.window_s:
             times.popleft()
         if len(times) >= self.limit:
+            del self._table[key]
             times.clear()
             entry.blocked_until = now + self.block_s
+            self._blocked[key] = entry  # block_s is fixed: insertion order is expiry order
+            while len(self._blocked) > self.max_addresses:
+                self._blocked.popitem(last=False)
             log.warning(
                 "%d wrong tokens from %s within %gs: refusing its wrong tokens with 429 for %gs "
                 "(valid tokens still pass)", self.limit, key, self.window_s, self.block_s,
@@ -264,7 +262,7 @@ class AuthFailureLimiter:
         return False
 
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._table) + len(self._blocked)
 
 
 class _Reject(Exception):

@@ -344,6 +344,24 @@ def test_rate_limit_table_is_bounded(tmp_path):
     assert len(h.limiter) == 50
 
 
+def test_a_flood_of_new_addresses_does_not_evict_a_blocked_one(h):
+    """Issue 14: 10,000 wrong tokens from distinct addresses (the table holds 10,000)."""
+    for _ in range(10):
+        h.post(address="203.0.113.9", **make_call(token="guess"))
+    assert h.limiter.is_blocked("203.0.113.9")
+    for i in range(10_000):
+        h.post(address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", **make_call(token="guess"))
+    assert h.limiter.is_blocked("203.0.113.9")
+    assert h.post(address="203.0.113.9", **make_call(token="guess")).status_code == 429
+    assert len(h.limiter) <= 2 * h.limiter.max_addresses
+
+
+def test_ipv6_flood_from_one_prefix_is_one_entry(h):
+    for i in range(1000):
+        h.post(address=f"2001:db8:5::{i + 1:x}", **make_call(token="guess"))
+    assert len(h.limiter) == 1 and h.limiter.is_blocked("2001:db8:5::1")
+
+
 # --- setup ---------------------------------------------------------------------
 
 
