@@ -201,13 +201,19 @@ class GuardedHandler(WSGIHandler):
             self.server._set_idle(self, False)
             self._requests_done += 1
 
+    def MessageClass(self, *args: Any) -> Any:  # noqa: N802 - pywsgi's name
+        headers = super().MessageClass(*args)
+        # Seen here, before pywsgi drops Content-Length in favour of chunking.
+        self._length_and_encoding = "content-length" in headers and "transfer-encoding" in headers
+        return headers
+
     def read_request(self, raw_requestline: str) -> bool:
         try:
             with gevent.Timeout(self.server.guard.header_timeout, _PhaseExpired):
                 ok = super().read_request(raw_requestline)
         except _PhaseExpired:
             raise ValueError("headers not complete in time") from None
-        if ok and "transfer-encoding" in self.headers and "content-length" in self.headers:
+        if ok and getattr(self, "_length_and_encoding", False):
             # pywsgi would drop Content-Length and read chunks; a proxy in
             # front may have done the opposite: refuse the ambiguity.
             raise ValueError("both Content-Length and Transfer-Encoding")
