@@ -147,7 +147,7 @@ class Service:
             log.warning("recordings: %s", problem)
         try:
             self.recordings = recordings.Recordings(
-                rec_settings, emit=self._store, is_delivered=self._delivered
+                rec_settings, emit=self._store, pending_call_ids=self._pending_call_ids
             )
         except RecordingsError as exc:
             raise ServiceError(f"{cfg.path}: {exc}") from None
@@ -267,8 +267,9 @@ class Service:
                 log.info("storage works again: %d held PlanFix requests stored", len(batch))
                 self._storage_error = ""
 
-    def _delivered(self, call_id: str) -> bool:
-        return not any(entry.call_id == call_id for entry in self.outbox.list_entries())
+    def _pending_call_ids(self) -> set[str]:
+        """Calls with requests not yet accepted by PlanFix (one outbox read per retention run)."""
+        return {entry.call_id for entry in self.outbox.list_entries()}
 
     # -- ESL connection life -------------------------------------------------
 
