@@ -263,6 +263,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("max_age", _seconds(60, 365 * 86400), "604800"),
         Key("min_backoff", _seconds(0.01, 3600), "1"),
         Key("max_backoff", _seconds(0.1, 86400), "300"),
+        Key("max_depth", _int_range(100, 100_000_000), "1000000"),
     ],
     "storage": [
         Key("dir", _nonempty, "/var/lib/fsbridge"),

@@ -84,6 +84,7 @@ class Service:
         self._batch: list = []  # commands produced since the event greenlet last yielded
         self._flusher: gevent.Greenlet | None = None
         self._storage_error = ""
+        self._outbox_full = False
         try:
             os.makedirs(cfg.storage.dir, exist_ok=True)
         except OSError as exc:
@@ -186,6 +187,7 @@ class Service:
             # A click-to-call's UUID is its A leg: open while the tracker has it.
             # (tracker has no public lookup by UUID yet; a read-only peek.)
             call_active=lambda call_uuid: call_uuid in self.tracker._calls,  # noqa: SLF001
+            refuse_calls=lambda: "the PBX's queue for PlanFix is full" if self._check_outbox_bound() else None,
         )
         self.app = create_app(web_settings, self._web_deps)
         recordings.register_routes(self.app, self.recordings)
@@ -242,7 +244,22 @@ class Service:
             self._storage_failed(exc)
             return False
         self._note_open_calls(commands)
+        self._check_outbox_bound()
         return True
+
+    def _check_outbox_bound(self) -> bool:
+        """True when the outbox holds [outbox] max_depth or more; alerts once per crossing.
+        Nothing is dropped at the bound: call records keep being stored (see conf/)."""
+        depth = self.outbox.stats()["depth"]
+        full = depth >= self.cfg.outbox.max_depth
+        if full and not self._outbox_full:
+            log.error("outbox holds %d requests for PlanFix ([outbox] max_depth %d): PlanFix has not taken "
+                      "them; new click-to-call requests are refused until it does, call records are still kept",
+                      depth, self.cfg.outbox.max_depth)
+        elif not full and self._outbox_full:
+            log.info("outbox below [outbox] max_depth again (%d requests)", depth)
+        self._outbox_full = full
+        return full
 
     def _note_open_calls(self, commands: list) -> None:
         from fsbridge.opencalls import OpenCallsError
@@ -318,7 +335,9 @@ class Service:
         if self._unsaved:
             outbox_stats["unsaved_in_memory"] = len(self._unsaved)
         return {
-            "status": "ok" if self.esl.state == "connected" and not self._storage_error else "degraded",
+            "status": "ok" if self.esl.state == "connected" and not self._storage_error
+            and not self._check_outbox_bound() else "degraded",
+            "outbox_full": self._outbox_full,
             "freeswitch": self.esl.health(),
             "outbox": outbox_stats,
             "storage_error": self._storage_error or None,

@@ -67,6 +67,7 @@ INVALID_TOKEN = "Invalid token"
 TOO_MANY_REQUESTS = "Too many requests"
 REQUEST_TOO_LARGE = "Request too large"
 NOT_CONNECTED = "FreeSWITCH is not connected"
+SERVICE_BUSY = "Service unavailable"
 INTERNAL_ERROR = "Internal error"
 _HTTP_ERROR_TEXT = {
     400: INVALID_PARAMETERS,
@@ -186,6 +187,8 @@ class WebDeps:
     # Is this click-to-call (by call UUID) still up?  Counts towards
     # max_concurrent_calls; default: a call counts for its ringing time only.
     call_active: Callable[[str], bool] | None = None
+    # A reason to refuse every makeCall now (503), e.g. the outbox is at its bound.
+    refuse_calls: Callable[[], str | None] | None = None
 
 
 class _Failures:
@@ -478,6 +481,10 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             raise _Reject(400, INVALID_PARAMETERS,
                           "to must be one phone number: digits, '*', '#', optional leading '+', "
                           "at most 32 characters (spaces, dashes, dots, parentheses are ignored)")
+        busy = deps.refuse_calls() if deps.refuse_calls is not None else None
+        if busy:
+            log.error("makeCall from %s refused (503): %s", request.remote_addr, busy)
+            raise _Reject(503, SERVICE_BUSY, busy)
         keep_plus = None
         if settings.call_policy is not None:
             verdict = check_destination(clean_dial_number(raw_to, keep_plus=True) or "", settings.call_policy)
