@@ -13,6 +13,7 @@ commit), so a slow PlanFix never stalls event intake.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -349,7 +350,7 @@ class Service:
 
     # -- running ------------------------------------------------------------
 
-    def _server(self, listen, app, tls: bool):
+    def _server(self, listen, app, tls: bool, public: bool = True):
         from fsbridge.httpguard import GuardedWSGIServer, GuardSettings
 
         kwargs = {}
@@ -357,7 +358,12 @@ class Service:
             kwargs = {"certfile": self.cfg.server.certfile, "keyfile": self.cfg.server.keyfile}
         # Timeouts per request phase and connection caps (httpguard): an idle
         # or trickling client can no longer hold a slot PlanFix needs.
-        return GuardedWSGIServer((listen.host, listen.port), app, GuardSettings.from_config(self.cfg),
+        guard = GuardSettings.from_config(self.cfg)
+        if not public:
+            # The dialplan lookup: every request comes from FreeSWITCH's one
+            # address; only the total and the timeouts apply.
+            guard = dataclasses.replace(guard, max_per_address=guard.max_connections)
+        return GuardedWSGIServer((listen.host, listen.port), app, guard,
                                  error_log=logging.getLogger("fsbridge.http"), **kwargs)
 
     def run(self) -> int:
@@ -368,7 +374,7 @@ class Service:
         if soft < cfg.server.max_connections + 1000:
             log.warning("open-files limit %d is below [server] max_connections + 1000: raise LimitNOFILE", soft)
         public = self._server(cfg.server.listen, self.app, tls=bool(cfg.server.certfile))
-        lookup = self._server(cfg.dialplan.listen, self.lookup_app, tls=False)
+        lookup = self._server(cfg.dialplan.listen, self.lookup_app, tls=False, public=False)
         try:
             public.start()
             lookup.start()
