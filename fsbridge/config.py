@@ -80,6 +80,17 @@ def _host(raw: str) -> str:
     return raw
 
 
+def _host_patterns(raw: str) -> tuple[str, ...]:
+    """Host names or *.domain patterns, separated by spaces or commas."""
+    items = tuple(p for p in re.split(r"[\s,]+", raw) if p)
+    if not items:
+        raise ValueError("must name at least one host, e.g. *.planfix.ru")
+    for item in items:
+        if not re.fullmatch(r"(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", item):
+            raise ValueError(f"expected host names or *.domain patterns, got {item!r}")
+    return items
+
+
 @dataclass(frozen=True)
 class Listen:
     host: str
@@ -148,6 +159,20 @@ def _region(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z]{2}", raw):
         raise ValueError(f"expected a two-letter country code such as RU, got {raw!r}")
     return raw.upper()
+
+
+def _regions(raw: str) -> tuple[str, ...]:
+    """Two-letter country codes separated by spaces or commas (empty: none)."""
+    return tuple(_region(item) for item in re.split(r"[\s,]+", raw) if item)
+
+
+def _prefixes(raw: str) -> tuple[str, ...]:
+    """Number prefixes ("+7800", "8800", "103") separated by spaces or commas."""
+    items = tuple(p for p in re.split(r"[\s,]+", raw) if p)
+    for item in items:
+        if not re.fullmatch(r"\+?[0-9]{1,15}", item):
+            raise ValueError(f"expected number prefixes such as +7800, got {item!r}")
+    return items
 
 
 def _log_level(raw: str) -> str:
@@ -227,11 +252,19 @@ SCHEMA: dict[str, list[Key]] = {
         Key("max_body_bytes", _int_range(1024, 1024 * 1024), "16384"),
         Key("auth_failures_per_minute", _int_range(1, 100000), "10"),
         Key("auth_block", _seconds(1, 86400), "300"),
+        Key("request_line_timeout", _seconds(0.1, 600), "10"),
+        Key("header_timeout", _seconds(0.1, 600), "10"),
+        Key("body_timeout", _seconds(0.1, 3600), "30"),
+        Key("keepalive_timeout", _seconds(0.1, 3600), "15"),
+        Key("tls_handshake_timeout", _seconds(0.1, 600), "10"),
+        Key("max_connections", _int_range(10, 1_000_000), "10000"),
+        Key("max_connections_per_address", _int_range(1, 1_000_000), "64"),
     ],
     "planfix": [
         Key("url", _url, ""),
         Key("token", _str, ""),
         Key("allow_http", _bool, "no"),
+        Key("allowed_hosts", _host_patterns, "*.planfix.ru *.planfix.com *.planfix.ua"),
         Key("connect_timeout", _seconds(0.1, 120), "3"),
         Key("read_timeout", _seconds(0.1, 600), "10"),
     ],
@@ -240,6 +273,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("max_age", _seconds(60, 365 * 86400), "604800"),
         Key("min_backoff", _seconds(0.01, 3600), "1"),
         Key("max_backoff", _seconds(0.1, 86400), "300"),
+        Key("max_depth", _int_range(100, 100_000_000), "1000000"),
     ],
     "storage": [
         Key("dir", _nonempty, "/var/lib/fsbridge"),
@@ -262,6 +296,12 @@ SCHEMA: dict[str, list[Key]] = {
         Key("caller_id_name", _caller_id_name, ""),
         Key("caller_id_number", _caller_id_number, ""),
         Key("client_caller_id", _caller_id_number, ""),
+        Key("allowed_countries", _regions, ""),
+        Key("allow_prefixes", _prefixes, ""),
+        Key("deny_prefixes", _prefixes, ""),
+        Key("calls_per_extension_per_minute", _int_range(1, 100000), "10"),
+        Key("calls_per_minute", _int_range(1, 1000000), "60"),
+        Key("max_concurrent", _int_range(1, 100000), "20"),
     ],
     "dialplan": [
         Key("listen", _listen, "127.0.0.1:8081"),

@@ -195,7 +195,7 @@ class Demo:
     def esl_connected(self) -> bool:
         self.check_alive()
         try:
-            health = requests.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).json()
+            health = requests.get(f"http://127.0.0.1:{self.lookup_port}/healthz", timeout=1).json()
         except (requests.RequestException, ValueError):
             return False
         return health.get("freeswitch", {}).get("state") == "connected"

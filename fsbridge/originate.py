@@ -26,9 +26,13 @@ characters.  Anything else raises a ValueError subclass and nothing is built.
 
 from __future__ import annotations
 
+import collections
 import re
 import unicodedata
 from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import shortnumberinfo
 
 __all__ = [
     "OriginateError",
@@ -42,6 +46,10 @@ __all__ = [
     "MAX_CALLER_ID_NAME_LENGTH",
     "build_originate",
     "safe_caller_id_name",
+    "CallPolicy",
+    "Destination",
+    "check_destination",
+    "RateLimiter",
 ]
 
 DEFAULT_EXTENSION_PATTERN = r"^\d{2,6}$"
@@ -176,6 +184,7 @@ def build_originate(
     request_id: str,
     client_name: str | None,
     settings: OriginateSettings,
+    keep_plus: bool | None = None,
 ) -> str:
     """The originate line (without ``bgapi``) that rings ``ext`` and then dials ``to``.
 
@@ -197,7 +206,9 @@ def build_originate(
     _check_uuid(call_uuid, "call_uuid")
     _check_uuid(request_id, "request_id")
 
-    number = to if settings.keep_plus else to.removeprefix("+")
+    # keep_plus given: the click-to-call policy already chose the form (E.164 abroad).
+    keep = settings.keep_plus if keep_plus is None else keep_plus
+    number = to if keep else to.removeprefix("+")
     if not number:
         raise InvalidNumber(f"to has no digits: {to!r}")
     shown_number = settings.caller_id_number or number
@@ -219,3 +230,126 @@ def build_originate(
     )
     dial_string = settings.dial_string.replace("{ext}", ext)
     return f"originate {{{variables}}}{dial_string} {number} {settings.dialplan} {settings.context}"
+
+
+# --- click-to-call policy (issue 14: toll fraud through makeCall) -------------
+
+# Number types never dialled by default: they cost the PBX owner money per
+# minute (premium rate, shared cost) or cannot be judged (unknown).
+_REFUSED_TYPES = {
+    phonenumbers.PhoneNumberType.PREMIUM_RATE: "a premium-rate number",
+    phonenumbers.PhoneNumberType.SHARED_COST: "a shared-cost number",
+    phonenumbers.PhoneNumberType.UNKNOWN: "a number of unknown type",
+}
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """``[click_to_call]`` destination rules; see :func:`check_destination`."""
+
+    default_region: str = "RU"
+    allowed_countries: tuple[str, ...] = ()  # empty: only default_region
+    allow_prefixes: tuple[str, ...] = ()  # "+7800", "103": dialled whatever the other rules say
+    deny_prefixes: tuple[str, ...] = ()  # never dialled
+    keep_plus: bool = False  # also dial default-region numbers with their '+'
+    extension_pattern: str = DEFAULT_EXTENSION_PATTERN
+
+    @property
+    def countries(self) -> tuple[str, ...]:
+        return tuple(c.upper() for c in self.allowed_countries) or (self.default_region.upper(),)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """The verdict on one makeCall ``to``: ``dial`` when allowed, else ``reason``."""
+
+    dial: str | None
+    reason: str = ""
+
+
+def _prefix_match(number: str, prefixes: tuple[str, ...]) -> str | None:
+    for prefix in prefixes:
+        if number.startswith(prefix):
+            return prefix
+    return None
+
+
+def check_destination(to: str, policy: CallPolicy) -> Destination:
+    """May makeCall dial ``to`` (cleaned: digits, ``*``, ``#``, optional ``+``)?
+
+    In order: feature codes (``*``, ``#``: in a stock dialplan they reach
+    eavesdrop, intercept, voicemail) are refused; ``deny_prefixes`` refuse
+    and ``allow_prefixes`` allow (matched on the E.164 form with ``+`` and
+    on the number as sent); emergency numbers are refused; an extension
+    (``extension_pattern``) is dialled as typed; anything else must be a
+    valid number of an allowed country and not premium-rate, shared-cost or
+    of unknown type.  A number of ``default_region`` is dialled without its
+    ``+`` unless ``keep_plus``; an international one always in E.164 with it.
+    """
+    if not to or "*" in to or "#" in to:
+        return Destination(None, "feature codes (* and #) are not dialled by click-to-call")
+    region = policy.default_region.upper()
+    parsed: phonenumbers.PhoneNumber | None
+    try:
+        parsed = phonenumbers.parse(to, region)
+    except phonenumbers.NumberParseException:
+        parsed = None
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) if parsed is not None else to
+    forms = (e164, to)
+    denied = next((p for p in (_prefix_match(f, policy.deny_prefixes) for f in forms) if p), None)
+    if denied:
+        return Destination(None, f"the number starts with {denied}, in [click_to_call] deny_prefixes")
+    allowed = next((p for p in (_prefix_match(f, policy.allow_prefixes) for f in forms) if p), None)
+    if allowed:
+        return Destination(to)
+    if shortnumberinfo.is_emergency_number(to.lstrip("+"), region):
+        return Destination(None, "emergency numbers are not dialled by click-to-call")
+    if re.fullmatch(policy.extension_pattern, to):
+        return Destination(to)
+    if parsed is None or not phonenumbers.is_valid_number(parsed):
+        return Destination(None, "not a valid phone number")
+    country = phonenumbers.region_code_for_number(parsed) or "?"
+    if country not in policy.countries:
+        return Destination(None, f"calls to {country} (+{parsed.country_code}) are not in "
+                                 f"[click_to_call] allowed_countries ({' '.join(policy.countries)})")
+    kind = phonenumbers.number_type(parsed)
+    if kind in _REFUSED_TYPES:
+        return Destination(None, f"{_REFUSED_TYPES[kind]} (add a prefix to allow_prefixes to permit it)")
+    if country == region and not policy.keep_plus:
+        return Destination(e164.lstrip("+"))
+    return Destination(e164)
+
+
+class RateLimiter:
+    """Sliding-window count per key and in total (pure: the caller passes ``now``).
+
+    ``allow(key, now)`` records one attempt and says whether it is within
+    ``per_key`` per ``window_s`` for that key and ``total`` overall; refused
+    attempts are not counted.  Keys are extensions (a bounded set), and the
+    table is bounded as well (oldest key dropped).
+    """
+
+    def __init__(self, per_key: int, total: int, window_s: float = 60.0, max_keys: int = 10_000):
+        self.per_key, self.total, self.window_s, self.max_keys = per_key, total, window_s, max_keys
+        self._keys: "collections.OrderedDict[str, collections.deque[float]]" = collections.OrderedDict()
+        self._all: "collections.deque[float]" = collections.deque()
+
+    def _trim(self, times: "collections.deque[float]", now: float) -> None:
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+
+    def allow(self, key: str, now: float) -> str | None:
+        """None when allowed (and counted), else the reason."""
+        times = self._keys.pop(key, None) or collections.deque()
+        self._keys[key] = times
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        self._trim(times, now)
+        self._trim(self._all, now)
+        if len(times) >= self.per_key:
+            return f"more than {self.per_key} click-to-call calls per {self.window_s:g}s from {key}"
+        if len(self._all) >= self.total:
+            return f"more than {self.total} click-to-call calls per {self.window_s:g}s in total"
+        times.append(now)
+        self._all.append(now)
+        return None

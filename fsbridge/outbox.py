@@ -418,6 +418,7 @@ class Outbox:
             self._drop(q, entry)
             now = time.time()
             self._last_success_at = now
+            self._last_error = ""  # /healthz must not show a failure that is over
             if self._failed_since_success:
                 self._failed_since_success = False
                 if self._delayed and time.monotonic() >= self._next_recovery_wake:

@@ -19,9 +19,9 @@ Rules (issue 5):
   dropped.  In ``e164`` output a leading ``+`` the caller typed is kept on
   such a number (it says "this is international"); in ``digits`` output there
   is never a ``+``.  Text without a single digit (``anonymous``,
-  ``unknown``) is returned stripped but otherwise as presented: PlanFix
-  should still see what the caller sent, and it is not a number anyone can
-  dial or look up (the lookup and makeCall refuse it before this point).
+  ``unknown``, but also ``${system(id)}`` or HTML in a forged caller ID)
+  becomes ``NO_NUMBER`` ("anonymous"): a caller's text never reaches PlanFix
+  verbatim (issue 14), and it is not a number anyone can dial or look up.
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ def normalize_phone(raw: str, region: str = "RU", output: str = "digits") -> str
     return _normalize_cached(raw, region.upper(), output)
 
 
+# What PlanFix gets for a caller ID without a single digit.
+NO_NUMBER = "anonymous"
+
+
 @functools.lru_cache(maxsize=8192)
 def _normalize_cached(raw: str, region: str, output: str) -> str:
     text = raw.strip()
@@ -80,7 +84,7 @@ def _normalize_cached(raw: str, region: str, output: str) -> str:
         return e164 if output == "e164" else e164[1:]
     digits = _NON_DIGITS.sub("", text)
     if not digits:
-        return text
+        return NO_NUMBER
     if output == "e164" and text.startswith("+"):
         return "+" + digits
     return digits

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import gevent
 import requests
-from requests.adapters import HTTPAdapter
+
+from fsbridge.planfix_address import AddressPolicy, GuardedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class PlanfixClient:
         connect_timeout: float = 3.0,
         read_timeout: float = 10.0,
         pool_size: int = 16,
+        address_policy: AddressPolicy | None = None,
     ):
         self._credentials = credentials
         self.connect_timeout = connect_timeout
@@ -125,7 +127,9 @@ class PlanfixClient:
         self._session.headers["User-Agent"] = USER_AGENT
         # pool_maxsize >= outbox concurrency (+ room for contact/ping), so every
         # delivery greenlet keeps its own kept-alive connection.
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(1, pool_size) + 4)
+        # The address policy (planfix_address) checks every connection's
+        # resolved address; None (unit tests) connects anywhere.
+        adapter = GuardedAdapter(address_policy, pool_connections=2, pool_maxsize=max(1, pool_size) + 4)
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
         # Requests go straight to the adapter: Session.request's per-call

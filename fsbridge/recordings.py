@@ -379,10 +379,14 @@ class Recordings:
         emit: Callable[[list[RecordCommand]], None] | None = None,
         is_delivered: Callable[[str], bool] | None = None,
         converter: Mp3Converter | None = None,
+        pending_call_ids: Callable[[], set[str]] | None = None,
     ):
         self.settings = settings
         self._emit = emit
         self._is_delivered = is_delivered
+        # Call ids with requests still waiting for PlanFix: asked once per
+        # cleanup run (is_delivered per recording listed the whole outbox each time).
+        self._pending_call_ids = pending_call_ids
         self.enabled = bool(settings.dir and settings.public_url)
         if settings.dir and not settings.public_url:
             log.warning("[server] public_url is empty: recordings are reported as is_recorded=0")
@@ -624,8 +628,12 @@ class Recordings:
             return 0
         cutoff = now - self.settings.retention_days * 86400
         deleted = 0
+        pending = self._pending_call_ids() if self._pending_call_ids is not None else None
         for entry in self._index.ready_before(cutoff):
-            if self._is_delivered is None or not self._is_delivered(entry.call_id):
+            if pending is not None:
+                if entry.call_id in pending:
+                    continue
+            elif self._is_delivered is None or not self._is_delivered(entry.call_id):
                 continue
             for name in (entry.wav_name, entry.mp3_name):
                 if name and _unlink_quietly(os.path.join(self._dir, name)):

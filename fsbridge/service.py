@@ -13,6 +13,7 @@ commit), so a slow PlanFix never stalls event intake.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -23,15 +24,11 @@ import time
 
 import gevent
 import gevent.event
-import gevent.pool
 
 from fsbridge import __version__, calls, metrics, reload
 from fsbridge.config import Config
 
 log = logging.getLogger("fsbridge.service")
-
-# Concurrent HTTP connections per listener; more wait in the accept queue.
-HTTP_MAX_CONNECTIONS = 1000
 
 
 
@@ -93,12 +90,14 @@ def _make_credentials(cfg: Config, store):
 
 def _make_client(cfg: Config, credentials):
     from fsbridge.planfix import PlanfixClient
+    from fsbridge.planfix_address import AddressPolicy
 
     return PlanfixClient(
         credentials,
         connect_timeout=cfg.planfix.connect_timeout,
         read_timeout=cfg.planfix.read_timeout,
         pool_size=cfg.outbox.concurrency,
+        address_policy=AddressPolicy.from_config(cfg),
     )
 
 
@@ -112,6 +111,7 @@ class Service:
         self._batch: list = []  # commands produced since the event greenlet last yielded
         self._flusher: gevent.Greenlet | None = None
         self._storage_error = ""
+        self._outbox_full = False
         try:
             os.makedirs(cfg.storage.dir, exist_ok=True)
         except OSError as exc:
@@ -132,7 +132,7 @@ class Service:
         from fsbridge.esl import EslConnection, EslNotConnected, EslTimeout
         from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
         from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
-        from fsbridge.web import WebDeps, WebSettings, create_app
+        from fsbridge.web import WebDeps, WebSettings, create_app, register_detailed_health
 
         cfg = self.cfg
         self.settings_store = _settings_store(cfg)
@@ -176,7 +176,7 @@ class Service:
             log.warning("recordings: %s", problem)
         try:
             self.recordings = recordings.Recordings(
-                rec_settings, emit=self._store, is_delivered=self._delivered
+                rec_settings, emit=self._store, pending_call_ids=self._pending_call_ids
             )
         except RecordingsError as exc:
             raise ServiceError(f"{cfg.path}: {exc}") from None
@@ -200,26 +200,30 @@ class Service:
             idle_timeout=cfg.freeswitch.idle_timeout,
         )
         web_settings = WebSettings.from_config(cfg)
-        self.app = create_app(
-            web_settings,
-            WebDeps(
-                originate=lambda command, job_uuid: self.esl.bgapi(command, job_uuid=job_uuid),
-                settings_store=self.settings_store,
-                on_credentials_changed=self.outbox.wake,
-                health=self.health,
-                not_connected_errors=(EslNotConnected, EslTimeout),
-                client_name=self.lookup.contact_name_for,
-                normalize_to=functools.partial(
-                    phone.dial_number,
-                    region=cfg.phone.default_region,
-                    keep_plus=cfg.click_to_call.keep_plus,
-                    extension_pattern=cfg.calls.extension_pattern,
-                ),
-                credentials=self.credentials,
-                extension_problem=self._extension_problem,
+        self._web_deps = WebDeps(
+            originate=lambda command, job_uuid: self.esl.bgapi(command, job_uuid=job_uuid),
+            settings_store=self.settings_store,
+            on_credentials_changed=self.outbox.wake,
+            health=self.health,
+            not_connected_errors=(EslNotConnected, EslTimeout),
+            client_name=self.lookup.contact_name_for,
+            normalize_to=functools.partial(
+                phone.dial_number,
+                region=cfg.phone.default_region,
+                keep_plus=cfg.click_to_call.keep_plus,
+                extension_pattern=cfg.calls.extension_pattern,
             ),
+            credentials=self.credentials,
+            extension_problem=self._extension_problem,
+            # A click-to-call's UUID is its A leg: open while the tracker has it.
+            # (tracker has no public lookup by UUID yet; a read-only peek.)
+            call_active=lambda call_uuid: call_uuid in self.tracker._calls,  # noqa: SLF001
+            refuse_calls=lambda: "the PBX's queue for PlanFix is full" if self._check_outbox_bound() else None,
         )
+        self.app = create_app(web_settings, self._web_deps)
         recordings.register_routes(self.app, self.recordings)
+        # The detailed /healthz only on the dialplan listener (loopback by default).
+        register_detailed_health(self.lookup_app, self._web_deps)
 
     def _extension_problem(self, ext: str) -> str | None:
         """Ask FreeSWITCH whether the manager's phone can be rung at all.
@@ -293,7 +297,22 @@ class Service:
             self._storage_failed(exc)
             return False
         self._note_open_calls(commands)
+        self._check_outbox_bound()
         return True
+
+    def _check_outbox_bound(self) -> bool:
+        """True when the outbox holds [outbox] max_depth or more; alerts once per crossing.
+        Nothing is dropped at the bound: call records keep being stored (see conf/)."""
+        depth = self.outbox.stats()["depth"]
+        full = depth >= self.cfg.outbox.max_depth
+        if full and not self._outbox_full:
+            log.error("outbox holds %d requests for PlanFix ([outbox] max_depth %d): PlanFix has not taken "
+                      "them; new click-to-call requests are refused until it does, call records are still kept",
+                      depth, self.cfg.outbox.max_depth)
+        elif not full and self._outbox_full:
+            log.info("outbox below [outbox] max_depth again (%d requests)", depth)
+        self._outbox_full = full
+        return full
 
     def _note_open_calls(self, commands: list) -> None:
         from fsbridge.opencalls import OpenCallsError
@@ -318,8 +337,9 @@ class Service:
                 log.info("storage works again: %d held PlanFix requests stored", len(batch))
                 self._storage_error = ""
 
-    def _delivered(self, call_id: str) -> bool:
-        return not any(entry.call_id == call_id for entry in self.outbox.list_entries())
+    def _pending_call_ids(self) -> set[str]:
+        """Calls with requests not yet accepted by PlanFix (one outbox read per retention run)."""
+        return {entry.call_id for entry in self.outbox.list_entries()}
 
     # -- ESL connection life -------------------------------------------------
 
@@ -380,7 +400,9 @@ class Service:
         if self._unsaved:
             outbox_stats["unsaved_in_memory"] = len(self._unsaved)
         return {
-            "status": "ok" if self.esl.state == "connected" and not self._storage_error else "degraded",
+            "status": "ok" if self.esl.state == "connected" and not self._storage_error
+            and not self._check_outbox_bound() else "degraded",
+            "outbox_full": self._outbox_full,
             "freeswitch": self.esl.health(),
             "outbox": outbox_stats,
             "storage_error": self._storage_error or None,
@@ -392,23 +414,31 @@ class Service:
 
     # -- running ------------------------------------------------------------
 
-    def _server(self, listen, app, tls: bool):
-        from fsbridge.lookup import NoDelayWSGIServer
+    def _server(self, listen, app, tls: bool, public: bool = True):
+        from fsbridge.httpguard import GuardedWSGIServer, GuardSettings
 
         kwargs = {}
         if tls:
             kwargs = {"certfile": self.cfg.server.certfile, "keyfile": self.cfg.server.keyfile}
-        # A pool, not bare greenlets: it bounds concurrent connections (a
-        # flood cannot exhaust memory) and lets stop(timeout) wait for the
-        # requests in flight at SIGTERM instead of cutting them off.
-        return NoDelayWSGIServer((listen.host, listen.port), app, log=None,
-                                 error_log=logging.getLogger("fsbridge.http"),
-                                 spawn=gevent.pool.Pool(HTTP_MAX_CONNECTIONS), **kwargs)
+        # Timeouts per request phase and connection caps (httpguard): an idle
+        # or trickling client can no longer hold a slot PlanFix needs.
+        guard = GuardSettings.from_config(self.cfg)
+        if not public:
+            # The dialplan lookup: every request comes from FreeSWITCH's one
+            # address; only the total and the timeouts apply.
+            guard = dataclasses.replace(guard, max_per_address=guard.max_connections)
+        return GuardedWSGIServer((listen.host, listen.port), app, guard,
+                                 error_log=logging.getLogger("fsbridge.http"), **kwargs)
 
     def run(self) -> int:
+        from fsbridge.httpguard import raise_nofile_limit
+
         cfg = self.cfg
+        soft, _hard = raise_nofile_limit()
+        if soft < cfg.server.max_connections + 1000:
+            log.warning("open-files limit %d is below [server] max_connections + 1000: raise LimitNOFILE", soft)
         public = self._server(cfg.server.listen, self.app, tls=bool(cfg.server.certfile))
-        lookup = self._server(cfg.dialplan.listen, self.lookup_app, tls=False)
+        lookup = self._server(cfg.dialplan.listen, self.lookup_app, tls=False, public=False)
         try:
             public.start()
             lookup.start()

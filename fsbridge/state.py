@@ -197,7 +197,7 @@ class SettingsStore:
                     except OSError:
                         pass
             self._cached_signature, self._cached = None, None
-        log.info("PlanFix settings stored in %s (url %s)", self.path, creds.url)
+        log.info("PlanFix settings stored in %s (host %s)", self.path, urlsplit(creds.url).hostname)
 
     def _keep_corrupt_copy(self) -> None:
         # A damaged file is evidence (disk fault? someone edited it?): keep it

@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import functools
 import hmac
-import ipaddress
 import logging
 import re
 import time
@@ -40,9 +39,18 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from fsbridge import __version__, logs, metrics
-from fsbridge.originate import OriginateError, OriginateSettings, build_originate
+from fsbridge.httpguard import address_key
+from fsbridge.originate import (
+    CallPolicy,
+    OriginateError,
+    OriginateSettings,
+    RateLimiter,
+    build_originate,
+    check_destination,
+)
 from fsbridge.phone import clean_dial_number
 from fsbridge.planfix import Credentials
+from fsbridge.planfix_address import DEFAULT_ALLOWED_HOSTS, AddressPolicy, check_url, host_of
 from fsbridge.state import SettingsError, SettingsStore, validate_planfix_token, validate_planfix_url
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ INVALID_TOKEN = "Invalid token"
 TOO_MANY_REQUESTS = "Too many requests"
 REQUEST_TOO_LARGE = "Request too large"
 NOT_CONNECTED = "FreeSWITCH is not connected"
+SERVICE_BUSY = "Service unavailable"
 INTERNAL_ERROR = "Internal error"
 _HTTP_ERROR_TEXT = {
     400: INVALID_PARAMETERS,
@@ -82,7 +91,8 @@ class WebSettings:
     """What the endpoint needs from the config (see the module doc of config keys)."""
 
     pbx_token: str = field(repr=False)  # [server] token: PlanFix sends it as `token`
-    allow_http: bool = False  # [planfix] allow_http: setup may store an http:// PlanFix URL
+    allow_http: bool = False  # [planfix] allow_http: lab mode, setup may store http://, IPs, any host
+    allowed_hosts: tuple[str, ...] = DEFAULT_ALLOWED_HOSTS  # [planfix] allowed_hosts
     max_body_bytes: int = 16 * 1024  # [server] max_body_bytes
     originate: OriginateSettings = field(default_factory=OriginateSettings)  # [click_to_call] + [calls]
     # [security]: after `auth_failures` wrong tokens within `auth_window_s`
@@ -91,6 +101,11 @@ class WebSettings:
     auth_window_s: float = 60.0
     auth_block_s: float = 300.0
     auth_max_addresses: int = 10_000  # bound on the failure table (memory)
+    # [click_to_call] destination policy; None: no policy (unit tests of other parts).
+    call_policy: CallPolicy | None = field(default_factory=CallPolicy)
+    calls_per_extension: int = 10  # [click_to_call] calls_per_extension_per_minute
+    calls_total: int = 60  # [click_to_call] calls_per_minute
+    max_concurrent_calls: int = 20  # [click_to_call] max_concurrent
 
     @classmethod
     def from_config(cls, cfg: Any) -> "WebSettings":
@@ -106,6 +121,7 @@ class WebSettings:
         return cls(
             pbx_token=server.token,
             allow_http=cfg.planfix.allow_http,
+            allowed_hosts=tuple(cfg.planfix.allowed_hosts),
             max_body_bytes=server.max_body_bytes,
             originate=OriginateSettings(
                 dial_string=c2c.dial_string,
@@ -119,6 +135,17 @@ class WebSettings:
             ),
             auth_failures=server.auth_failures_per_minute,
             auth_window_s=60.0,
+            call_policy=CallPolicy(
+                default_region=cfg.phone.default_region,
+                allowed_countries=tuple(c2c.allowed_countries),
+                allow_prefixes=tuple(c2c.allow_prefixes),
+                deny_prefixes=tuple(c2c.deny_prefixes),
+                keep_plus=c2c.keep_plus,
+                extension_pattern=cfg.calls.extension_pattern,
+            ),
+            calls_per_extension=c2c.calls_per_extension_per_minute,
+            calls_total=c2c.calls_per_minute,
+            max_concurrent_calls=c2c.max_concurrent,
             auth_block_s=float(optional_server.get("auth_block", cls.auth_block_s)),
         )
 
@@ -160,6 +187,11 @@ class WebDeps:
     # makeCall's (validated) extension -> why FreeSWITCH cannot ring it
     # (unknown, not registered), or None.  Asked before anything is dialled.
     extension_problem: Callable[[str], str | None] | None = None
+    # Is this click-to-call (by call UUID) still up?  Counts towards
+    # max_concurrent_calls; default: a call counts for its ringing time only.
+    call_active: Callable[[str], bool] | None = None
+    # A reason to refuse every makeCall now (503), e.g. the outbox is at its bound.
+    refuse_calls: Callable[[], str | None] | None = None
 
 
 class _Failures:
@@ -191,46 +223,44 @@ class AuthFailureLimiter:
         self.max_addresses = max_addresses
         self._clock = clock
         self._table: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
+        # Blocked addresses live apart: a flood of new addresses evicts only
+        # counting entries, never a block (issue 14).  Bounded the same way,
+        # the block ending soonest going first.
+        self._blocked: collections.OrderedDict[str, _Failures] = collections.OrderedDict()
 
-    @staticmethod
-    def key(address: str | None) -> str:
-        if not address:
-            return "unknown"
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return address[:64]
-        if isinstance(ip, ipaddress.IPv6Address):
-            if ip.ipv4_mapped is not None:
-                return str(ip.ipv4_mapped)
-            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-        return str(ip)
+    key = staticmethod(address_key)
 
     def is_blocked(self, address: str | None) -> bool:
-        entry = self._table.get(self.key(address))
+        entry = self._blocked.get(self.key(address))
         return entry is not None and entry.blocked_until > self._clock()
 
     def record_failure(self, address: str | None) -> bool:
         """Count one wrong token; True when the address is (now) blocked."""
         key, now = self.key(address), self._clock()
+        blocked = self._blocked.get(key)
+        if blocked is not None:
+            if blocked.blocked_until > now:
+                blocked.refused += 1
+                return True
+            del self._blocked[key]
+            if blocked.refused:
+                log.warning("wrong-token block for %s ended; %d more wrong tokens were refused during it",
+                            key, blocked.refused)
         entry = self._table.pop(key, None) or _Failures()
         self._table[key] = entry  # most recent at the end
         while len(self._table) > self.max_addresses:
             self._table.popitem(last=False)
-        if entry.blocked_until > now:
-            entry.refused += 1
-            return True
-        if entry.refused:
-            log.warning("wrong-token block for %s ended; %d more wrong tokens were refused during it",
-                        key, entry.refused)
-            entry.refused = 0
         times = entry.times
         times.append(now)
         while times and times[0] <= now - self.window_s:
             times.popleft()
         if len(times) >= self.limit:
+            del self._table[key]
             times.clear()
             entry.blocked_until = now + self.block_s
+            self._blocked[key] = entry  # block_s is fixed: insertion order is expiry order
+            while len(self._blocked) > self.max_addresses:
+                self._blocked.popitem(last=False)
             log.warning(
                 "%d wrong tokens from %s within %gs: refusing its wrong tokens with 429 for %gs "
                 "(valid tokens still pass)", self.limit, key, self.window_s, self.block_s,
@@ -238,7 +268,7 @@ class AuthFailureLimiter:
         return False
 
     def __len__(self) -> int:
-        return len(self._table)
+        return len(self._table) + len(self._blocked)
 
 
 class _Reject(Exception):
@@ -286,6 +316,60 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+def public_health(detail: dict[str, Any]) -> dict[str, Any]:
+    """What anyone on the internet may see of ``detail``: ``status`` and numbers.
+
+    No text at all beyond the status word: upstream replies, error messages,
+    addresses, URLs and the Core-UUID are strings, and strings stay on the
+    loopback listener (``register_detailed_health``).  Nested dicts keep only
+    their integer and boolean values (counts, flags).
+    """
+    out: dict[str, Any] = {}
+    for key, value in detail.items():
+        if key in ("status", "version", "health_error") and isinstance(value, str):  # our own words
+            out[key] = value
+        elif isinstance(value, dict):
+            counts = public_health({k: v for k, v in value.items() if k not in ("status", "version")})
+            if counts:
+                out[key] = counts
+        elif isinstance(value, (bool, int, float)) and "port" not in key:
+            out[key] = value
+    return out
+
+
+def health_body(deps: WebDeps, detailed: bool) -> tuple[dict[str, Any], int]:
+    """The /healthz answer: (body, HTTP status).  The status code comes from
+    what the service reports, never from what is shown."""
+    body: dict[str, Any] = {"version": __version__}
+    status = 200
+    try:
+        creds = deps.credentials() if deps.credentials is not None else deps.settings_store.load()
+        body["planfix_configured"] = creds is not None
+    except SettingsError as exc:
+        body["planfix_configured"] = False
+        body["planfix_settings_error"] = str(exc)
+    try:
+        body.update(_scrub(dict(deps.health())))
+    except Exception:
+        log.exception("health check failed")
+        body["health_error"] = "health check failed; see the log"
+    # Monitors (curl -f, load balancers) read the code, not the body.
+    if body.get("status") != "ok":
+        status = 503
+    if "freeswitch" in body and isinstance(body["freeswitch"], dict):
+        body["freeswitch"].setdefault("connected", body["freeswitch"].get("state") == "connected")
+    return (body if detailed else public_health(body)), status
+
+
+def register_detailed_health(app: Flask, deps: WebDeps) -> None:
+    """The full /healthz (errors, addresses, Core-UUID) on a loopback-only app."""
+
+    @app.get(HEALTH_PATH, provide_automatic_options=False)
+    def healthz_detailed() -> Response:
+        body, status = health_body(deps, detailed=True)
+        return _json(status, body)
+
+
 def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     """The PlanFix-facing Flask app; the limiter is ``app.extensions["fsbridge.auth_limiter"]``."""
     app = Flask("fsbridge.web")
@@ -302,6 +386,21 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     app.extensions["fsbridge.auth_limiter"] = limiter
     normalize_to = deps.normalize_to or functools.partial(clean_dial_number, keep_plus=settings.originate.keep_plus)
     extension = re.compile(settings.originate.extension_pattern)
+    call_rate = RateLimiter(settings.calls_per_extension, settings.calls_total)
+    placed: collections.OrderedDict[str, float] = collections.OrderedDict()  # call uuid -> when accepted
+
+    def concurrent_calls(now: float) -> int:
+        # A call counts while the manager's phone may still ring, and after
+        # that while FreeSWITCH still has it (when the service can tell).
+        ringing = settings.originate.timeout_s + 5
+        for call_uuid, at in list(placed.items()):
+            if now - at > ringing and (deps.call_active is None or not deps.call_active(call_uuid)):
+                del placed[call_uuid]
+        return len(placed)
+
+    def refuse_call(ext: str, to: str, reason: str) -> None:
+        log.warning("makeCall from %s refused: %s -> %s: %s", request.remote_addr, ext, _echo(to), reason)
+        raise _Reject(400, INVALID_PARAMETERS, reason)
 
     def authenticate(form: MultiDict[str, str]) -> None:
         address = request.remote_addr
@@ -329,6 +428,14 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             raise _Reject(413, REQUEST_TOO_LARGE, f"more than {_MAX_FORM_FIELDS} form fields")
         return form
 
+    address_policy = AddressPolicy(settings.allowed_hosts, lab_mode=settings.allow_http)
+
+    def current_credentials() -> Credentials | None:
+        try:
+            return deps.credentials() if deps.credentials is not None else deps.settings_store.load()
+        except SettingsError:
+            return None
+
     def setup(form: MultiDict[str, str]) -> Response:
         url, token = _single(form, "planfix_url"), _single(form, "planfix_token")
         try:
@@ -337,17 +444,23 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             if token is None:
                 raise ValueError("planfix_token is missing (or sent more than once)")
             url = validate_planfix_url(url, settings.allow_http)
+            check_url(url, address_policy)
             token = validate_planfix_token(token)
         except ValueError as exc:
             log.warning("setup from %s refused: %s", request.remote_addr, exc)
             raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
+        previous = current_credentials()
         try:
             deps.settings_store.save(Credentials(url=url, token=token))
         except SettingsError as exc:
             log.error("setup from %s: %s", request.remote_addr, exc)
             raise _Reject(500, INTERNAL_ERROR,
                           "the PBX could not store the PlanFix settings; see the fsbridge log") from None
-        log.info("setup from %s: PlanFix URL set to %s", request.remote_addr, url)
+        # Hosts only: a query string may carry secrets.
+        if previous is not None and host_of(previous.url) != host_of(url):
+            log.warning("setup from %s: PlanFix address changed from %s to %s", request.remote_addr,
+                        host_of(previous.url), host_of(url))
+        log.info("setup from %s: PlanFix host set to %s", request.remote_addr, host_of(url))
         try:
             deps.on_credentials_changed()
         except Exception:  # stored durably already; the outbox picks them up on its next try
@@ -373,10 +486,28 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             raise _Reject(400, INVALID_PARAMETERS,
                           "to must be one phone number: digits, '*', '#', optional leading '+', "
                           "at most 32 characters (spaces, dashes, dots, parentheses are ignored)")
+        busy = deps.refuse_calls() if deps.refuse_calls is not None else None
+        if busy:
+            log.error("makeCall from %s refused (503): %s", request.remote_addr, busy)
+            raise _Reject(503, SERVICE_BUSY, busy)
+        keep_plus = None
+        if settings.call_policy is not None:
+            verdict = check_destination(clean_dial_number(raw_to, keep_plus=True) or "", settings.call_policy)
+            if verdict.dial is None:
+                refuse_call(ext, raw_to, verdict.reason)
+            number, keep_plus = verdict.dial, True
+            now = deps.clock()
+            if concurrent_calls(now) >= settings.max_concurrent_calls:
+                refuse_call(ext, raw_to, f"{settings.max_concurrent_calls} click-to-call calls are already "
+                                         "under way ([click_to_call] max_concurrent)")
+            too_many = call_rate.allow(ext, now)
+            if too_many:
+                refuse_call(ext, raw_to, too_many)
         call_uuid, request_id = str(uuid.uuid4()), str(uuid.uuid4())
         try:
             command = build_originate(ext, number, call_uuid=call_uuid, request_id=request_id,
-                                      client_name=lookup_client_name(number), settings=settings.originate)
+                                      client_name=lookup_client_name(number), settings=settings.originate,
+                                      keep_plus=keep_plus)
         except OriginateError as exc:
             # normalize_to let through something the builder's whitelist refuses.
             log.warning("makeCall from %s refused: %s", request.remote_addr, exc)
@@ -394,6 +525,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
         except deps.not_connected_errors as exc:
             log.warning("makeCall %s -> %s (call %s): FreeSWITCH unavailable: %s", ext, number, call_uuid, exc)
             raise _Reject(503, NOT_CONNECTED) from None
+        placed[call_uuid] = deps.clock()
         log.info("makeCall from %s: %s -> %s, call %s, job %s", request.remote_addr, ext, number,
                  call_uuid, job_uuid)
         metrics.CLICK_TO_CALL.labels(outcome="accepted", reason="").inc()
@@ -419,22 +551,8 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
 
     @app.get(HEALTH_PATH, provide_automatic_options=False)
     def healthz() -> Response:
-        body: dict[str, Any] = {"version": __version__}
-        status = 200
-        try:
-            creds = deps.credentials() if deps.credentials is not None else deps.settings_store.load()
-            body["planfix_configured"] = creds is not None
-        except SettingsError as exc:
-            body["planfix_configured"] = False
-            body["planfix_settings_error"] = str(exc)
-        try:
-            body.update(_scrub(dict(deps.health())))
-        except Exception:
-            log.exception("health check failed")
-            body["health_error"] = "health check failed; see the log"
-        # Monitors (curl -f, load balancers) read the code, not the body.
-        if body.get("status") != "ok":
-            status = 503
+        # The public listener: status and counts only (see public_health).
+        body, status = health_body(deps, detailed=False)
         return _json(status, body)
 
     @app.errorhandler(HTTPException)

@@ -141,8 +141,8 @@ class ServiceProcess:
         raise RuntimeError(f"service did not answer /healthz in {wait}s:\n{self.log()}")
 
     def health(self) -> dict:
-        """The /healthz body, whether the status code is 200 (ok) or 503 (degraded)."""
-        return requests.get(self.url + "/healthz", timeout=5, verify=False).json()
+        """The detailed /healthz (loopback dialplan listener), whether 200 (ok) or 503 (degraded)."""
+        return requests.get(self.dialplan_url + "/healthz", timeout=5).json()
 
     def wait_health(self, predicate, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout

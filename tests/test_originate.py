@@ -177,3 +177,64 @@ def test_errors_are_value_errors():
     assert issubclass(OriginateError, ValueError)
     for cls in (InvalidSettings, InvalidExtension, InvalidNumber, InvalidIdentifier):
         assert issubclass(cls, OriginateError)
+
+
+# --- click-to-call policy (issue 14) ---------------------------------------------
+
+from fsbridge.originate import CallPolicy, RateLimiter, check_destination  # noqa: E402
+
+POLICY = CallPolicy()
+
+
+@pytest.mark.parametrize("to,why", [
+    ("+78091234567", "premium-rate"),
+    ("+19005551234", "allowed_countries"),
+    ("+8821234567", "not a valid"),
+    ("112", "emergency"),
+    ("01", "emergency"),
+    ("*0101", "feature codes"),
+    ("**101", "feature codes"),
+    ("*98", "feature codes"),
+    ("#21#", "feature codes"),
+    ("+442079460000", "allowed_countries"),
+    ("1234567890123", "not a valid"),
+])
+def test_policy_refuses_by_default(to, why):
+    verdict = check_destination(to, POLICY)
+    assert verdict.dial is None and why in verdict.reason
+
+
+@pytest.mark.parametrize("to,dial", [
+    ("+79101234567", "79101234567"),
+    ("89101234567", "79101234567"),
+    ("+74951234567", "74951234567"),
+    ("+78001234567", "78001234567"),  # toll-free is fine
+    ("205", "205"),  # an extension
+])
+def test_policy_allows_ordinary_numbers(to, dial):
+    assert check_destination(to, POLICY).dial == dial
+
+
+def test_international_numbers_keep_their_plus():
+    policy = CallPolicy(allowed_countries=("RU", "GB", "DE"))
+    assert check_destination("+442079460000", policy).dial == "+442079460000"
+    assert check_destination("+4930123456", policy).dial == "+4930123456"
+    assert check_destination("+79101234567", CallPolicy(keep_plus=True)).dial == "+79101234567"
+
+
+def test_allow_and_deny_prefixes():
+    policy = CallPolicy(allow_prefixes=("+7809", "103"), deny_prefixes=("+7495",))
+    assert check_destination("+78091234567", policy).dial == "+78091234567"
+    assert check_destination("103", policy).dial == "103"
+    assert "deny_prefixes" in check_destination("+74951234567", policy).reason
+    assert "deny_prefixes" in check_destination("84951234567", policy).reason
+    both = CallPolicy(allow_prefixes=("+7",), deny_prefixes=("+7809",))
+    assert check_destination("+78091234567", both).dial is None  # deny wins
+
+
+def test_rate_limiter_per_key_and_total():
+    limiter = RateLimiter(per_key=3, total=5, window_s=60)
+    assert [limiter.allow("101", 0.0) for _ in range(4)][-1] is not None  # 4th from 101 refused
+    assert limiter.allow("102", 1.0) is None and limiter.allow("102", 1.0) is None
+    assert "in total" in limiter.allow("103", 2.0)
+    assert limiter.allow("101", 61.0) is None  # the window slid

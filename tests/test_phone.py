@@ -56,10 +56,10 @@ def test_unparsable_numbers_go_through_digits_only(raw, digits, e164):
     assert normalize_phone(raw, output="e164") == e164
 
 
-@pytest.mark.parametrize("raw", ["", "   ", " anonymous ", "+", "x" * 1000])
-def test_text_without_digits_is_kept_as_presented(raw):
-    assert normalize_phone(raw) == raw.strip()
-    assert normalize_phone(raw, output="e164") == raw.strip()
+@pytest.mark.parametrize("raw", ["", "   ", " anonymous ", "+", "x" * 1000, "${system(id)}", "<b>hi</b>"])
+def test_text_without_digits_never_goes_out_verbatim(raw):
+    assert normalize_phone(raw) == "anonymous"
+    assert normalize_phone(raw, output="e164") == "anonymous"
 
 
 def test_very_long_input_is_not_parsed_but_kept_as_digits():

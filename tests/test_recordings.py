@@ -123,6 +123,7 @@ def make(tmp_path, site):
     def build(**overrides) -> Recordings:
         emit = overrides.pop("emit", None)
         is_delivered = overrides.pop("is_delivered", None)
+        pending_call_ids = overrides.pop("pending_call_ids", None)
         converter = overrides.pop("converter", None)
         settings = RecordingSettings(
             dir=str(tmp_path / "recordings"),
@@ -132,7 +133,8 @@ def make(tmp_path, site):
             **overrides,
         )
         os.makedirs(settings.dir, exist_ok=True)
-        rec = Recordings(settings, emit=emit, is_delivered=is_delivered, converter=converter)
+        rec = Recordings(settings, emit=emit, is_delivered=is_delivered, converter=converter,
+                         pending_call_ids=pending_call_ids)
         site.mount(rec)
         made.append(rec)
         return rec
@@ -443,6 +445,28 @@ def test_retention_keeps_undelivered_and_fresh_recordings(tmp_path, make, site):
     assert fetch(site, links[pending_call]).status_code == 200
     assert fetch(site, links[fresh_call]).status_code == 200
     assert rec.cleanup(now) == 0
+
+
+def test_retention_asks_for_pending_calls_once_per_run(tmp_path, make):
+    """Issue 14: not one whole-outbox listing per recording."""
+    day = 86400
+    now = 1_800_000_000.0
+    calls = [f"c85e65ca-d501-4082-99f0-bb3f26a04d{i:02x}" for i in range(20)]
+    rec_dir = tmp_path / "recordings"
+    asked = []
+
+    def pending() -> set[str]:
+        asked.append(1)
+        return {calls[0]}
+
+    rec = make(retention_days=1, pending_call_ids=pending)
+    for call in calls:
+        write_wav(rec_dir / f"{call}.wav")
+        os.utime(rec_dir / f"{call}.wav", (now - 3 * day, now - 3 * day))
+        rec.on_completed(completed(call, f"{FS_DIR}/{call}.wav"))
+    assert rec.cleanup(now) == 19
+    assert len(asked) == 1
+    assert sorted(p.name for p in rec_dir.iterdir()) == [f"{calls[0]}.wav"]
 
 
 def test_retention_zero_keeps_everything(tmp_path, make):

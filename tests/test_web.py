@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+import flask
 import pytest
 import requests
 from gevent.pywsgi import WSGIServer
@@ -20,7 +21,7 @@ from fsbridge.esl import EslNotConnected, EslTimeout
 from fsbridge.originate import OriginateSettings
 from fsbridge.planfix import Credentials
 from fsbridge.state import SettingsError, SettingsStore
-from fsbridge.web import WebDeps, WebSettings, create_app
+from fsbridge.web import WebDeps, WebSettings, create_app, register_detailed_health
 
 TOKEN = "202cb962ac59075b964b07152d234b70"
 PF_URL = "https://test.planfix.ru/tel/api"
@@ -68,6 +69,9 @@ class Harness:
         self.names: dict[str, str] = {}
         self.health = {"status": "ok", "esl": {"state": "connected", "password": "ClueCon"}, "outbox": {"depth": 0},
                        "planfix_token": PF_TOKEN}
+        # The click-to-call policy has its own tests (below and test_originate.py);
+        # the others use numbers outside it (e.g. +44 1632 drama numbers).
+        settings_overrides.setdefault("call_policy", None)
         settings = WebSettings(pbx_token=TOKEN, **settings_overrides)
         self.deps = WebDeps(
             originate=self.pbx.originate,
@@ -340,6 +344,24 @@ def test_rate_limit_table_is_bounded(tmp_path):
     assert len(h.limiter) == 50
 
 
+def test_a_flood_of_new_addresses_does_not_evict_a_blocked_one(h):
+    """Issue 14: 10,000 wrong tokens from distinct addresses (the table holds 10,000)."""
+    for _ in range(10):
+        h.post(address="203.0.113.9", **make_call(token="guess"))
+    assert h.limiter.is_blocked("203.0.113.9")
+    for i in range(10_000):
+        h.post(address=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", **make_call(token="guess"))
+    assert h.limiter.is_blocked("203.0.113.9")
+    assert h.post(address="203.0.113.9", **make_call(token="guess")).status_code == 429
+    assert len(h.limiter) <= 2 * h.limiter.max_addresses
+
+
+def test_ipv6_flood_from_one_prefix_is_one_entry(h):
+    for i in range(1000):
+        h.post(address=f"2001:db8:5::{i + 1:x}", **make_call(token="guess"))
+    assert len(h.limiter) == 1 and h.limiter.is_blocked("2001:db8:5::1")
+
+
 # --- setup ---------------------------------------------------------------------
 
 
@@ -508,15 +530,40 @@ def test_healthz_has_no_secrets(h, served):
     body = r.json()
     assert body["version"] == __version__
     assert body["planfix_configured"] is True
-    assert body["esl"] == {"state": "connected"} and body["outbox"] == {"depth": 0}
+    # The public view: status and counts only; the ESL state text stays on loopback.
+    assert "esl" not in body and body["outbox"] == {"depth": 0}
     for secret in (TOKEN, PF_TOKEN, "ClueCon"):
         assert secret not in r.text
 
 
-def test_healthz_reports_unconfigured_and_corrupt_settings(h, served):
-    assert requests.get(f"{served}/healthz", timeout=5).json()["planfix_configured"] is False
+def test_public_healthz_shows_no_upstream_text_addresses_or_uuids(h):
+    h.deps.health = lambda: {
+        "status": "degraded",
+        "freeswitch": {"state": "connected", "detail": "10.0.0.5:8021", "core_uuid": "c0ffee-uuid", "connections": 3},
+        "outbox": {"depth": 7, "last_error": "HTTP 500 from http://10.1.1.1/x: secret reply", "in_flight": 1},
+        "storage_error": "disk /var/lib/fsbridge full",
+    }
+    body = h.client.get("/healthz").get_json()
+    assert body == {"version": __version__, "planfix_configured": False, "status": "degraded",
+                    "freeswitch": {"connections": 3, "connected": True}, "outbox": {"depth": 7, "in_flight": 1}}
+
+
+def test_detailed_healthz_is_served_where_registered(h):
+    h.deps.health = lambda: {"status": "ok", "outbox": {"depth": 0, "last_error": "HTTP 500 from x"}}
+    loopback_app = flask.Flask("loopback")
+    register_detailed_health(loopback_app, h.deps)
+    body = loopback_app.test_client().get("/healthz").get_json()
+    assert body["outbox"]["last_error"] == "HTTP 500 from x"
+
+
+def test_healthz_reports_unconfigured_and_corrupt_settings(h):
+    assert h.client.get("/healthz").get_json()["planfix_configured"] is False
     h.store_path.write_text("{broken")
-    body = requests.get(f"{served}/healthz", timeout=5).json()
+    public = h.client.get("/healthz").get_json()
+    assert public["planfix_configured"] is False and "planfix_settings_error" not in public
+    loopback_app = flask.Flask("loopback")
+    register_detailed_health(loopback_app, h.deps)
+    body = loopback_app.test_client().get("/healthz").get_json()
     assert body["planfix_configured"] is False and "damaged" in body["planfix_settings_error"]
 
 
@@ -528,8 +575,11 @@ def test_healthz_uses_effective_credentials(h):
 def test_healthz_degraded_is_503_with_the_same_body(h):
     h.health = dict(h.health, status="degraded", esl={"state": "disconnected"})
     r = h.client.get("/healthz")
-    assert r.status_code == 503
-    assert r.get_json()["status"] == "degraded" and r.get_json()["esl"] == {"state": "disconnected"}
+    assert r.status_code == 503 and r.get_json()["status"] == "degraded"
+    loopback_app = flask.Flask("loopback")
+    register_detailed_health(loopback_app, h.deps)
+    detailed = loopback_app.test_client().get("/healthz")
+    assert detailed.status_code == 503 and detailed.get_json()["esl"] == {"state": "disconnected"}
 
 
 def test_healthz_survives_a_failing_health_source(h):
