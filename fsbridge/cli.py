@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, config, packaged  # noqa: E402
+from fsbridge import __version__, config, install_dialplan, packaged  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -165,7 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = with_config(sub.add_parser("outbox", help="list pending and kept-aside requests"))
     outbox.add_argument("--retry", action="store_true", help="put kept-aside requests back in line")
     outbox.set_defaults(func=cmd_outbox)
+    dp = sub.add_parser("install-dialplan", help="install the dialplan into a FreeSWITCH conf dir")
+    dp.add_argument("--conf-dir", required=True, metavar="DIR", help="FreeSWITCH's conf dir (holds vars.xml)")
+    dp.add_argument("-c", "--config", metavar="FILE", help="take the lookup URL from this fsbridge config")
+    dp.add_argument("--did", help="your DID(s), e.g. 74950000000 or 74950000000|74950000001")
+    dp.add_argument("--gateway", help="the carrier's sofia gateway name")
+    dp.add_argument("--fallback", help="ring group / hunt list dial string, e.g. user/101@$${domain},user/102@$${domain}")
+    dp.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+    dp.set_defaults(func=cmd_install_dialplan)
     return parser
+
+
+def cmd_install_dialplan(args: argparse.Namespace) -> int:
+    values = {"fsbridge_did": args.did, "fsbridge_gateway": args.gateway, "fsbridge_fallback": args.fallback}
+    return install_dialplan.run(args.conf_dir, config_path=args.config, values=values, dry_run=args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:
