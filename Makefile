@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= conf/local.ini
 
-.PHONY: run test bench install check clean lame
+.PHONY: run test live-test bench install check clean lame
 
 # Create the virtualenv and install the package with its test tools.
 # The stamp is rebuilt whenever the dependency list changes.
@@ -44,6 +44,15 @@ lame:
 
 test: $(STAMP) lame
 	$(BIN)/python -m pytest -q
+
+# The live suite (tests/live/): a private FreeSWITCH lab (FREESWITCH_PREFIX, default
+# /usr/local/freeswitch), SIPp phones and carrier, the real service. Without
+# FreeSWITCH or sipp it prints one line saying what is missing and succeeds.
+live-test: $(STAMP) lame
+	@$(BIN)/python -m tests.live.lab >/dev/null; rc=$$?; \
+	if [ $$rc = 3 ]; then $(BIN)/python -m tests.live.lab; exit 0; fi; \
+	if [ $$rc != 0 ]; then exit $$rc; fi; \
+	FSBRIDGE_LIVE=1 $(BIN)/python -m pytest -q tests/live
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

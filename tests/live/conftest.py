@@ -39,14 +39,6 @@ def pytest_ignore_collect(collection_path, config):
     return None if named else True
 
 
-def pytest_collection_modifyitems(config, items):
-    why = lab_mod.missing()
-    if why:
-        skip = pytest.mark.skip(reason=why)
-        for item in items:
-            item.add_marker(skip)
-
-
 def pytest_terminal_summary(terminalreporter):
     if FIGURES:
         terminalreporter.write_sep("-", "live figures")
