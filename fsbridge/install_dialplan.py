@@ -48,7 +48,7 @@ TARGETS = (
 )
 _SET = re.compile(r'(<X-PRE-PROCESS\s+cmd="set"\s+data=")(\w+)=([^"]*)("\s*/>)')
 # Values that go into an XML attribute and a FreeSWITCH dial string / regex.
-_DID = re.compile(r"[0-9]{3,20}(\|[0-9]{3,20})*")
+_DID = re.compile(r"[0-9]{3,20}")  # one number: it is also the caller ID presented outbound
 _WORD = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FALLBACK = re.compile(r"[A-Za-z0-9_.@/:=\[\],|${}-]{1,1000}")
 
@@ -131,7 +131,7 @@ def settings_from_config(path: str) -> dict[str, str]:
 
 def _check_values(values: dict[str, str]) -> None:
     checks = {
-        "fsbridge_did": (_DID, "digits (several DIDs: 74950000000|74950000001)"),
+        "fsbridge_did": (_DID, "the DID's digits, e.g. 74950000000"),
         "fsbridge_gateway": (_WORD, "a sofia gateway name: letters, digits, '_', '.', '-'"),
         "fsbridge_fallback": (_FALLBACK, "a dial string such as user/101@$${domain},user/102@$${domain}"),
     }

@@ -103,7 +103,7 @@ def test_config_gives_the_lookup_url(conf, tmp_path):
 
 
 def test_options_set_did_gateway_fallback(conf):
-    values = {"fsbridge_did": "74950000000|74950000001", "fsbridge_gateway": "my-carrier",
+    values = {"fsbridge_did": "74950000001", "fsbridge_gateway": "my-carrier",
               "fsbridge_fallback": "user/101@$${domain}|user/102@$${domain}"}
     assert install_dialplan.run(str(conf), values=values, out=lambda line: None) == 0
     sets = _sets(conf / "fsbridge" / "fsbridge-vars.xml")
@@ -111,7 +111,7 @@ def test_options_set_did_gateway_fallback(conf):
 
 
 @pytest.mark.parametrize("option,value", [
-    ("--did", '7495" data="x'), ("--did", "7495 000"), ("--gateway", "a/b"),
+    ("--did", '7495" data="x'), ("--did", "7495 000"), ("--did", "74950000000|1"), ("--gateway", "a/b"),
     ("--fallback", "user/101@${domain_name}"), ("--fallback", 'user/101"/><X-PRE-PROCESS cmd="include'),
 ])
 def test_bad_values_are_refused_and_nothing_written(conf, option, value, capsys):

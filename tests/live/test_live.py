@@ -347,3 +347,22 @@ def test_mp3_mode_sends_the_mp3_link_by_record(live):
         service.config_path.write_text(config)
         service.start()
         service.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout=20)
+
+
+# ---- last: a restart of FreeSWITCH with the installed dialplan ---------------------
+
+
+def test_freeswitch_restart_loads_cleanly_and_calls_still_route(live):
+    live.lab.stop()
+    offset = live.lab.log_size()
+    live.lab.start()
+    assert [line for line in live.lab.log_problems(offset) if not VANILLA_NOISE.search(line)] == []
+    live.service.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout=30)
+    for user, port in live.phone_ports.items():
+        live.lab.register(user, port)
+    live.planfix.contacts[CLIENT] = {"contact_name": CLIENT_NAME, "responsible": 103}
+    manager = phone(live, "103", "uas-answer-wait-bye")
+    assert wait(carrier_call(live)) == 0
+    wait_calls_done(live, 1)
+    assert invite_display_name(manager) == CLIENT_NAME
+    assert brief(live) == [("INCOMING", "103", ""), ("ACCEPTED", "103", ""), ("COMPLETED", "103", "Success")]
