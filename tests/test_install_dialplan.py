@@ -151,3 +151,9 @@ def test_mod_curl_loaded_is_not_asked_for(conf, capsys):
     modules.write_text(modules.read_text().replace('<!-- <load module="mod_curl"/> -->', '<load module="mod_curl"/>'))
     install_dialplan.run(str(conf))
     assert "load mod_curl" not in capsys.readouterr().out
+
+
+def test_readme_manual_steps_write_the_same_lines_as_the_command():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for _, _, name in install_dialplan.TARGETS:
+        assert f"`{install_dialplan.include_line(name)}`" in readme, name
