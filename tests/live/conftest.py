@@ -13,7 +13,9 @@ it started, by id, pass or fail.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -29,6 +31,9 @@ FIGURES: list[str] = []  # measurements reported at the end (never asserted tigh
 # A fallback of two phones, short rings: the suite must stay quick.
 FALLBACK = "[leg_timeout=5]user/101@$${domain},[leg_timeout=5]user/103@$${domain}"
 RESPONSIBLE_RING = 4
+
+
+_NUMBERS = itertools.count(random.randrange(1_000_000, 8_000_000))
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -108,6 +113,9 @@ def live(env):
     env.planfix.clear()
     env.planfix.delay = 0.0
     env.planfix.contacts.clear()
+    # numbers no earlier test used: fsbridge's lookup caches PlanFix's answers
+    n = next(_NUMBERS)
+    env.client, env.other = f"7910{n:07d}", f"7495{n:07d}"
     yield env
     for proc in env.lab.sipps:
         lab_mod._end(proc)

@@ -27,15 +27,19 @@ CLIENT_NAME = "Иванов Иван"
 
 
 def phone(env, user: str, scenario: str, *args: str):
-    """Phone `user` answering its next call as `scenario` (on its registered port)."""
-    return env.lab.sipp(scenario, "-m", "1", *args, port=env.phone_ports[user])
+    """Phone `user` answering its next call as `scenario` (on its registered port).
+
+    -aa: like a real phone, answer FreeSWITCH's NOTIFY/OPTIONS with 200 (a
+    NOTIFY reaches a phone during a transfer; SIPp would abort the call)."""
+    # -m 3: an auto-answered NOTIFY counts as a call for SIPp; the INVITE must still be served
+    return env.lab.sipp(scenario, "-m", "3", "-aa", *args, port=env.phone_ports[user])
 
 
 def carrier_uas(env, scenario: str, *args: str):
     return env.lab.sipp(scenario, "-m", "1", *args, port=env.lab.carrier_port, target="external")
 
 
-def carrier_call(env, caller: str = CLIENT, scenario: str = "carrier-uac-inbound"):
+def carrier_call(env, caller: str, scenario: str = "carrier-uac-inbound"):
     return env.lab.sipp(scenario, "-s", DID, "-key", "caller", caller, "-m", "1",
                         port=free_udp_port(), target="external")
 
@@ -112,16 +116,16 @@ FALLBACK_LOADED = live_conf.FALLBACK.replace("$${domain}", "127.0.0.1")
 
 
 def test_known_client_rings_the_responsible_manager_with_the_clients_name(live):
-    live.planfix.contacts[CLIENT] = {"contact_name": CLIENT_NAME, "responsible": 102}
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 102}
     manager = phone(live, "102", "uas-answer-wait-bye")
-    call = carrier_call(live, "+" + CLIENT)
+    call = carrier_call(live, "+" + live.client)
     assert wait(call) == 0
     got = wait_calls_done(live, 1)
     contact = [r for r in live.planfix.requests if r.get("cmd") == "contact"]
-    assert [(r["phone"]) for r in contact] == [CLIENT]
+    assert [(r["phone"]) for r in contact] == [live.client]
     assert invite_display_name(manager) == CLIENT_NAME
     assert brief(live) == [("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
-    assert {r["phone"] for r in got} == {CLIENT} and {r["diversion"] for r in got} == {DID}
+    assert {r["phone"] for r in got} == {live.client} and {r["diversion"] for r in got} == {DID}
     assert {r["type"] for r in got} == {"in"} and len(calls(live)) == 1
     assert contact[0]["callid"] in calls(live)
 
@@ -129,12 +133,12 @@ def test_known_client_rings_the_responsible_manager_with_the_clients_name(live):
 @pytest.mark.parametrize("responsible,scenario", [("102", "uas-reject-486"), ("102", "uas-noanswer"), ("109", None)],
                          ids=["busy", "no-answer", "not-in-directory"])
 def test_responsible_unavailable_falls_back_to_the_group(live, responsible, scenario):
-    live.planfix.contacts[CLIENT] = {"contact_name": CLIENT_NAME, "responsible": int(responsible)}
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": int(responsible)}
     if scenario:
         phone(live, responsible, scenario)
     first = phone(live, "101", "uas-answer-wait-bye")
     other = phone(live, "103", "uas-noanswer")
-    assert wait(carrier_call(live)) == 0
+    assert wait(carrier_call(live, live.client)) == 0
     wait_calls_done(live, 3 if scenario else 2)
     assert invite_display_name(first) == CLIENT_NAME
     seen = brief(live)
@@ -149,10 +153,10 @@ def test_responsible_unavailable_falls_back_to_the_group(live, responsible, scen
 def test_unknown_number_rings_the_group_and_cancels_the_others(live):
     winner = phone(live, "103", "uas-answer-wait-bye")
     phone(live, "101", "uas-noanswer")
-    assert wait(carrier_call(live, "74957654321")) == 0
+    assert wait(carrier_call(live, live.other)) == 0
     wait_calls_done(live, 2)
-    assert [r["phone"] for r in live.planfix.requests if r.get("cmd") == "contact"] == ["74957654321"]
-    assert invite_display_name(winner) in ("74957654321", "", None)  # the carrier's caller ID, no PlanFix name
+    assert [r["phone"] for r in live.planfix.requests if r.get("cmd") == "contact"] == [live.other]
+    assert invite_display_name(winner) in (live.other, "", None)  # the carrier's caller ID, no PlanFix name
     seen = brief(live)
     assert sorted(seen[:2]) == [("INCOMING", "101", ""), ("INCOMING", "103", "")]
     assert seen[2:] == [("ACCEPTED", "103", ""), ("COMPLETED", "101", "Cancelled"), ("COMPLETED", "103", "Success")]
@@ -161,7 +165,7 @@ def test_unknown_number_rings_the_group_and_cancels_the_others(live):
 def test_missed_when_nobody_answers(live):
     phone(live, "101", "uas-noanswer")
     phone(live, "103", "uas-noanswer")
-    assert wait(carrier_call(live, "74957654321")) == 0
+    assert wait(carrier_call(live, live.other)) == 0
     wait_calls_done(live, 2)
     assert sorted(e for e in brief(live) if e[0] == "COMPLETED") == [("COMPLETED", "101", "Missed"), ("COMPLETED", "103", "Missed")]
 
@@ -169,7 +173,7 @@ def test_missed_when_nobody_answers(live):
 def test_missed_when_the_caller_gives_up(live):
     phone(live, "101", "uas-noanswer")
     phone(live, "103", "uas-noanswer")
-    call = carrier_call(live, "74957654321", scenario="carrier-uac-cancel")
+    call = carrier_call(live, live.other, scenario="carrier-uac-cancel")
     assert wait(call) == 0
     assert re.search(r"^CANCEL sip:", messages(call), flags=re.M), "the caller must give up before the group times out"
     wait_calls_done(live, 2)
@@ -185,7 +189,7 @@ def test_hunt_list_after_reloadxml(live):
         assert "+OK" in live.lab.cli("reloadxml")
         phone(live, "101", "uas-noanswer")
         phone(live, "103", "uas-answer-wait-bye")
-        assert wait(carrier_call(live, "74957654321")) == 0
+        assert wait(carrier_call(live, live.other)) == 0
         wait_calls_done(live, 2)
         assert brief(live) == [("INCOMING", "101", ""), ("COMPLETED", "101", "Cancelled"), ("INCOMING", "103", ""),
                                ("ACCEPTED", "103", ""), ("COMPLETED", "103", "Success")]
@@ -195,12 +199,20 @@ def test_hunt_list_after_reloadxml(live):
 
 
 def test_blind_transfer_by_the_manager_reaches_the_default_context(live):
-    live.planfix.contacts[CLIENT] = {"contact_name": CLIENT_NAME, "responsible": 101}
-    phone(live, "101", "uas-answer-refer", "-key", "refer_to", "102", "-au", "101", "-ap", "1234", "-aa")
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    phone(live, "101", "uas-answer-refer", "-key", "refer_to", "102", "-au", "101", "-ap", "1234")
     target = phone(live, "102", "uas-answer-wait-bye")
-    call = carrier_call(live, CLIENT, scenario="carrier-uac-inbound-long")
+    call = carrier_call(live, live.client, scenario="carrier-uac-inbound-long")
     assert wait(call, 60) == 0
     assert received_invite(target), "the transfer target never rang: REFER looked up in the wrong context"
+    # the target answered and the caller was bridged to it (not hung up on the REFER)
+    assert re.search(r"^SIP/2.0 200 OK[\s\S]*^ACK sip:", messages(target), flags=re.M)
+    wait_calls_done(live, 2)
+    seen = brief(live)
+    assert seen[:3] == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("INCOMING", "102", "")]
+    assert ("COMPLETED", "101", "Success") in seen
+    # What PlanFix should get for the transfer target (today: COMPLETED Missed
+    # although 102 talked) belongs to the call-flows issue; not asserted here.
 
 
 # ---- outbound from a phone ------------------------------------------------------
@@ -232,15 +244,15 @@ def make_call(env, ext: str = "101", to: str = "+7 910 123-45-67") -> requests.R
 
 
 def test_click_to_call_answered_on_both_sides(live):
-    live.planfix.contacts[CLIENT] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
     manager = phone(live, "101", "uas-answer-wait-bye")
     client = carrier_uas(live, "uas-answer-send-bye")
-    assert make_call(live).status_code == 200
+    assert make_call(live, to=f"+{live.client}").status_code == 200
     assert wait(client) == 0
     wait_calls_done(live, 1)
     assert invite_display_name(manager) == CLIENT_NAME
     assert brief(live) == [("OUTGOING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
-    assert {r["phone"] for r in events(live)} == {CLIENT}
+    assert {r["phone"] for r in events(live)} == {live.client}
 
 
 @pytest.mark.parametrize("manager_scenario,client_scenario,status", [
@@ -267,7 +279,7 @@ def test_setup_takes_effect_live(live):
         try:
             assert answer.status_code == 200, answer.text
             phone(live, "101", "uas-answer-wait-bye")
-            assert wait(carrier_call(live, "74957654321")) == 0
+            assert wait(carrier_call(live, live.other)) == 0
             other.wait_for(3, timeout=20, delivered=True)
             assert {r["cmd"] for r in other.delivered} >= {"contact", "event"}
             assert live.planfix.requests == []
@@ -281,7 +293,7 @@ def test_setup_takes_effect_live(live):
 
 def test_answered_call_is_recorded_and_the_link_downloads_the_wav(live):
     phone(live, "101", "uas-answer-wait-bye")
-    assert wait(carrier_call(live, "74957654321")) == 0
+    assert wait(carrier_call(live, live.other)) == 0
     got = wait_calls_done(live, 2)
     (done,) = [r for r in got if r.get("status") == "Success"]
     assert done["is_recorded"] == "1"
@@ -330,7 +342,7 @@ def test_mp3_mode_sends_the_mp3_link_by_record(live):
         service.start()
         service.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout=20)
         phone(live, "101", "uas-answer-wait-bye")
-        assert wait(carrier_call(live, "74957654322")) == 0
+        assert wait(carrier_call(live, live.other)) == 0
         wait_calls_done(live, 2)
         (done,) = [r for r in events(live) if r.get("status") == "Success"]
         assert done["is_recorded"] == "1"
@@ -360,9 +372,9 @@ def test_freeswitch_restart_loads_cleanly_and_calls_still_route(live):
     live.service.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout=30)
     for user, port in live.phone_ports.items():
         live.lab.register(user, port)
-    live.planfix.contacts[CLIENT] = {"contact_name": CLIENT_NAME, "responsible": 103}
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 103}
     manager = phone(live, "103", "uas-answer-wait-bye")
-    assert wait(carrier_call(live)) == 0
+    assert wait(carrier_call(live, live.client)) == 0
     wait_calls_done(live, 1)
     assert invite_display_name(manager) == CLIENT_NAME
     assert brief(live) == [("INCOMING", "103", ""), ("ACCEPTED", "103", ""), ("COMPLETED", "103", "Success")]
