@@ -13,7 +13,7 @@ CONFIG ?= conf/local.ini
 PYTHON_ID := $(shell $(PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])' 2>/dev/null)
 PYWHO  := $(VENV)/.python
 
-.PHONY: run test bench install check clean lame demo FORCE
+.PHONY: run test live-test bench install check clean lame demo FORCE
 
 $(PYWHO): FORCE
 	@test -n "$(PYTHON_ID)" || { echo "error: $(PYTHON) not found; install python3 (3.11 or newer) or pass PYTHON=..." >&2; exit 1; }
@@ -62,6 +62,15 @@ test: $(STAMP) lame
 # every PlanFix request printed; no FreeSWITCH, PlanFix or root needed.
 demo: $(STAMP)
 	$(BIN)/fsbridge demo
+
+# The live suite (tests/live/): a private FreeSWITCH lab (FREESWITCH_PREFIX, default
+# /usr/local/freeswitch), SIPp phones and carrier, the real service. Without
+# FreeSWITCH or sipp it prints one line saying what is missing and succeeds.
+live-test: $(STAMP) lame
+	@$(BIN)/python -m tests.live.lab >/dev/null; rc=$$?; \
+	if [ $$rc = 3 ]; then $(BIN)/python -m tests.live.lab; exit 0; fi; \
+	if [ $$rc != 0 ]; then exit $$rc; fi; \
+	FSBRIDGE_LIVE=1 $(BIN)/python -m pytest -q tests/live
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

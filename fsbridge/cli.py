@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, calls, config, connectcheck, demo, logs, packaged  # noqa: E402
+from fsbridge import __version__, calls, config, connectcheck, demo, install_dialplan, logs, packaged  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -195,7 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd = sub.add_parser("demo", help="watch fsbridge work between a fake FreeSWITCH and a fake PlanFix")
     demo_cmd.add_argument("--keep", action="store_true", help="keep the temp directory (config, service log)")
     demo_cmd.set_defaults(func=lambda args: demo.main(keep=args.keep))
+    dp = sub.add_parser("install-dialplan", help="install the dialplan into a FreeSWITCH conf dir")
+    dp.add_argument("--conf-dir", required=True, metavar="DIR", help="FreeSWITCH's conf dir (holds vars.xml)")
+    dp.add_argument("-c", "--config", metavar="FILE", help="take the lookup URL from this fsbridge config")
+    dp.add_argument("--did", help="your DID, digits only, e.g. 74950000000")
+    dp.add_argument("--gateway", help="the carrier's sofia gateway name")
+    dp.add_argument("--fallback", help="ring group / hunt list dial string, e.g. user/101@$${domain},user/102@$${domain}")
+    dp.add_argument("--dry-run", action="store_true", help="print the diff, change nothing")
+    dp.set_defaults(func=cmd_install_dialplan)
     return parser
+
+
+def cmd_install_dialplan(args: argparse.Namespace) -> int:
+    values = {"fsbridge_did": args.did, "fsbridge_gateway": args.gateway, "fsbridge_fallback": args.fallback}
+    return install_dialplan.run(args.conf_dir, config_path=args.config, values=values, dry_run=args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -208,7 +208,7 @@ def _caller_id_name(raw: str) -> str:
     from fsbridge.originate import safe_caller_id_name
 
     if raw and safe_caller_id_name(raw) != raw:
-        raise ValueError(f"may only contain letters, digits, '.', '-', '_', got {raw!r}")
+        raise ValueError(f"may only contain letters, digits, '.', '-', '_' and single spaces, got {raw!r}")
     return raw
 
 

@@ -5,10 +5,12 @@ The line (sent by the caller as ``bgapi <line>`` with a ``Job-UUID:`` header)::
     originate {origination_uuid=<call uuid>,fsbridge_click_to_call=<request id>,
                fsbridge_ext=<ext>,fsbridge_phone=<client number>,
                origination_caller_id_number=<number shown>,
-               origination_caller_id_name=<name shown>,
+               origination_caller_id_name='<name shown>',
                ignore_early_media=true,originate_timeout=<s>}<manager dial string> <client number> <dialplan> <context>
 
-(one line, no spaces inside ``{...}``).  FreeSWITCH rings the manager first
+(one line; the only spaces inside ``{...}`` are those of the display name,
+which is single-quoted so the originate parser keeps it one argument: the
+manager's phone shows "Иванов Иван", not "Иванов_Иван").  FreeSWITCH rings the manager first
 (the dial string, default ``user/<ext>``); when the manager answers, the leg
 runs the dialplan for ``<client number>`` in ``<context>``, which dials the
 client.  ``origination_uuid`` fixes the manager leg's UUID (PlanFix's callid)
@@ -21,7 +23,8 @@ the ESL command, ``@ / ; % < >`` change dial strings.  FreeSWITCH's quoting
 rules differ between those layers, so no escaping is safe everywhere.  Every
 value that reaches the line is therefore checked against a pattern that
 cannot contain any of them, or (the display name only) reduced to such
-characters.  Anything else raises a ValueError subclass and nothing is built.
+characters plus single spaces, and then put in single quotes (it can hold
+no quote, so it cannot close them).  Anything else raises a ValueError subclass and nothing is built.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ class OriginateSettings:
             )
         if self.caller_id_name is not None and safe_caller_id_name(self.caller_id_name) != self.caller_id_name:
             raise InvalidSettings(
-                "caller_id_name may only contain letters, digits, '.', '-', '_' "
+                "caller_id_name may only contain letters, digits, '.', '-', '_' and single spaces "
                 f"(got {self.caller_id_name!r})"
             )
 
@@ -151,11 +154,12 @@ def _check_dial_string(template: str) -> None:
 
 
 def safe_caller_id_name(raw: str) -> str:
-    """``raw`` reduced to letters (any script), ASCII digits and ``. - _``.
+    """``raw`` reduced to letters (any script), ASCII digits, ``. - _`` and single spaces.
 
-    Every other character (space included: it would split the originate
-    line) becomes ``_``, runs of ``_`` collapse, and the result is cut to
-    MAX_CALLER_ID_NAME_LENGTH.  Returns "" when nothing useful is left.
+    Every other character (quotes, commas, braces, controls, tabs) becomes a
+    space, runs of spaces collapse, and the result is cut to
+    MAX_CALLER_ID_NAME_LENGTH.  The originate line single-quotes it, so the
+    spaces stay inside one value.  Returns "" when nothing useful is left.
     Cyrillic names survive (PlanFix is used in Russia); a letter is anything
     Unicode calls a letter, never a symbol, mark or control.
     """
@@ -165,9 +169,9 @@ def safe_caller_id_name(raw: str) -> str:
         keep = keep or (not ch.isascii() and unicodedata.category(ch) in ("Lu", "Ll", "Lt", "Lo"))
         if keep:
             out.append(ch)
-        elif out and out[-1] != "_":
-            out.append("_")
-    return "".join(out).strip("_")[:MAX_CALLER_ID_NAME_LENGTH].rstrip("_")
+        elif out and out[-1] != " ":
+            out.append(" ")
+    return "".join(out).strip(" ")[:MAX_CALLER_ID_NAME_LENGTH].rstrip(" ")
 
 
 def _check_uuid(value: str, what: str) -> str:
@@ -221,7 +225,8 @@ def build_originate(
             f"fsbridge_ext={ext}",
             f"fsbridge_phone={number}",
             f"origination_caller_id_number={shown_number}",
-            f"origination_caller_id_name={shown_name}",
+            # Quoted: a name may hold spaces (and nothing that could end the quotes).
+            f"origination_caller_id_name='{shown_name}'",
             # The manager hears the client's ringback only after answering;
             # early media must not count as the manager having answered.
             "ignore_early_media=true",

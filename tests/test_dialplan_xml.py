@@ -38,6 +38,9 @@ INBOUND = DIALPLAN / "fsbridge-inbound.xml"
 OUTBOUND = DIALPLAN / "fsbridge-outbound.xml"
 RECORD_SNIPPET = "fsbridge-record.xml"  # written with the recordings (issue 6)
 INCLUDE_DIR = "fsbridge"  # where the README tells admins to copy dialplan/ under conf_dir
+# Includes must be absolute: FreeSWITCH resolves a relative one from the
+# including file's directory and silently includes nothing.
+INCLUDE_PREFIX = f"$${{conf_dir}}/{INCLUDE_DIR}/"
 # FreeSWITCH's own pre-processor variables (vars.xml) the files may use.
 STOCK_GLOBALS = {"domain": "pbx.example", "conf_dir": "/etc/freeswitch", "recordings_dir": "/var/lib/freeswitch/recordings"}
 OUR_FILES = sorted(p for p in DIALPLAN.glob("*.xml") if not p.name.startswith("fsbridge-record"))
@@ -50,7 +53,8 @@ def _preprocess_vars() -> dict[str, str]:
         assert element.tag == "X-PRE-PROCESS" and element.get("cmd") == "set", ET.tostring(element)
         name, _, value = element.get("data", "").partition("=")
         assert name and value, element.get("data")
-        values[name] = value
+        # FreeSWITCH expands $${...} in a set line as it reads it (vars.xml sets domain first).
+        values[name] = re.sub(r"\$\$\{(\w+)\}", lambda m: STOCK_GLOBALS[m.group(1)], value)
     return values
 
 
@@ -73,7 +77,10 @@ def _loaded(path: pathlib.Path) -> ET.Element:
     for parent in list(root.iter()):
         for index, child in reversed(list(enumerate(parent))):
             if child.tag == "X-PRE-PROCESS" and child.get("cmd") == "include":
-                included = DIALPLAN / child.get("data").removeprefix(f"{INCLUDE_DIR}/")
+                data = child.get("data")
+                prefix = f"{STOCK_GLOBALS['conf_dir']}/{INCLUDE_DIR}/"
+                assert data.startswith(prefix), data
+                included = DIALPLAN / data.removeprefix(prefix)
                 parent.remove(child)
                 for offset, element in enumerate(_loaded(included)):
                     parent.insert(index + offset, element)
@@ -93,10 +100,27 @@ def test_file_parses_and_starts_with_its_documentation(path):
     assert path.name in head
     for topic in ("What it does", "Where to include it", "Variables to set"):
         assert topic in head, f"{path.name}: the opening comment must say {topic!r}"
-    # Pre-processor includes name files under conf_dir/fsbridge/, as documented.
+    # Pre-processor includes name files under $${conf_dir}/fsbridge/, as documented.
     for element in root.iter("X-PRE-PROCESS"):
         if element.get("cmd") == "include":
-            assert element.get("data").startswith(f"{INCLUDE_DIR}/")
+            assert element.get("data").startswith(INCLUDE_PREFIX)
+
+
+@pytest.mark.parametrize("path", sorted(DIALPLAN.glob("*.xml")), ids=lambda p: p.name)
+def test_no_directive_inside_a_comment(path):
+    # FreeSWITCH's pre-processor scans raw lines: an X-PRE-PROCESS tag inside
+    # <!-- --> still runs (a self-include there stopped FreeSWITCH from starting).
+    comments = re.findall(r"<!--.*?-->", path.read_text(encoding="utf-8"), flags=re.S)
+    assert comments
+    for comment in comments:
+        assert "<X-PRE-PROCESS" not in comment.upper()
+
+
+def test_preprocessor_values_hold_no_channel_variables():
+    # In X-PRE-PROCESS set values FreeSWITCH turns "${" into "%{": only $${...}
+    # (expanded at load) may appear there.
+    for name, value in VARS.items():
+        assert not re.search(r"(?<!\$)\$\{", value), f"{name}={value}"
 
 
 def test_every_variable_is_defined_in_the_one_vars_file_and_used():
@@ -271,7 +295,9 @@ def _inbound_call(app, caller: dict[str, str] = CALL):
 def test_inbound_known_client_with_responsible_rings_the_manager_first():
     variables, queued, bridge = _inbound_call(_lookup_app(Contact("Иванов Иван", "103")))
     assert variables["effective_caller_id_name"] == "Иванов Иван"
-    assert bridge == f"[leg_timeout={VARS['fsbridge_responsible_ring']}]user/103@${{domain_name}}|{VARS['fsbridge_fallback']}"
+    assert bridge == f"[leg_timeout={VARS['fsbridge_responsible_ring']}]user/103@{STOCK_GLOBALS['domain']}|{VARS['fsbridge_fallback']}"
+    # a REFER from the manager's phone is routed among the phones, not in "public"
+    assert ("set", "force_transfer_context=default") in queued
     assert ("set", f"domain_name={STOCK_GLOBALS['domain']}") in queued
     assert ("set", "hangup_after_bridge=true") in queued and ("set", "ignore_early_media=true") in queued
     assert queued[-1][0] == "bridge"
@@ -363,7 +389,7 @@ def test_outbound_route_ignores_other_destinations(destination):
 def test_routes_include_the_shared_recording_extension_before_bridging(path):
     root = ET.parse(path).getroot()
     includes = [i for i, e in enumerate(root) if e.tag == "X-PRE-PROCESS" and e.get("cmd") == "include"]
-    assert [root[i].get("data") for i in includes] == [f"{INCLUDE_DIR}/{RECORD_SNIPPET}"]
+    assert [root[i].get("data") for i in includes] == [f"{INCLUDE_PREFIX}{RECORD_SNIPPET}"]
     # fsbridge-record.xml holds extensions: it belongs between extensions, not among actions.
     assert not any(e.tag == "X-PRE-PROCESS" for c in root.iter("condition") for e in c)
     bridging = [i for i, e in enumerate(root) if e.tag == "extension" and any(a.get("application") == "bridge" for a in e.iter("action"))]

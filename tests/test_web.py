@@ -30,7 +30,7 @@ UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 COMMAND = re.compile(
     rf"originate \{{origination_uuid=(?P<call>{UUID}),fsbridge_click_to_call=(?P<req>{UUID}),"
     r"fsbridge_ext=(?P<ext>\d{2,6}),fsbridge_phone=(?P<phone>\+?[0-9*#]{1,32}),"
-    r"origination_caller_id_number=(?P=phone),origination_caller_id_name=(?P<name>[^\s,{}'$|]+),"
+    r"origination_caller_id_number=(?P=phone),origination_caller_id_name='(?P<name>[^\s,{}'$|]+(?: [^\s,{}'$|]+)*)',"
     r"ignore_early_media=true,originate_timeout=30\}user/(?P=ext) (?P=phone) XML default"
 )
 INJECTION = [" ", ",", "|", "{", "}", "$", "'", "\n", "&", "\r", ";", "@", "/", "%", "\\", "[", "=", "^", "<",
@@ -155,7 +155,7 @@ def test_keep_plus(tmp_path):
 def test_client_name_shown_to_manager(h):
     h.names["79101234567"] = "Иванов Иван, ООО {Рога}"
     assert h.post(**make_call()).status_code == 200
-    assert "origination_caller_id_name=Иванов_Иван_ООО_Рога," in h.pbx.sent[0][0]
+    assert "origination_caller_id_name='Иванов Иван ООО Рога'," in h.pbx.sent[0][0]
 
 
 def test_failing_name_lookup_does_not_stop_the_call(h):

@@ -101,7 +101,7 @@ def test_make_call_validation_and_injection_never_reach_freeswitch(tmp_path, fs,
         assert answer.status_code == 200, answer.text
         command = fs.wait_for_command("bgapi originate")
         assert " user/101 79101234567 XML default" in command.replace("}user/", " user/")
-        assert "origination_caller_id_name=Иванов_Иван," in command
+        assert "origination_caller_id_name='Иванов Иван'," in command
         assert "origination_caller_id_number=79101234567," in command
         assert "Traceback" not in service.log()
 

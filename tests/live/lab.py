@@ -1,0 +1,281 @@
+"""A private FreeSWITCH lab for the live suite: its own conf, dirs and ports, loopback only.
+
+Built in a temp dir from a vanilla conf (never the installed conf, which
+another lab may be using): `$PREFIX/conf.vanilla` when the shared lab script
+saved one, else `$PREFIX/conf`.  The edits mirror ../shared/freeswitch/lab.sh
+(127.0.0.1 everywhere, no STUN, no IPv6 or websocket listeners, no example.com
+gateway, users 101-103, a gateway `carrier` to a SIPp UAS) but on free ports:
+two labs can run on one machine at once.
+
+fsbridge's dialplan is installed by `fsbridge install-dialplan`, exactly as an
+admin would, and FreeSWITCH runs as `freeswitch -nf -nc -nonat -conf ... -log
+... -db ... -run ... -recordings ...` in its own process group, so teardown
+ends it (and every SIPp) by process id, pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SIPP_DIR = HERE / "sipp"
+REPO = HERE.parent.parent
+PREFIX = Path(os.environ.get("FREESWITCH_PREFIX", "/usr/local/freeswitch"))
+ESL_PASSWORD = "ClueCon"
+USERS = ("101", "102", "103")
+USER_PASSWORD = "1234"
+DID = "74950000000"
+
+
+def missing() -> str | None:
+    """Why the live suite cannot run here, or None."""
+    if not (PREFIX / "bin" / "freeswitch").is_file():
+        return f"no FreeSWITCH at {PREFIX}/bin/freeswitch (set FREESWITCH_PREFIX)"
+    if shutil.which("sipp") is None:
+        return "no sipp on PATH (apt-get install sip-tester)"
+    if not any((PREFIX / d / "vars.xml").is_file() for d in ("conf.vanilla", "conf")):
+        return f"no FreeSWITCH conf at {PREFIX}/conf"
+    return None
+
+
+def free_udp_port() -> int:
+    """A port free for UDP and TCP on 127.0.0.1 now."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def rtp_range(size: int = 200) -> int:
+    """A random RTP range above the usual ephemeral ports (61000+) and away from
+    FreeSWITCH's default 16384-32768 that another lab uses."""
+    return 61000 + random.randrange(0, (64000 - 61000) // size) * size
+
+
+def _sub(path: Path, pattern: str, repl: str, count: int = 0, required: bool = True) -> None:
+    text = path.read_text()
+    new, n = re.subn(pattern, repl, text, count=count)
+    if required and not n:
+        raise RuntimeError(f"{path}: {pattern!r} not found")
+    path.write_text(new)
+
+
+class Lab:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.conf = self.root / "conf"
+        self.dirs = {name: self.root / name for name in ("log", "db", "run", "recordings", "temp", "cache", "storage", "certs")}
+        self.sip_port = free_udp_port()  # internal profile: the phones
+        self.ext_port = free_udp_port()  # external profile: the carrier
+        self.esl_port = free_udp_port()
+        self.carrier_port = free_udp_port()
+        self.rtp_start = rtp_range()
+        self.proc: subprocess.Popen | None = None
+        self.sipps: list[subprocess.Popen] = []
+
+    # ---- conf -------------------------------------------------------------
+
+    def build_conf(self) -> None:
+        source = PREFIX / "conf.vanilla" if (PREFIX / "conf.vanilla" / "vars.xml").is_file() else PREFIX / "conf"
+        shutil.copytree(source, self.conf, symlinks=True)
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        c = self.conf
+        v = c / "vars.xml"
+        _sub(v, r'(<X-PRE-PROCESS cmd="set" data="default_password=[^"]*"/>)',
+             r'<X-PRE-PROCESS cmd="set" data="local_ip_v4=127.0.0.1"/>\n  \1', count=1)
+        # with the vanilla 1234 the default context's "global" extension sleeps 10 s per call
+        _sub(v, r'data="default_password=[^"]*"', 'data="default_password=live-lab-4321"')
+        _sub(v, r'cmd="stun-set" data="external_rtp_ip=[^"]*"', 'cmd="set" data="external_rtp_ip=127.0.0.1"')
+        _sub(v, r'cmd="stun-set" data="external_sip_ip=[^"]*"', 'cmd="set" data="external_sip_ip=127.0.0.1"')
+        _sub(v, r'data="bind_server_ip=auto"', 'data="bind_server_ip=127.0.0.1"', required=False)
+        _sub(v, r'data="internal_sip_port=\d+"', f'data="internal_sip_port={self.sip_port}"')
+        _sub(v, r'data="external_sip_port=\d+"', f'data="external_sip_port={self.ext_port}"')
+        _sub(v, r'data="internal_tls_port=\d+"', f'data="internal_tls_port={self.sip_port + 1}"', required=False)
+        _sub(v, r'data="external_tls_port=\d+"', f'data="external_tls_port={self.ext_port + 1}"', required=False)
+        for f in ("directory/default/example.com.xml", "dialplan/default/01_example.com.xml",
+                  "sip_profiles/internal-ipv6.xml", "sip_profiles/external-ipv6.xml",
+                  "sip_profiles/external/example.xml"):
+            (c / f).unlink(missing_ok=True)
+        # websocket listeners would take the fixed ports 5066/7443 of another lab
+        _sub(c / "sip_profiles/internal.xml", r'\s*<param name="wss?-binding"[^>]*/>', "", required=False)
+        es = c / "autoload_configs/event_socket.conf.xml"
+        _sub(es, r'<param name="listen-ip" value="[^"]*"/>', '<param name="listen-ip" value="127.0.0.1"/>')
+        _sub(es, r'<param name="listen-port" value="[^"]*"/>', f'<param name="listen-port" value="{self.esl_port}"/>')
+        _sub(es, r'<param name="password" value="[^"]*"/>', f'<param name="password" value="{ESL_PASSWORD}"/>')
+        sw = c / "autoload_configs/switch.conf.xml"
+        _sub(sw, r'<!-- <param name="rtp-start-port" value="\d+"/> -->', f'<param name="rtp-start-port" value="{self.rtp_start}"/>')
+        _sub(sw, r'<!-- <param name="rtp-end-port" value="\d+"/> -->', f'<param name="rtp-end-port" value="{self.rtp_start + 199}"/>')
+        for u in USERS:
+            (c / f"directory/default/{u}.xml").write_text(f"""<include>
+  <user id="{u}">
+    <params>
+      <param name="password" value="{USER_PASSWORD}"/>
+      <param name="vm-password" value="{u}"/>
+    </params>
+    <variables>
+      <variable name="toll_allow" value="domestic,international,local"/>
+      <variable name="accountcode" value="{u}"/>
+      <variable name="user_context" value="default"/>
+      <variable name="effective_caller_id_name" value="Manager {u}"/>
+      <variable name="effective_caller_id_number" value="{u}"/>
+    </variables>
+  </user>
+</include>
+""")
+        (c / "sip_profiles/external/carrier.xml").write_text(f"""<include>
+  <gateway name="carrier">
+    <param name="proxy" value="127.0.0.1:{self.carrier_port}"/>
+    <param name="realm" value="127.0.0.1:{self.carrier_port}"/>
+    <param name="username" value="{DID}"/>
+    <param name="password" value="unused"/>
+    <param name="register" value="false"/>
+    <param name="caller-id-in-from" value="true"/>
+  </gateway>
+</include>
+""")
+        # the target of a blind transfer: extensions 101..103 in the default context
+        (c / "dialplan/default/00_live_local.xml").write_text("""<include>
+  <extension name="live_local_10x">
+    <condition field="destination_number" expression="^(10[1-3])$">
+      <action application="set" data="call_timeout=15"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="bridge" data="user/$1@$${domain}"/>
+    </condition>
+  </extension>
+</include>
+""")
+
+    def install_dialplan(self, fsbridge_config: Path, *, fallback: str, responsible_ring: int) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "fsbridge", "install-dialplan", "--conf-dir", str(self.conf),
+             "-c", str(fsbridge_config), "--did", DID, "--gateway", "carrier", "--fallback", fallback],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"install-dialplan failed: {out.stdout}{out.stderr}")
+        # ring times have no option: edit them as an admin would
+        _sub(self.conf / "fsbridge/fsbridge-vars.xml", r'data="fsbridge_responsible_ring=\d+"',
+             f'data="fsbridge_responsible_ring={responsible_ring}"')
+        _sub(self.conf / "fsbridge/fsbridge-vars.xml", r'data="fsbridge_outbound_ring=\d+"',
+             'data="fsbridge_outbound_ring=6"')
+        return out.stdout
+
+    # ---- FreeSWITCH -------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        return self.dirs["log"] / "freeswitch.log"
+
+    def start(self, wait: float = 60.0) -> None:
+        args = [str(PREFIX / "bin" / "freeswitch"), "-nf", "-nc", "-nonat", "-conf", str(self.conf)]
+        for name, d in self.dirs.items():
+            args += [f"-{name}", str(d)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(self.root / "freeswitch.out", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"freeswitch exited {self.proc.returncode}: {self.tail()}")
+            if "is ready" in self.cli("status", timeout=3):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"freeswitch not ready in {wait}s: {self.tail()}")
+
+    def cli(self, command: str, timeout: float = 10) -> str:
+        try:
+            out = subprocess.run([str(PREFIX / "bin" / "fs_cli"), "-H", "127.0.0.1", "-P", str(self.esl_port),
+                                  "-p", ESL_PASSWORD, "-x", command], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return ""
+        return out.stdout
+
+    def stop(self) -> None:
+        for p in self.sipps:
+            _end(p)
+        self.sipps.clear()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.cli("fsctl shutdown", timeout=5)
+            _end(self.proc, grace=15)
+            self.proc = None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def log_problems(self, since: int = 0) -> list[str]:
+        """[WARNING]/[ERR]/[CRIT] lines of freeswitch.log from byte offset `since`."""
+        text = self.log_path.read_bytes()[since:].decode(errors="replace")
+        return [line for line in text.splitlines() if re.search(r"\[(WARNING|ERR|CRIT|ALERT)\]", line)]
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    # ---- SIPp ---------------------------------------------------------------
+
+    def sipp(self, scenario: str, *args: str, port: int, target: str = "internal", cwd: Path | None = None,
+             timeout_s: int = 60) -> subprocess.Popen:
+        remote = self.sip_port if target == "internal" else self.ext_port
+        workdir = cwd or (self.root / "sipp" / f"{scenario}-{port}-{time.monotonic_ns()}")
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = ["sipp", f"127.0.0.1:{remote}", "-sf", str(SIPP_DIR / f"{scenario}.xml"), "-i", "127.0.0.1",
+               "-p", str(port), "-nostdin", "-timeout", f"{timeout_s}", "-timeout_error", "-trace_msg",
+               "-trace_err", "-mp", str(free_udp_port()), *args]
+        proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc.workdir = workdir  # type: ignore[attr-defined]
+        self.sipps.append(proc)
+        return proc
+
+    def register(self, user: str, port: int) -> None:
+        proc = self.sipp("register", "-s", user, "-au", user, "-ap", USER_PASSWORD, "-m", "1", port=port, timeout_s=10)
+        if proc.wait(15) != 0:
+            raise RuntimeError(f"REGISTER {user} from port {port} failed: {messages(proc)[-2000:]}")
+
+
+def messages(proc: subprocess.Popen) -> str:
+    """What a SIPp process sent and received (its -trace_msg log)."""
+    return "".join(p.read_text(errors="replace") for p in sorted(proc.workdir.glob("*_messages.log")))  # type: ignore[attr-defined]
+
+
+def _end(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """End a process we started, and its process group, by id."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(5)
+
+
+if __name__ == "__main__":
+    # `python -m tests.live.lab`: the one-line preflight of `make live-test`.
+    why = missing()
+    print(f"live tests skipped: {why}" if why else "live tests: FreeSWITCH and sipp found")
+    sys.exit(3 if why else 0)

@@ -1,0 +1,159 @@
+"""`fsbridge install-dialplan` on a temp copy of FreeSWITCH 1.10.12's vanilla conf files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from fsbridge import cli, install_dialplan, packaged
+
+VANILLA = Path(__file__).resolve().parent / "data" / "freeswitch-vanilla"
+FILES = ("vars.xml", "dialplan/public.xml", "dialplan/default.xml", "autoload_configs/modules.conf.xml")
+
+
+@pytest.fixture
+def conf(tmp_path) -> Path:
+    root = tmp_path / "conf"
+    for name in FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(VANILLA / name, root / name)
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _sets(path: Path) -> dict[str, str]:
+    return dict(e.get("data").split("=", 1) for e in ET.parse(path).getroot() if e.get("cmd") == "set")
+
+
+def _context(path: Path, name: str) -> ET.Element:
+    (context,) = [c for c in ET.parse(path).getroot().iter("context") if c.get("name") == name]
+    return context
+
+
+def test_installs_files_and_absolute_includes_in_the_right_places(conf, capsys):
+    assert cli.main(["install-dialplan", "--conf-dir", str(conf)]) == 0
+    for source in packaged.dialplan_files():
+        assert (conf / "fsbridge" / source.name).is_file()
+    assert not list((conf / "dialplan").glob("fsbridge*"))  # never a context of its own
+    vars_root = ET.parse(conf / "vars.xml").getroot()
+    includes = [e.get("data") for e in vars_root if e.tag == "X-PRE-PROCESS" and e.get("cmd") == "include"]
+    assert includes[-1] == "$${conf_dir}/fsbridge/fsbridge-vars.xml"
+    # after domain is set: the fallback dial string expands $${domain}
+    sets = [e.get("data") for e in vars_root if e.get("cmd") == "set"]
+    assert any(s.startswith("domain=") for s in sets)
+    for relative, context, name in (("dialplan/public.xml", "public", "fsbridge-inbound.xml"),
+                                    ("dialplan/default.xml", "default", "fsbridge-outbound.xml")):
+        first = _context(conf / relative, context)[0]
+        assert (first.tag, first.get("data")) == ("X-PRE-PROCESS", f"$${{conf_dir}}/fsbridge/{name}")
+    out = capsys.readouterr().out
+    assert 'load mod_curl: add <load module="mod_curl"/>' in out  # commented out in vanilla
+    assert "reloadxml" in out
+
+
+def test_second_run_changes_nothing(conf, capsys):
+    assert cli.main(["install-dialplan", "--conf-dir", str(conf), "--did", "74951112233"]) == 0
+    before = _snapshot(conf)
+    capsys.readouterr()
+    assert cli.main(["install-dialplan", "--conf-dir", str(conf)]) == 0
+    assert _snapshot(conf) == before
+    out = capsys.readouterr().out
+    assert "nothing changed" in out and "reloadxml" not in out
+    # the DID given the first time is kept, not reset to the packaged default
+    assert _sets(conf / "fsbridge" / "fsbridge-vars.xml")["fsbridge_did"] == "74951112233"
+
+
+def test_backs_up_every_file_it_changes(conf):
+    originals = _snapshot(conf)
+    assert install_dialplan.run(str(conf), out=lambda line: None) == 0
+    backups = sorted(conf.rglob("*.fsbridge-bak-*"))
+    assert {b.name.split(".fsbridge-bak-")[0] for b in backups} == {"vars.xml", "public.xml", "default.xml"}
+    for backup in backups:
+        original = str(backup.relative_to(conf)).split(".fsbridge-bak-")[0]
+        assert backup.read_bytes() == originals[original]
+
+
+def test_dry_run_prints_the_diff_and_writes_nothing(conf, capsys):
+    before = _snapshot(conf)
+    assert cli.main(["install-dialplan", "--conf-dir", str(conf), "--dry-run"]) == 0
+    assert _snapshot(conf) == before
+    out = capsys.readouterr().out
+    assert f"+++ {conf / 'dialplan' / 'public.xml'}" in out
+    assert '+    <X-PRE-PROCESS cmd="include" data="$${conf_dir}/fsbridge/fsbridge-inbound.xml"/>' in out
+    assert f"+++ {conf / 'fsbridge' / 'fsbridge-vars.xml'}" in out
+    assert "7 file(s) would change" in out
+
+
+def test_config_gives_the_lookup_url(conf, tmp_path):
+    ini = tmp_path / "fsbridge.ini"
+    ini.write_text("[dialplan]\nlisten = 127.0.0.1:18099\n")
+    assert install_dialplan.run(str(conf), config_path=str(ini), out=lambda line: None) == 0
+    sets = _sets(conf / "fsbridge" / "fsbridge-vars.xml")
+    assert sets["fsbridge_lookup_url"] == "http://127.0.0.1:18099/dialplan/contact"
+    # a later change of the config is carried over by the next run
+    ini.write_text("[dialplan]\nlisten = 127.0.0.1:18100\n")
+    install_dialplan.run(str(conf), config_path=str(ini), out=lambda line: None)
+    assert _sets(conf / "fsbridge" / "fsbridge-vars.xml")["fsbridge_lookup_url"].endswith(":18100/dialplan/contact")
+
+
+def test_options_set_did_gateway_fallback(conf):
+    values = {"fsbridge_did": "74950000001", "fsbridge_gateway": "my-carrier",
+              "fsbridge_fallback": "user/101@$${domain}|user/102@$${domain}"}
+    assert install_dialplan.run(str(conf), values=values, out=lambda line: None) == 0
+    sets = _sets(conf / "fsbridge" / "fsbridge-vars.xml")
+    assert {k: sets[k] for k in values} == values
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--did", '7495" data="x'), ("--did", "7495 000"), ("--did", "74950000000|1"), ("--gateway", "a/b"),
+    ("--fallback", "user/101@${domain_name}"), ("--fallback", 'user/101"/><X-PRE-PROCESS cmd="include'),
+])
+def test_bad_values_are_refused_and_nothing_written(conf, option, value, capsys):
+    before = _snapshot(conf)
+    assert cli.main(["install-dialplan", "--conf-dir", str(conf), option, value]) == 2
+    assert _snapshot(conf) == before
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_not_a_conf_dir(tmp_path, capsys):
+    assert cli.main(["install-dialplan", "--conf-dir", str(tmp_path)]) == 2
+    assert "no vars.xml" in capsys.readouterr().err
+
+
+def test_old_relative_include_is_rewritten(conf):
+    public = conf / "dialplan" / "public.xml"
+    text = public.read_text()
+    public.write_text(text.replace('<context name="public">',
+                                   '<context name="public">\n    <X-PRE-PROCESS cmd="include" data="fsbridge/fsbridge-inbound.xml"/>', 1))
+    install_dialplan.run(str(conf), out=lambda line: None)
+    datas = [e.get("data") for e in _context(public, "public").iter("X-PRE-PROCESS") if "fsbridge" in e.get("data")]
+    assert datas == ["$${conf_dir}/fsbridge/fsbridge-inbound.xml"]
+
+
+def test_commented_out_include_does_not_count_as_installed(conf):
+    default = conf / "dialplan" / "default.xml"
+    default.write_text(default.read_text().replace(
+        '<context name="default">',
+        '<context name="default">\n    <!-- old: X-PRE-PROCESS fsbridge/fsbridge-outbound.xml -->', 1))
+    install_dialplan.run(str(conf), out=lambda line: None)
+    assert re.search(r'^    <X-PRE-PROCESS cmd="include" data="\$\$\{conf_dir\}/fsbridge/fsbridge-outbound.xml"/>$',
+                     default.read_text(), flags=re.M)
+
+
+def test_mod_curl_loaded_is_not_asked_for(conf, capsys):
+    modules = conf / "autoload_configs" / "modules.conf.xml"
+    modules.write_text(modules.read_text().replace('<!-- <load module="mod_curl"/> -->', '<load module="mod_curl"/>'))
+    install_dialplan.run(str(conf))
+    assert "load mod_curl" not in capsys.readouterr().out
+
+
+def test_readme_manual_steps_write_the_same_lines_as_the_command():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for _, _, name in install_dialplan.TARGETS:
+        assert f"`{install_dialplan.include_line(name)}`" in readme, name
