@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,7 +46,7 @@ def make_outbox(tmp_path, fake):
     def make(creds=None, read_timeout=2.0, **kw) -> Outbox:
         kw = {"min_backoff_s": 0.02, "max_backoff_s": 0.1, "rescan_interval_s": 0.1} | kw
         client = PlanfixClient(creds or Creds(fake.url, fake.token), connect_timeout=0.5, read_timeout=read_timeout,
-                               pool_size=kw.get("concurrency", 16))
+                               pool_size=kw.get("max_concurrency") or kw.get("concurrency", 16))
         box = Outbox(str(tmp_path / "outbox.sqlite3"), client, **kw)
         made.append(box)
         return box
@@ -385,3 +386,36 @@ def test_requeued_command_goes_back_by_id_but_never_before_the_one_in_flight(fak
     assert box.retry_kept_aside() == 1
     drained(box)
     assert [int(f["diversion"]) for f in fake.delivered] == [1, 0, 2]
+
+
+def test_in_flight_grows_while_planfix_answers_and_halves_on_503(fake, make_outbox):
+    fake.delay = 0.05
+    box = make_outbox(concurrency=2, max_concurrency=32)
+    cmds = many_calls(64, 3)
+    box.put(cmds)
+    box.start()
+    drained(box, timeout=20)
+    assert fake.max_in_flight > 8, fake.max_in_flight  # grew beyond the start of 2
+    assert fake.max_in_flight <= 32
+    grown = box.limiter.limit
+    fake.failure = 503
+    box.put(many_calls(4, 1, prefix="late"))
+    wait_until(lambda: box.limiter.limit < grown, what="limit to shrink")
+    assert box.limiter.limit >= grown // 2 - 1  # halved at most once per cooldown, not collapsed
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tmp_path):
+    # Only ids are held in memory: what is sent is what the row holds then.
+    box = make_outbox()
+    box.put(call_commands("c1", 1))
+    assert box._calls["c1"].entries == [1]
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
+        fields = dict(call_commands("c1", 1)[0].fields, phone="79990000000")
+        conn.execute("UPDATE outbox SET fields=? WHERE id=1", (json.dumps(fields),))
+    box.start()
+    drained(box)
+    assert fake.delivered[0]["phone"] == "79990000000"
+    box.stop()
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
