@@ -41,7 +41,10 @@ def test_overload_halves_once_per_cooldown_then_climbs_back():
     assert limit.limit == 16
     # At the new threshold (half of 32): about one more per round of answers.
     assert limit.threshold == 16
-    for _ in range(34):
+    for _ in range(16):
+        limit.success(in_flight=limit.limit)
+    assert limit.limit == 16  # 16 answers: not quite one round's worth more
+    for _ in range(2):
         limit.success(in_flight=limit.limit)
     assert limit.limit == 17
 
