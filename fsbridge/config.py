@@ -224,6 +224,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("allow_http", _bool, "no"),
         Key("connect_timeout", _seconds(0.1, 120), "3"),
         Key("read_timeout", _seconds(0.1, 600), "10"),
+        Key("max_in_flight", _int_range(1, 1024), "256"),
     ],
     "outbox": [
         Key("concurrency", _int_range(1, 256), "16"),
