@@ -312,3 +312,11 @@ def test_https_verifies_the_certificate_and_host_name():
     context = http._connection_pool.ssl_context
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     client.close()
+
+
+def test_lean_fake_records_arrivals_and_still_checks_the_token():
+    # The benchmark's fake PlanFix: same client, same wire, fewer checks.
+    with FakePlanfix(lean=True) as lean:
+        assert make_client(lean).send(COMPLETED).delivered
+        assert make_client(lean, token="wrong-token-0123").send(COMPLETED).outcome is Outcome.UNAUTHORIZED
+        assert [(c, e) for c, e, _ in lean.arrivals] == [(COMPLETED["callid"], "COMPLETED")] * 2
