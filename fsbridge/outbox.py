@@ -568,7 +568,9 @@ class Outbox:
             except sqlite3.Error as exc:
                 log.warning("outbox: reading the oldest pending command: %s", exc)
         return {
-            "depth": self._depth,
+            # Rows still in the table: pending, or delivered and awaiting the
+            # batched DELETE (a kill now would resend those).
+            "depth": self._depth + len(self._undeleted),
             "oldest_pending_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
             "last_success_at": self._last_success_at,
             "kept_aside": self._kept_aside,
