@@ -212,7 +212,6 @@ class Outbox:
         self._db_lock = threading.RLock()
         self._conn = _open(db_path)
         self._calls: dict[str, _CallQueue] = {}
-        self._known_ids: set[int] = set()  # pending ids held in memory
         self._ready: collections.deque[str] = collections.deque()
         self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
         self._undeleted: set[int] = set()  # delivered, DELETE not committed yet (batched, or it failed)
@@ -250,7 +249,9 @@ class Outbox:
             self._last_success_at = float(last[0])
         added = 0
         for row_id, call_id in rows:
-            if row_id in self._known_ids or row_id in self._undeleted:
+            known = self._calls.get(call_id)
+            # A call's list is short: no set of every pending id (~60 bytes each) is kept.
+            if (known is not None and row_id in known.entries) or row_id in self._undeleted:
                 continue
             self._index(call_id, row_id, in_order=True)
             added += 1
@@ -270,7 +271,6 @@ class Outbox:
             q.entries.insert(pos, row_id)
         else:
             q.entries.append(row_id)
-        self._known_ids.add(row_id)
         self._depth += 1
         if q.state == "idle":  # ready/active/waiting calls pick the new entry up themselves
             self._ready.append(q.call_id)
@@ -449,7 +449,6 @@ class Outbox:
 
     def _drop(self, q: _CallQueue, row_id: int) -> None:
         del q.entries[0]
-        self._known_ids.discard(row_id)
         self._depth -= 1
 
     def _pace(self, result: DeliveryResult) -> None:
