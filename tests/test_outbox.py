@@ -17,7 +17,7 @@ import pytest
 
 from fsbridge import outbox as outbox_mod
 from fsbridge.outbox import Outbox, OutboxError
-from fsbridge.planfix import Credentials, PlanfixClient
+from fsbridge.planfix import Credentials, DeliveryResult, Outcome, PlanfixClient
 from tests.conftest import REPO
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.outbox_helpers import Cmd, assert_each_once_in_call_order, call_commands, key, many_calls
@@ -420,3 +420,16 @@ def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tm
     box.stop()
     with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
         assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("result", "overload"),
+    [(DeliveryResult(Outcome.RETRY, 429), True), (DeliveryResult(Outcome.RETRY, 502), True),
+     (DeliveryResult(Outcome.RETRY, None, error="timeout"), True),
+     (DeliveryResult(Outcome.REJECTED, 400), False), (DeliveryResult(Outcome.UNAUTHORIZED, 401), False),
+     (DeliveryResult(Outcome.RETRY, 200, error="not JSON"), False), (DeliveryResult(Outcome.NOT_CONFIGURED), False)],
+)
+def test_which_answers_shrink_the_in_flight_limit(make_outbox, result, overload):
+    box = make_outbox(concurrency=8, max_concurrency=64)
+    box._pace(result)
+    assert box.limiter.limit == (4 if overload else 8)
