@@ -267,6 +267,7 @@ SCHEMA: dict[str, list[Key]] = {
         Key("allowed_hosts", _host_patterns, "*.planfix.ru *.planfix.com *.planfix.ua"),
         Key("connect_timeout", _seconds(0.1, 120), "3"),
         Key("read_timeout", _seconds(0.1, 600), "10"),
+        Key("max_in_flight", _int_range(1, 1024), "256"),
     ],
     "outbox": [
         Key("concurrency", _int_range(1, 256), "16"),

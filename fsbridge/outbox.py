@@ -5,7 +5,9 @@ Guarantees
   batch).  A row leaves the table only after PlanFix answered 200.
 - Per-call order: a call's next command is sent only after the previous one
   was delivered or kept aside.  Different calls go out in parallel, up to
-  `concurrency` requests in flight.
+  an adaptive limit (`fsbridge.limiter`): from `concurrency` it grows while
+  PlanFix answers and every slot is busy, up to `max_concurrency`, and halves
+  on 429/5xx/timeouts/connection errors.
 - Failures (5xx, timeouts, connection errors, 401, not configured yet) are
   retried with capped exponential backoff and jitter.  A command still
   undeliverable `max_age_s` after it was queued is *kept aside* with its last
@@ -19,10 +21,11 @@ Guarantees
   operator's choice).
 - Restart: all pending rows are loaded in id order and resumed, once.
 
-Duplicates: a row is deleted right after the 200 is read, in the same
-greenlet step (SQLite calls do not yield to gevent), so the window is the
-time between PlanFix sending 200 and our DELETE commit: a crash exactly
-there resends that one command (at most `concurrency` commands).  PlanFix
+Duplicates: delivered rows are deleted in batches, one transaction for all
+rows delivered in the last DELETE_BATCH_S (50 ms), so the window is the
+time between PlanFix sending 200 and that commit, at most ~50 ms: a crash
+exactly there resends those commands.  The PlanFix client may also resend a request whose
+kept-alive connection closed under it (see `fsbridge.planfix`).  PlanFix
 events are idempotent enough for that (same callid/event).  Nothing can
 close that window completely without PlanFix supporting idempotency keys.
 
@@ -32,6 +35,9 @@ the failure this outbox is about.  Only a power loss / kernel crash can lose
 the last commits; paying an fsync per batch (FULL) would cap throughput for
 that rarer case.  WAL also lets `fsbridge outbox` read and requeue from a
 second process while the service runs.
+
+Memory: only the ids of pending rows are held (about 0.1 kB each); a
+row's fields, age and attempts are read when it is sent.
 
 Threading: the service is gevent; all in-memory state is touched by
 greenlets between yields, and the one SQLite connection is guarded by a lock
@@ -57,6 +63,7 @@ import gevent.event
 import gevent.pool
 
 from fsbridge import calls, metrics
+from fsbridge.limiter import AdaptiveLimit
 from fsbridge.sqlitedb import open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 
@@ -72,6 +79,10 @@ BUSY_TIMEOUT_MS = 5000
 # of leaving them to wait up to max_backoff; at most this often, so one
 # request PlanFix keeps failing on cannot be hammered by others' successes.
 RECOVERY_WAKE_INTERVAL_S = 5.0
+# Delivered rows are deleted together, this long after the first of them:
+# one commit for every ~30 requests at 600 requests/s instead of one each.
+# A crash in between resends those (see "Duplicates").
+DELETE_BATCH_S = 0.05
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -91,6 +102,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+class _Backoff(Exception):
+    """The row to send could not be read: the call backs off."""
+
+
 class OutboxError(Exception):
     """The outbox database cannot take the commands (disk full, I/O error, corrupt file)."""
 
@@ -104,21 +119,23 @@ def db_path_for(storage_dir: str) -> str:
     return os.path.join(storage_dir, OUTBOX_FILENAME)
 
 
-@dataclass
-class _Entry:
+@dataclass(slots=True)
+class _Attempt:
+    """One pending row as read from the database when it is sent."""
+
     id: int
-    call_id: str
     fields: dict[str, str]
-    created_at: float
     age_from: float
-    attempts: int = 0
+    attempts: int
     last_error: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class _CallQueue:
     call_id: str
-    entries: collections.deque[_Entry] = field(default_factory=collections.deque)
+    # Pending row ids in id order.  A list, not a deque: an empty deque costs
+    # ~600 bytes, and a call rarely has more than a handful of rows.
+    entries: list[int] = field(default_factory=list)
     # idle: waiting for nothing (in `ready` or about to be); active: a worker
     # owns it; waiting: in backoff until `due` (monotonic).
     state: str = "idle"
@@ -176,14 +193,19 @@ class Outbox:
         min_backoff_s: float = 1.0,
         max_backoff_s: float = 300.0,
         rescan_interval_s: float = RESCAN_INTERVAL_S,
+        max_concurrency: int | None = None,
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if max_concurrency is not None and max_concurrency < concurrency:
+            raise ValueError("max_concurrency must be >= concurrency")
         if not 0 < min_backoff_s <= max_backoff_s:
             raise ValueError("need 0 < min_backoff_s <= max_backoff_s")
         self.db_path = db_path
         self.client = client
         self.concurrency = concurrency
+        # One limit per PlanFix account (today there is one account).
+        self.limiter = AdaptiveLimit(concurrency, max_concurrency or concurrency)
         self.max_age_s = max_age_s
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -191,10 +213,10 @@ class Outbox:
         self._db_lock = threading.RLock()
         self._conn = _open(db_path)
         self._calls: dict[str, _CallQueue] = {}
-        self._known_ids: set[int] = set()  # pending ids held in memory
         self._ready: collections.deque[str] = collections.deque()
         self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
-        self._undeleted: set[int] = set()  # delivered, but the DELETE failed: retried later
+        self._undeleted: set[int] = set()  # delivered, DELETE not committed yet (batched, or it failed)
+        self._deleter: gevent.Greenlet | None = None
         self._depth = 0
         self._kept_aside = 0
         self._last_success_at: float | None = None
@@ -220,39 +242,36 @@ class Outbox:
     def _load(self) -> None:
         """Everything pending, in id order, into the in-memory index (start-up and rescans)."""
         with self._db_lock:
-            rows = self._conn.execute(
-                "SELECT id, call_id, fields, created_at, age_from, attempts, last_error"
-                " FROM outbox WHERE kept_aside_at IS NULL ORDER BY id"
-            ).fetchall()
+            rows = self._conn.execute("SELECT id, call_id FROM outbox WHERE kept_aside_at IS NULL ORDER BY id").fetchall()
             self._kept_aside = self._conn.execute("SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NOT NULL").fetchone()[0]
             last = self._conn.execute("SELECT value FROM meta WHERE key='last_success_at'").fetchone()
             self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         if last and self._last_success_at is None:
             self._last_success_at = float(last[0])
         added = 0
-        for row_id, call_id, fields, created_at, age_from, attempts, last_error in rows:
-            if row_id in self._known_ids or row_id in self._undeleted:
+        for row_id, call_id in rows:
+            known = self._calls.get(call_id)
+            # A call's list is short: no set of every pending id (~60 bytes each) is kept.
+            if (known is not None and row_id in known.entries) or row_id in self._undeleted:
                 continue
-            entry = _Entry(row_id, call_id, json.loads(fields), created_at, age_from, attempts, last_error or "")
-            self._index(entry, in_order=True)
+            self._index(call_id, row_id, in_order=True)
             added += 1
         if added:
             log.info("outbox: %d pending command(s) loaded from %s", added, self.db_path)
             self._kick.set()
 
-    def _index(self, entry: _Entry, in_order: bool = False) -> None:
-        q = self._calls.get(entry.call_id)
+    def _index(self, call_id: str, row_id: int, in_order: bool = False) -> None:
+        q = self._calls.get(call_id)
         if q is None:
-            q = self._calls[entry.call_id] = _CallQueue(entry.call_id)
-        if in_order and q.entries and q.entries[-1].id > entry.id:
+            q = self._calls[call_id] = _CallQueue(call_id)
+        if in_order and q.entries and q.entries[-1] > row_id:
             # A requeued old row: place it by id, but never before the one in flight.
             pos = len(q.entries)
-            while pos > (1 if q.in_flight else 0) and q.entries[pos - 1].id > entry.id:
+            while pos > (1 if q.in_flight else 0) and q.entries[pos - 1] > row_id:
                 pos -= 1
-            q.entries.insert(pos, entry)
+            q.entries.insert(pos, row_id)
         else:
-            q.entries.append(entry)
-        self._known_ids.add(entry.id)
+            q.entries.append(row_id)
         self._depth += 1
         if q.state == "idle":  # ready/active/waiting calls pick the new entry up themselves
             self._ready.append(q.call_id)
@@ -284,7 +303,7 @@ class Outbox:
                         "INSERT INTO outbox(call_id, fields, created_at, age_from) VALUES (?, ?, ?, ?)",
                         (call_id, json.dumps(fields, ensure_ascii=False, separators=(",", ":")), now, now),
                     )
-                    entries.append(_Entry(cur.lastrowid, call_id, fields, now, now))
+                    entries.append((call_id, cur.lastrowid))
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 try:
@@ -294,8 +313,8 @@ class Outbox:
                 self._storage_error = f"{exc.__class__.__name__}: {exc}"
                 raise OutboxError(f"outbox {self.db_path}: cannot queue {len(batch)} command(s): {exc}") from exc
         self._storage_error = ""
-        for entry in entries:
-            self._index(entry)
+        for call_id, row_id in entries:
+            self._index(call_id, row_id)
         self._kick.set()
 
     # ---- delivery --------------------------------------------------------
@@ -316,7 +335,9 @@ class Outbox:
             # Killed mid-request: those rows stay pending and are resent on restart.
             log.warning("outbox: %d request(s) still in flight after %.1fs, abandoning", len(self._workers), drain_timeout)
             self._workers.kill(block=True, timeout=1.0)
-        self._flush_undeleted()
+        if self._deleter is not None:
+            self._deleter.kill()
+        self._flush_delivered()
         with self._db_lock:
             try:
                 self._conn.close()
@@ -351,7 +372,7 @@ class Outbox:
                 if q is not None and q.state == "waiting" and q.due == due:
                     q.state = "ready"
                     self._ready.append(call_id)
-            while self._ready and self._active < self.concurrency:
+            while self._ready and self._active < self.limiter.limit:
                 q = self._calls.get(self._ready.popleft())
                 if q is None or q.state != "ready":
                     continue
@@ -379,7 +400,9 @@ class Outbox:
     def _work(self, q: _CallQueue) -> None:
         try:
             while q.entries and not self._stopping:
-                entry = q.entries[0]
+                entry = self._read_row(q)
+                if entry is None:
+                    continue  # gone from the database (or unreadable): nothing to send
                 q.in_flight = True
                 try:
                     result = self.client.send(entry.fields)
@@ -390,8 +413,28 @@ class Outbox:
                     q.in_flight = False
                 if not self._settle(q, entry, result):
                     return  # in backoff; the dispatcher brings it back
+        except _Backoff:
+            return
         finally:
             self._worker_done(q)
+
+    def _read_row(self, q: _CallQueue) -> _Attempt | None:
+        row_id = q.entries[0]
+        try:
+            with self._db_lock:
+                row = self._conn.execute(
+                    "SELECT fields, age_from, attempts, last_error FROM outbox WHERE id=? AND kept_aside_at IS NULL", (row_id,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            # Left in line; the call backs off like a failed delivery.
+            self._storage_error = f"{exc.__class__.__name__}: {exc}"
+            log.error("outbox: cannot read command %d: %s", row_id, exc)
+            self._back_off(q, 1)
+            raise _Backoff from None
+        if row is None:
+            self._drop(q, row_id)
+            return None
+        return _Attempt(row_id, json.loads(row[0]), row[1], row[2], row[3] or "")
 
     def _worker_done(self, q: _CallQueue) -> None:
         self._active -= 1
@@ -405,17 +448,31 @@ class Outbox:
                 del self._calls[q.call_id]
         self._kick.set()
 
-    def _drop(self, q: _CallQueue, entry: _Entry) -> None:
-        q.entries.popleft()
-        self._known_ids.discard(entry.id)
+    def _drop(self, q: _CallQueue, row_id: int) -> None:
+        del q.entries[0]
         self._depth -= 1
 
-    def _settle(self, q: _CallQueue, entry: _Entry, result: DeliveryResult) -> bool:
+    def _pace(self, result: DeliveryResult) -> None:
+        """Tell the limiter how PlanFix is doing."""
+        if result.outcome is Outcome.NOT_CONFIGURED:
+            return
+        status = result.status
+        if result.outcome is Outcome.RETRY and (status is None or status == 429 or status >= 500):
+            self.limiter.overload()
+        else:
+            before = self.limiter.limit
+            self.limiter.success(self._active)
+            if self.limiter.limit > before:
+                self._kick.set()  # room for one more call in flight
+
+    def _settle(self, q: _CallQueue, entry: _Attempt, result: DeliveryResult) -> bool:
         """Record the outcome of one attempt; False when the call must back off."""
+        self._pace(result)
         if result.outcome is Outcome.DELIVERED:
-            metrics.delivered(entry.created_at)
-            calls.record_sent(entry.call_id, entry.fields)
-            self._drop(q, entry)
+            # age_from is the storing time (or the manual retry of a kept-aside row).
+            metrics.delivered(entry.age_from)
+            calls.record_sent(q.call_id, entry.fields)
+            self._drop(q, entry.id)
             now = time.time()
             self._last_success_at = now
             self._last_error = ""  # /healthz must not show a failure that is over
@@ -425,26 +482,15 @@ class Outbox:
                     self._next_recovery_wake = time.monotonic() + RECOVERY_WAKE_INTERVAL_S
                     log.info("outbox: PlanFix answers again, retrying %d waiting call(s) now", len(self._delayed))
                     self.wake()
-            try:
-                with self._db_lock:
-                    self._conn.execute("BEGIN")
-                    self._conn.execute("DELETE FROM outbox WHERE id=?", (entry.id,))
-                    self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (repr(now),))
-                    self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                # PlanFix has it: never send it again from this process; the
-                # DELETE is retried later (a restart before that resends it).
-                self._undeleted.add(entry.id)
-                self._storage_error = f"{exc.__class__.__name__}: {exc}"
-                log.error("outbox: cannot remove delivered command %d: %s", entry.id, exc)
-            else:
-                if self._undeleted:
-                    self._flush_undeleted()
+            # PlanFix has it: never sent again from this process; the DELETE
+            # comes in the next batch (a crash before it resends it).
+            self._undeleted.add(entry.id)
+            if self._deleter is None:
+                self._deleter = gevent.spawn_later(DELETE_BATCH_S, self._flush_delivered)
             return True
         if result.outcome is Outcome.REJECTED:
             entry.attempts += 1
-            self._drop(q, entry)
+            self._drop(q, entry.id)
             self._keep_aside(entry, "rejected", result.error, result.reply)
             return True
         entry.attempts += 1
@@ -452,22 +498,25 @@ class Outbox:
         self._last_error = result.error
         self._failed_since_success = True
         if time.time() - entry.age_from > self.max_age_s:
-            self._drop(q, entry)
-            log.error("outbox: command %d (%s) undeliverable for over %.0fs, kept aside: %s", entry.id, entry.call_id, self.max_age_s, result.error)
+            self._drop(q, entry.id)
+            log.error("outbox: command %d (%s) undeliverable for over %.0fs, kept aside: %s", entry.id, q.call_id, self.max_age_s, result.error)
             self._keep_aside(entry, "max_age", result.error, result.reply)
             return True
         try:
             self._write("UPDATE outbox SET attempts=?, last_error=? WHERE id=?", (entry.attempts, entry.last_error, entry.id))
         except sqlite3.Error as exc:  # bookkeeping only; the row itself is safe
             log.warning("outbox: recording attempt of command %d: %s", entry.id, exc)
-        backoff = min(self.max_backoff_s, self.min_backoff_s * 2 ** min(entry.attempts - 1, 30))
+        self._back_off(q, entry.attempts)
+        return False
+
+    def _back_off(self, q: _CallQueue, attempts: int) -> None:
+        backoff = min(self.max_backoff_s, self.min_backoff_s * 2 ** min(attempts - 1, 30))
         # Jitter in [50%, 100%]: calls failing together do not retry together.
         q.due = time.monotonic() + backoff * random.uniform(0.5, 1.0)
         q.state = "waiting"
         heapq.heappush(self._delayed, (q.due, q.call_id))
-        return False
 
-    def _keep_aside(self, entry: _Entry, reason: str, error: str, reply: Any) -> None:
+    def _keep_aside(self, entry: _Attempt, reason: str, error: str, reply: Any) -> None:
         reply_text = reply if isinstance(reply, str) or reply is None else json.dumps(reply, ensure_ascii=False)
         try:
             self._write(
@@ -487,7 +536,9 @@ class Outbox:
         except sqlite3.Error:
             pass  # nothing to roll back
 
-    def _flush_undeleted(self) -> None:
+    def _flush_delivered(self) -> None:
+        """Delete every delivered row not deleted yet: one transaction."""
+        self._deleter = None
         if not self._undeleted:
             return
         ids = sorted(self._undeleted)
@@ -495,30 +546,49 @@ class Outbox:
             with self._db_lock:
                 self._conn.execute("BEGIN")
                 self._conn.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+                if self._last_success_at is not None:
+                    self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (repr(self._last_success_at),))
                 self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            log.error("outbox: still cannot remove %d delivered command(s): %s", len(ids), exc)
+            # Retried with the next delivery (a restart before that resends them).
+            self._storage_error = f"{exc.__class__.__name__}: {exc}"
+            log.error("outbox: cannot remove %d delivered command(s): %s", len(ids), exc)
         else:
             self._undeleted.difference_update(ids)
 
     # ---- observation and operator actions --------------------------------
     def stats(self) -> dict[str, Any]:
         now = time.time()
-        oldest = min((q.entries[0].created_at for q in self._calls.values() if q.entries), default=None)
+        oldest = None
+        if self._depth:
+            try:
+                with self._db_lock:
+                    # Pending rows in id order (the outbox_pending index): the first is the oldest.
+                    row = self._conn.execute(
+                        "SELECT created_at FROM outbox WHERE kept_aside_at IS NULL ORDER BY id LIMIT 1"
+                    ).fetchone()
+                oldest = row[0] if row else None
+            except sqlite3.Error as exc:
+                log.warning("outbox: reading the oldest pending command: %s", exc)
         return {
-            "depth": self._depth,
+            # Rows still in the table: pending, or delivered and awaiting the
+            # batched DELETE (a kill now would resend those).
+            "depth": self._depth + len(self._undeleted),
             "oldest_pending_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
             "last_success_at": self._last_success_at,
             "kept_aside": self._kept_aside,
             "in_flight": self._active,
+            "in_flight_limit": self.limiter.limit,
             "last_error": self._last_error,
             "storage_error": self._storage_error,
         }
 
     def list_entries(self, include_kept_aside: bool = True) -> list[OutboxEntry]:
+        """What is pending or kept aside; delivered rows awaiting their batched DELETE are not."""
         with self._db_lock:
-            return _list(self._conn, include_kept_aside)
+            entries = _list(self._conn, include_kept_aside)
+        return [e for e in entries if e.id not in self._undeleted]
 
     def retry_kept_aside(self) -> int:
         """Put every kept-aside command back in line (max_age counts from now); returns how many."""

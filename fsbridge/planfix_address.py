@@ -10,8 +10,8 @@ can send ``setup``, so the URL is checked twice:
   ``*.planfix.ru``, ``*.planfix.com``, ``*.planfix.ua``: an account is a
   third-level domain on one of them), never an IP literal in any spelling
   (``127.0.0.1``, ``0x7f000001``, ``2130706433``, ``127.1``, ``[::ffff:127.0.0.1]``);
-* when connecting (:func:`resolve`, called from the HTTP client's connection
-  path, :class:`GuardedAdapter`): every address the name resolves to must be
+* when connecting (:func:`resolve`, called by fsbridge.planfix's connection
+  pools for every new connection): every address the name resolves to must be
   a public one: no loopback, private, link-local (cloud metadata
   169.254.169.254), shared, multicast or reserved address.  The connection
   goes to the address that was checked, so DNS rebinding between check and
@@ -30,13 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import NewConnectionError
 
 __all__ = ["DEFAULT_ALLOWED_HOSTS", "AddressPolicy", "AddressRefused", "check_url", "resolve",
-           "is_ip_literal", "GuardedAdapter", "host_of"]
+           "is_ip_literal", "host_of"]
 
 # PlanFix's help ("Аккаунт"): an account is a third-level domain on planfix.com, planfix.ru or planfix.ua.
 DEFAULT_ALLOWED_HOSTS = ("*.planfix.ru", "*.planfix.com", "*.planfix.ua")
@@ -133,68 +129,3 @@ def resolve(host: str, port: int, policy: AddressPolicy | None) -> list[tuple[An
         if not _public(ip):
             raise AddressRefused(f"PlanFix host {host} resolves to {ip}, not a public address: refused")
     return infos
-
-
-def _connect_checked(conn: HTTPConnection, policy: AddressPolicy | None) -> socket.socket:
-    """Resolve, check, and connect to a checked address (the policy hook)."""
-    try:
-        infos = resolve(conn._dns_host, conn.port, policy)  # noqa: SLF001 - urllib3's resolved name
-    except AddressRefused as exc:
-        raise NewConnectionError(conn, str(exc)) from None
-    except socket.gaierror as exc:
-        raise NewConnectionError(conn, f"cannot resolve {conn._dns_host}: {exc}") from None  # noqa: SLF001
-    last: OSError | None = None
-    for family, socktype, proto, _name, sockaddr in infos:
-        sock = socket.socket(family, socktype, proto)
-        try:
-            for opt in conn.socket_options or ():
-                sock.setsockopt(*opt)
-            if isinstance(conn.timeout, (int, float)):  # else urllib3's "default" sentinel
-                sock.settimeout(conn.timeout)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as exc:
-            last = exc
-            sock.close()
-    raise NewConnectionError(conn, f"cannot connect to {conn._dns_host}: {last}")  # noqa: SLF001
-
-
-class _CheckedHTTPConnection(HTTPConnection):
-    address_policy: AddressPolicy | None = None
-
-    def _new_conn(self) -> socket.socket:
-        return _connect_checked(self, self.address_policy)
-
-
-class _CheckedHTTPSConnection(HTTPSConnection):
-    address_policy: AddressPolicy | None = None
-
-    def _new_conn(self) -> socket.socket:
-        return _connect_checked(self, self.address_policy)
-
-
-class GuardedAdapter(HTTPAdapter):
-    """requests' adapter whose connections go only where ``policy`` allows.
-
-    TLS still verifies the certificate for the *name* (urllib3 uses the
-    host, not the address, for SNI and hostname checks).
-    """
-
-    def __init__(self, policy: AddressPolicy | None, **kwargs: Any):
-        self.address_policy = policy
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        policy = self.address_policy
-        http_conn = type("PolicyHTTPConnection", (_CheckedHTTPConnection,), {"address_policy": policy})
-        https_conn = type("PolicyHTTPSConnection", (_CheckedHTTPSConnection,), {"address_policy": policy})
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": type("PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-        }
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["address_policy"] = self.address_policy
-        return state

@@ -65,7 +65,9 @@ def _settings_store(cfg: Config):
     """Where `setup` keeps PlanFix's address and token."""
     from fsbridge.state import SettingsStore
 
-    return SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"))
+    # recheck_s: no stat per PlanFix request; `setup` saves through this
+    # store (seen at once), a hand edit of the file within a second.
+    return SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"), recheck_s=1.0)
 
 
 def _make_credentials(cfg: Config, store):
@@ -96,7 +98,7 @@ def _make_client(cfg: Config, credentials):
         credentials,
         connect_timeout=cfg.planfix.connect_timeout,
         read_timeout=cfg.planfix.read_timeout,
-        pool_size=cfg.outbox.concurrency,
+        pool_size=max(cfg.outbox.concurrency, cfg.planfix.max_in_flight),
         address_policy=AddressPolicy.from_config(cfg),
     )
 
@@ -142,6 +144,7 @@ class Service:
             outbox.db_path_for(cfg.storage.dir),
             self.client,
             concurrency=cfg.outbox.concurrency,
+            max_concurrency=max(cfg.outbox.concurrency, cfg.planfix.max_in_flight),
             max_age_s=cfg.outbox.max_age,
             min_backoff_s=cfg.outbox.min_backoff,
             max_backoff_s=cfg.outbox.max_backoff,

@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from urllib.parse import urlsplit
 
 from fsbridge.planfix import Credentials
@@ -101,12 +102,18 @@ def validate_planfix_token(token: str) -> str:
 class SettingsStore:
     """The ``setup`` values in one JSON file at ``path``.
 
-    ``load()`` is cheap to call on every PlanFix request: it re-reads the file
-    only when its stat signature changed.  Thread- and greenlet-safe.
+    ``load()`` is cheap to call on every PlanFix request: it looks at the
+    file (one ``stat``) at most every ``recheck_s`` seconds (0: on every
+    call) and re-reads it only when its stat signature changed; ``save()``
+    takes effect at once.  An edit by another process is seen within
+    ``recheck_s``.  Thread- and
+    greenlet-safe.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], recheck_s: float = 0.0):
         self.path = os.fspath(path)
+        self.recheck_s = recheck_s
+        self._next_check = 0.0  # monotonic; 0: stat on the next load()
         self._lock = threading.Lock()
         self._cached_signature: tuple[int, int, int] | None = None
         self._cached: Credentials | None = None
@@ -117,9 +124,15 @@ class SettingsStore:
         Raises SettingsCorrupt (file exists but is not ours or is damaged) or
         SettingsError (cannot be read, e.g. permissions).
         """
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_check:
+                return self._cached
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            with self._lock:
+                self._cached_signature, self._cached, self._next_check = None, None, now + self.recheck_s
             return None
         except OSError as exc:
             raise SettingsError(f"cannot read PlanFix settings {self.path}: {exc.strerror}") from None
@@ -129,7 +142,7 @@ class SettingsStore:
                 return self._cached
         creds = self._read()
         with self._lock:
-            self._cached_signature, self._cached = signature, creds
+            self._cached_signature, self._cached, self._next_check = signature, creds, now + self.recheck_s
         return creds
 
     def _read(self) -> Credentials:
@@ -196,7 +209,7 @@ class SettingsStore:
                         os.unlink(tmp_path)
                     except OSError:
                         pass
-            self._cached_signature, self._cached = None, None
+            self._cached_signature, self._cached, self._next_check = None, None, 0.0
         log.info("PlanFix settings stored in %s (host %s)", self.path, urlsplit(creds.url).hostname)
 
     def _keep_corrupt_copy(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 
 from fsbridge import outbox as outbox_mod
 from fsbridge.outbox import Outbox, OutboxError
-from fsbridge.planfix import Credentials, PlanfixClient
+from fsbridge.planfix import Credentials, DeliveryResult, Outcome, PlanfixClient
 from tests.conftest import REPO
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.outbox_helpers import Cmd, assert_each_once_in_call_order, call_commands, key, many_calls
@@ -45,7 +46,7 @@ def make_outbox(tmp_path, fake):
     def make(creds=None, read_timeout=2.0, **kw) -> Outbox:
         kw = {"min_backoff_s": 0.02, "max_backoff_s": 0.1, "rescan_interval_s": 0.1} | kw
         client = PlanfixClient(creds or Creds(fake.url, fake.token), connect_timeout=0.5, read_timeout=read_timeout,
-                               pool_size=kw.get("concurrency", 16))
+                               pool_size=kw.get("max_concurrency") or kw.get("concurrency", 16))
         box = Outbox(str(tmp_path / "outbox.sqlite3"), client, **kw)
         made.append(box)
         return box
@@ -85,7 +86,8 @@ def test_delivers_with_token_in_order_and_forgets_delivered_rows(fake, make_outb
     drained(box)
     assert_each_once_in_call_order(fake.delivered, cmds)
     assert all(f["planfix_token"] == fake.token for f in fake.delivered)
-    assert outbox_mod.list_entries(box.db_path) == []
+    # Deleted in a batch, DELETE_BATCH_S after delivery; seen by another process then.
+    wait_until(lambda: outbox_mod.list_entries(box.db_path) == [], timeout=2, what="delivered rows deleted")
     stats = box.stats()
     assert stats["kept_aside"] == 0 and stats["oldest_pending_age_s"] is None
     assert stats["last_success_at"] and abs(stats["last_success_at"] - time.time()) < 5
@@ -385,3 +387,49 @@ def test_requeued_command_goes_back_by_id_but_never_before_the_one_in_flight(fak
     assert box.retry_kept_aside() == 1
     drained(box)
     assert [int(f["diversion"]) for f in fake.delivered] == [1, 0, 2]
+
+
+def test_in_flight_grows_while_planfix_answers_and_halves_on_503(fake, make_outbox):
+    fake.delay = 0.05
+    box = make_outbox(concurrency=2, max_concurrency=32)
+    cmds = many_calls(64, 3)
+    box.put(cmds)
+    box.start()
+    drained(box, timeout=20)
+    assert fake.max_in_flight > 8, fake.max_in_flight  # grew beyond the start of 2
+    assert fake.max_in_flight <= 32
+    grown = box.limiter.limit
+    fake.failure = 503
+    box.put(many_calls(4, 1, prefix="late"))
+    wait_until(lambda: box.limiter.limit < grown, what="limit to shrink")
+    assert box.limiter.limit >= grown // 2 - 1  # halved at most once per cooldown, not collapsed
+    assert_each_once_in_call_order(fake.delivered, cmds)
+
+
+def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tmp_path):
+    # Only ids are held in memory: what is sent is what the row holds then.
+    box = make_outbox()
+    box.put(call_commands("c1", 1))
+    assert box._calls["c1"].entries == [1]
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
+        fields = dict(call_commands("c1", 1)[0].fields, phone="79990000000")
+        conn.execute("UPDATE outbox SET fields=? WHERE id=1", (json.dumps(fields),))
+    box.start()
+    drained(box)
+    assert fake.delivered[0]["phone"] == "79990000000"
+    box.stop()
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("result", "overload"),
+    [(DeliveryResult(Outcome.RETRY, 429), True), (DeliveryResult(Outcome.RETRY, 502), True),
+     (DeliveryResult(Outcome.RETRY, None, error="timeout"), True),
+     (DeliveryResult(Outcome.REJECTED, 400), False), (DeliveryResult(Outcome.UNAUTHORIZED, 401), False),
+     (DeliveryResult(Outcome.RETRY, 200, error="not JSON"), False), (DeliveryResult(Outcome.NOT_CONFIGURED), False)],
+)
+def test_which_answers_shrink_the_in_flight_limit(make_outbox, result, overload):
+    box = make_outbox(concurrency=8, max_concurrency=64)
+    box._pace(result)
+    assert box.limiter.limit == (4 if overload else 8)

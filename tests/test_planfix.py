@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 import pytest
@@ -16,10 +17,12 @@ from fsbridge.planfix import (
     PlanfixRejected,
     PlanfixUnauthorized,
     PlanfixUnavailable,
+    _target,
     cli_ping,
     compare_ping,
     mask_secret,
 )
+from fsbridge import planfix_address
 from fsbridge.fakes.planfix import FakePlanfix
 
 COMPLETED = {
@@ -266,3 +269,54 @@ def test_contact_timeout_is_a_deadline_for_the_whole_request(fake):
     with pytest.raises(PlanfixUnavailable, match="within 0.3s"):
         make_client(fake, read_timeout=10).contact("79101234567", timeout=0.3)
     assert time.monotonic() - started < 0.5
+
+
+def test_a_kept_alive_connection_closed_under_a_request_is_resent_once_on_a_new_one(fake):
+    # PlanFix (or a proxy) may close an idle kept-alive connection as the
+    # request goes out: the client resends it on a fresh connection.  The
+    # price is a possible duplicate, which the outbox accepts (at-least-once).
+    client = make_client(fake)
+    fake.script("ok", "close")
+    assert client.send(COMPLETED).delivered
+    assert client.send(COMPLETED).delivered
+    got = fake.received
+    assert [r.outcome for r in got] == ["ok", "close", "ok"]
+    assert got[0].client_port == got[1].client_port != got[2].client_port
+
+
+def test_a_fresh_connection_closed_without_answer_is_not_resent(fake):
+    fake.script("close")
+    assert make_client(fake).send(COMPLETED).outcome is Outcome.RETRY
+    assert len(fake.received) == 1
+
+
+def test_every_connection_goes_through_the_address_policy(fake, monkeypatch):
+    # One place where a PlanFix host becomes addresses: the connect-time
+    # address check (planfix_address.resolve) with the client's policy.
+    asked = []
+    real = planfix_address.resolve
+
+    def spy(host, port, policy):
+        asked.append((host, port, policy))
+        return real(host, port, policy)
+
+    monkeypatch.setattr(planfix_address, "resolve", spy)
+    client = make_client(fake)
+    assert client.send(COMPLETED).delivered
+    assert asked == [("127.0.0.1", fake.port, None)]
+
+
+def test_https_verifies_the_certificate_and_host_name():
+    client = PlanfixClient(lambda: Credentials("https://example.planfix.com/tel/api", "t" * 32))
+    http = client._client_for(_target("https://example.planfix.com/tel/api"))
+    context = http._connection_pool.ssl_context
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    client.close()
+
+
+def test_lean_fake_records_arrivals_and_still_checks_the_token():
+    # The benchmark's fake PlanFix: same client, same wire, fewer checks.
+    with FakePlanfix(lean=True) as lean:
+        assert make_client(lean).send(COMPLETED).delivered
+        assert make_client(lean, token="wrong-token-0123").send(COMPLETED).outcome is Outcome.UNAUTHORIZED
+        assert [(c, e) for c, e, _ in lean.arrivals] == [(COMPLETED["callid"], "COMPLETED")] * 2

@@ -139,3 +139,16 @@ def test_good_urls():
 def test_bad_tokens(token, message):
     with pytest.raises(ValueError, match=message):
         validate_planfix_token(token)
+
+
+def test_recheck_interval_spares_the_stat_but_sees_own_saves_at_once(tmp_path, monkeypatch):
+    path = tmp_path / "s.json"
+    store = SettingsStore(path, recheck_s=60)
+    store.save(CREDS)
+    assert store.load() == CREDS
+    other = Credentials(url="https://other.planfix.com/tel/api", token="zzz")
+    SettingsStore(path).save(other)
+    assert store.load() == CREDS  # another writer: seen after recheck_s, not on every request
+    newer = Credentials(url="https://newer.planfix.com/tel/api", token="yyy")
+    store.save(newer)
+    assert store.load() == newer  # our own save: at once

@@ -120,3 +120,14 @@ def test_empty_values_and_names_that_share_a_prefix():
     assert headers.get("Empty") == "" and headers.get("EmptyLong") == "no"
     assert headers.get("A") == "1" and headers.get("B") == "x y" and headers.get("Last") == ""
     assert headers.get("Emp") is None and headers.get("Missing") is None
+
+
+def test_event_without_inner_body_is_all_headers_and_an_inner_body_is_cut_by_its_length():
+    headers, body = parse_event_plain(b"Event-Name: CHANNEL_CREATE\nUnique-ID: u-1\nLast: x%0AForged: 1\n\n")
+    assert (headers["Event-Name"], headers["Unique-ID"], body) == ("CHANNEL_CREATE", "u-1", b"")
+    assert headers["Last"] == "x\nForged: 1" and "Forged" not in headers  # %0A forges nothing
+    headers, body = parse_event_plain(b"Event-Name: BACKGROUND_JOB\nContent-Length: 4\n\n+OK\nignored")
+    assert (headers["Event-Name"], body) == ("BACKGROUND_JOB", b"+OK\n")
+    # A Content-Length header first in the block counts too.
+    headers, body = parse_event_plain(b"Content-Length: 2\nEvent-Name: X\n\nokmore")
+    assert (headers["Event-Name"], body) == ("X", b"ok")

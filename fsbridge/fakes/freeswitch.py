@@ -521,6 +521,50 @@ class FakeFreeSwitch:
     def replay(self, events: Iterable | str | os.PathLike, rate: float | None = None) -> ReplayJob:
         return ReplayJob(self, _frames(events), rate, None)
 
+    # -- streaming (the benchmark) --------------------------------------------
+    # Raw bytes straight to the subscribed connection: no per-frame parsing or
+    # filtering, so the sender can keep up with a service at full speed.  The
+    # caller sends only events the connection subscribed to (``wait_subscribed``).
+
+    def wait_subscribed(self, timeout: float = 30.0) -> set[str]:
+        """Block until a connection subscribed to plain events; its event names."""
+        def found() -> bool:
+            return any(c.authed and c.event_format == "plain" and c.events for c in self._live())
+
+        if not self.wait_until(found, timeout):
+            raise TimeoutError(f"FakeFreeSwitch: nobody subscribed within {timeout}s")
+        return set(next(c for c in self._live() if c.event_format == "plain" and c.events).events)
+
+    def stream(self, raw: bytes) -> bool:
+        """Send ``raw`` (whole frames) to every plain subscriber; False if none took it."""
+        sent = False
+        for conn in self._live():
+            if conn.authed and conn.event_format == "plain" and conn.events:
+                sent = conn.send(raw) or sent
+        return sent
+
+    def drained(self) -> bool:
+        """Every byte sent was read by the client: our send queues and its
+        receive queues are empty (Linux /proc/net/tcp; True elsewhere)."""
+        ports = set()
+        for conn in self._live():
+            try:
+                ports.add(("%04X" % conn.sock.getsockname()[1], "%04X" % conn.sock.getpeername()[1]))
+            except OSError:
+                continue
+        try:
+            lines = pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]
+        except OSError:
+            return True
+        for line in lines:
+            parts = line.split()
+            pair = (parts[1].split(":")[1], parts[2].split(":")[1])
+            if pair in ports or pair[::-1] in ports:
+                tx, rx = (int(x, 16) for x in parts[4].split(":"))
+                if tx or rx:
+                    return False
+        return True
+
     def inject(self, raw: bytes) -> None:
         for conn in self._live():
             if conn.authed:
