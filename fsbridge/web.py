@@ -399,7 +399,8 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
         return len(placed)
 
     def refuse_call(ext: str, to: str, reason: str) -> None:
-        log.warning("makeCall from %s refused: %s -> %s: %s", request.remote_addr, ext, _echo(to), reason)
+        # logs.refused (in the handler) logs the refusal once; this adds what was dialled.
+        log.debug("makeCall from %s refused: %s -> %s: %s", request.remote_addr, ext, _echo(to), reason)
         raise _Reject(400, INVALID_PARAMETERS, reason)
 
     def authenticate(form: MultiDict[str, str]) -> None:
@@ -414,7 +415,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             return
         if limiter.record_failure(address):
             raise _Reject(429, TOO_MANY_REQUESTS)
-        log.info("wrong token from %s (cmd %s)", address, _echo(form.get("cmd", "")))
+        log.debug("wrong token from %s (cmd %s)", address, _echo(form.get("cmd", "")))
         raise _Reject(401, INVALID_TOKEN)
 
     def read_form() -> MultiDict[str, str]:
@@ -488,7 +489,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
                           "at most 32 characters (spaces, dashes, dots, parentheses are ignored)")
         busy = deps.refuse_calls() if deps.refuse_calls is not None else None
         if busy:
-            log.error("makeCall from %s refused (503): %s", request.remote_addr, busy)
+            log.debug("makeCall from %s refused (503): %s", request.remote_addr, busy)
             raise _Reject(503, SERVICE_BUSY, busy)
         keep_plus = None
         if settings.call_policy is not None:
@@ -510,7 +511,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
                                       keep_plus=keep_plus)
         except OriginateError as exc:
             # normalize_to let through something the builder's whitelist refuses.
-            log.warning("makeCall from %s refused: %s", request.remote_addr, exc)
+            log.debug("makeCall from %s refused: %s", request.remote_addr, exc)
             raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
         try:
             problem = deps.extension_problem(ext) if deps.extension_problem else None
@@ -518,7 +519,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             log.warning("makeCall %s: FreeSWITCH unavailable: %s", ext, exc)
             raise _Reject(503, NOT_CONNECTED) from None
         if problem:
-            log.warning("makeCall from %s refused: %s", request.remote_addr, problem)
+            log.debug("makeCall from %s refused: %s", request.remote_addr, problem)
             raise _Reject(400, INVALID_PARAMETERS, problem)
         try:
             job_uuid = deps.originate(command, request_id)
