@@ -16,6 +16,7 @@ import secrets  # noqa: E402
 import sys  # noqa: E402
 
 from fsbridge import __version__, calls, config, connectcheck, demo, install_dialplan, logs, packaged  # noqa: E402
+from fsbridge.service import Service, ServiceError, outbox_command, ping_planfix, preflight_problems  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -42,7 +43,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    from fsbridge.service import preflight_problems
 
     problems = preflight_problems(cfg)
     for problem in problems:
@@ -52,7 +52,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(_recordings_note(cfg.recordings))
     print(f"{args.config}: OK")
     if args.connect:
-        from fsbridge.service import ping_planfix  # as cmd_check's preflight: service loads late
 
         return EXIT_OK if connectcheck.run(cfg, ping_planfix) == 0 else EXIT_FAILED
     return EXIT_OK
@@ -124,7 +123,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logging.getLogger("fsbridge")
     for warning in cfg.warnings:
         log.warning("%s", warning)
-    from fsbridge.service import Service, ServiceError
 
     try:
         service = Service(cfg)
@@ -138,7 +136,6 @@ def cmd_ping(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if cfg is None:
         return EXIT_CONFIG
-    from fsbridge.service import ping_planfix
 
     return ping_planfix(cfg)
 
@@ -147,7 +144,6 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if cfg is None:
         return EXIT_CONFIG
-    from fsbridge.service import outbox_command
 
     return outbox_command(cfg, retry=args.retry)
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from fsbridge.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
+
 
 class ConfigError(Exception):
     """One or more problems in a config file; str() lists them all."""
@@ -195,8 +197,6 @@ def _optional_listen(raw: str) -> Listen | None:
 def _dial_string(raw: str) -> str:
     # The originate builder's own rule (only {ext} substituted, no character
     # that splits an originate line), so check and run can never disagree.
-    from fsbridge.originate import InvalidSettings, _check_dial_string
-
     try:
         _check_dial_string(raw)
     except InvalidSettings as exc:
@@ -205,8 +205,6 @@ def _dial_string(raw: str) -> str:
 
 
 def _caller_id_name(raw: str) -> str:
-    from fsbridge.originate import safe_caller_id_name
-
     if raw and safe_caller_id_name(raw) != raw:
         raise ValueError(f"may only contain letters, digits, '.', '-', '_' and single spaces, got {raw!r}")
     return raw

@@ -2,23 +2,31 @@
 
 ``Reloader(cfg).reload()`` reads ``cfg.path`` again.  An invalid file
 changes nothing (every problem is logged, the running config stays).
-``[log]`` (level, levels, format) applies at once.  Every other changed key
-is logged as "needs a restart" with its section and key: the limits, ring
-settings and listeners are handed to their components at start, and a
+``[log]`` (level, levels, format) and the click-to-call policy, limits and
+originate settings (``web.LIVE_CLICK_TO_CALL_KEYS``) apply at once.  Every
+other changed key is logged as "needs a restart" with its section and key:
+listeners, storage, the outbox and the tracker are built at start, and a
 restart (``systemctl restart fsbridge``) keeps calls safe -- the outbox and
-the open-calls registry survive it.
+the open-calls registry survive it.  Ring times live in the dialplan
+(``fsbridge-vars.xml``): FreeSWITCH's ``reloadxml`` applies those.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from fsbridge import config, logs
+from fsbridge.web import LIVE_CLICK_TO_CALL_KEYS
 
 log = logging.getLogger("fsbridge.reload")
 
 LIVE_SECTIONS = {"log"}
+
+
+def applies_live(key: tuple[str, str]) -> bool:
+    section, name = key
+    return section in LIVE_SECTIONS or (section == "click_to_call" and name in LIVE_CLICK_TO_CALL_KEYS)
 
 
 def changed_keys(old: config.Config, new: config.Config) -> list[tuple[str, str]]:
@@ -32,8 +40,9 @@ def changed_keys(old: config.Config, new: config.Config) -> list[tuple[str, str]
 
 
 class Reloader:
-    def __init__(self, cfg: config.Config) -> None:
-        self.cfg = cfg  # what runs: only [log] moves forward on reload
+    def __init__(self, cfg: config.Config, apply_click_to_call: Callable[[config.Config], None] | None = None) -> None:
+        self.cfg = cfg  # what runs: only the live keys move forward on reload
+        self.apply_click_to_call = apply_click_to_call
 
     def reload(self, *_: Any) -> list[tuple[str, str]]:
         """Re-read the file; returns the keys that changed but need a restart."""
@@ -45,11 +54,24 @@ class Reloader:
             log.error("reload: %s not applied; the running configuration stays", self.cfg.path)
             return []
         changed = changed_keys(self.cfg, new)
-        live = [key for key in changed if key[0] in LIVE_SECTIONS]
-        restart = [key for key in changed if key[0] not in LIVE_SECTIONS]
+        live = [key for key in changed if applies_live(key)]
+        restart = [key for key in changed if not applies_live(key)]
+        if any(section == "click_to_call" for section, _ in live):
+            if self.apply_click_to_call is None:
+                restart += [key for key in live if key[0] == "click_to_call"]
+                live = [key for key in live if key[0] != "click_to_call"]
+            else:
+                try:
+                    self.apply_click_to_call(new)
+                except ValueError as exc:  # a value the originate whitelists refuse
+                    log.error("reload: [click_to_call] not applied: %s", exc)
+                    live = [key for key in live if key[0] != "click_to_call"]
         if live:
             logs.setup(new.log, new.path)
-            sections = dict(self.cfg.sections, log=new.sections["log"])
+            sections = dict(self.cfg.sections)
+            sections["log"] = new.sections["log"]
+            if any(section == "click_to_call" for section, _ in live):
+                sections["click_to_call"] = new.sections["click_to_call"]
             self.cfg = config.Config(self.cfg.path, sections, self.cfg.warnings)
         applied = ", ".join(f"[{s}] {k}" for s, k in live) or "nothing changed that applies live"
         log.info("reload of %s: applied %s", self.cfg.path, applied)

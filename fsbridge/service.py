@@ -25,8 +25,18 @@ import time
 import gevent
 import gevent.event
 
-from fsbridge import __version__, calls, metrics, reload
+from fsbridge import __version__, calls, events, metrics, outbox, phone, recordings, reload, tracker
 from fsbridge.config import Config
+from fsbridge.esl import EslCommandError, EslConnection, EslNotConnected, EslTimeout
+from fsbridge.httpguard import GuardSettings, GuardedWSGIServer, raise_nofile_limit
+from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
+from fsbridge.opencalls import OpenCalls, OpenCallsError
+from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
+from fsbridge.planfix import Credentials, PlanfixClient, cli_ping
+from fsbridge.planfix_address import AddressPolicy
+from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
+from fsbridge.state import SettingsError, SettingsStore
+from fsbridge.web import PLANFIX_PATH, WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
 
 log = logging.getLogger("fsbridge.service")
 
@@ -63,7 +73,6 @@ class ServiceError(Exception):
 
 def _settings_store(cfg: Config):
     """Where `setup` keeps PlanFix's address and token."""
-    from fsbridge.state import SettingsStore
 
     # recheck_s: no stat per PlanFix request; `setup` saves through this
     # store (seen at once), a hand edit of the file within a second.
@@ -72,8 +81,6 @@ def _settings_store(cfg: Config):
 
 def _make_credentials(cfg: Config, store):
     """PlanFix URL and token: what `setup` stored wins over the config file."""
-    from fsbridge.planfix import Credentials
-    from fsbridge.state import SettingsError
 
     def credentials() -> Credentials | None:
         try:
@@ -91,8 +98,6 @@ def _make_credentials(cfg: Config, store):
 
 
 def _make_client(cfg: Config, credentials):
-    from fsbridge.planfix import PlanfixClient
-    from fsbridge.planfix_address import AddressPolicy
 
     return PlanfixClient(
         credentials,
@@ -130,11 +135,6 @@ class Service:
     # -- construction -------------------------------------------------------
 
     def _build(self) -> None:
-        from fsbridge import events, outbox, phone, recordings, tracker
-        from fsbridge.esl import EslConnection, EslNotConnected, EslTimeout
-        from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
-        from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
-        from fsbridge.web import WebDeps, WebSettings, create_app, register_detailed_health
 
         cfg = self.cfg
         self.settings_store = _settings_store(cfg)
@@ -163,7 +163,6 @@ class Service:
         )
         self._channel_event = events.channel_event
         self._command_type = tracker.PlanfixCommand
-        from fsbridge.opencalls import OpenCalls, OpenCallsError
 
         try:
             self.open_calls = OpenCalls(os.path.join(cfg.storage.dir, "open-calls.sqlite3"))
@@ -237,7 +236,6 @@ class Service:
         registration to ask about.  A FreeSWITCH without mod_sofia's API
         answers -ERR: the check is skipped rather than refusing every call.
         """
-        from fsbridge.esl import EslCommandError  # the service imports esl lazily (see _build)
 
         query = sofia_contact_query(self.cfg.click_to_call.dial_string, ext)
         if query is None:
@@ -292,7 +290,6 @@ class Service:
 
     def _put(self, commands: list) -> bool:
         """One durable write to the outbox (and the open-calls registry)."""
-        from fsbridge.outbox import OutboxError
 
         try:
             self.outbox.put(commands)
@@ -318,7 +315,6 @@ class Service:
         return full
 
     def _note_open_calls(self, commands: list) -> None:
-        from fsbridge.opencalls import OpenCallsError
 
         try:
             self.open_calls.record(commands)
@@ -418,7 +414,6 @@ class Service:
     # -- running ------------------------------------------------------------
 
     def _server(self, listen, app, tls: bool, public: bool = True):
-        from fsbridge.httpguard import GuardedWSGIServer, GuardSettings
 
         kwargs = {}
         if tls:
@@ -434,7 +429,6 @@ class Service:
                                  error_log=logging.getLogger("fsbridge.http"), **kwargs)
 
     def run(self) -> int:
-        from fsbridge.httpguard import raise_nofile_limit
 
         cfg = self.cfg
         soft, _hard = raise_nofile_limit()
@@ -462,7 +456,8 @@ class Service:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._stopping.set)
-        gevent.signal_handler(signal.SIGHUP, reload.Reloader(cfg).reload)
+        reloader = reload.Reloader(cfg, lambda new: apply_click_to_call(self.app, WebSettings.from_config(new)))
+        gevent.signal_handler(signal.SIGHUP, reloader.reload)
         self._stopping.wait()
         log.info("stopping: finishing in-flight PlanFix requests")
         public.stop(timeout=3)  # lets a makeCall or setup in progress finish
@@ -495,8 +490,6 @@ class Service:
 def preflight_problems(cfg: Config) -> list[str]:
     """What `fsbridge check` finds beyond the INI values themselves: the
     recordings set-up and the settings the endpoint builds from the config."""
-    from fsbridge.recordings import RecordingSettings, check_settings
-    from fsbridge.web import WebSettings
 
     problems = [f"{cfg.path}: {p}" for p in check_settings(RecordingSettings.from_config(cfg))]
     try:
@@ -507,8 +500,6 @@ def preflight_problems(cfg: Config) -> list[str]:
 
 
 def ping_planfix(cfg: Config) -> int:
-    from fsbridge.planfix import cli_ping
-    from fsbridge.web import PLANFIX_PATH
 
     client = _make_client(cfg, _make_credentials(cfg, _settings_store(cfg)))
     # PlanFix holds our endpoint's address, public_url + /planfix (README step 4).
@@ -519,7 +510,6 @@ def ping_planfix(cfg: Config) -> int:
 
 
 def outbox_command(cfg: Config, retry: bool) -> int:
-    from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
 
     path = db_path_for(cfg.storage.dir)
     try:

@@ -25,6 +25,7 @@ latter as a bare 500 with the details only in the log).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hmac
 import logging
@@ -370,6 +371,27 @@ def register_detailed_health(app: Flask, deps: WebDeps) -> None:
         return _json(status, body)
 
 
+# [click_to_call] keys a SIGHUP applies to a running service (the rest of the
+# section shapes number normalisation or the tracker: those need a restart).
+LIVE_CLICK_TO_CALL_KEYS = frozenset({
+    "allowed_countries", "allow_prefixes", "deny_prefixes", "calls_per_extension_per_minute",
+    "calls_per_minute", "max_concurrent", "caller_id_name", "caller_id_number", "dial_string",
+    "context", "dialplan", "timeout",
+})
+
+
+def apply_click_to_call(app: Flask, new: WebSettings) -> None:
+    """Hand a reloaded config's click-to-call policy, limits and originate settings
+    to the running app; the next makeCall uses them.  Counts made so far stay."""
+    live = app.extensions["fsbridge.click_to_call"]
+    old = live["settings"]
+    live["settings"] = dataclasses.replace(
+        old, call_policy=new.call_policy, originate=new.originate, calls_per_extension=new.calls_per_extension,
+        calls_total=new.calls_total, max_concurrent_calls=new.max_concurrent_calls,
+    )
+    live["rate"].per_key, live["rate"].total = new.calls_per_extension, new.calls_total
+
+
 def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     """The PlanFix-facing Flask app; the limiter is ``app.extensions["fsbridge.auth_limiter"]``."""
     app = Flask("fsbridge.web")
@@ -387,12 +409,15 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     normalize_to = deps.normalize_to or functools.partial(clean_dial_number, keep_plus=settings.originate.keep_plus)
     extension = re.compile(settings.originate.extension_pattern)
     call_rate = RateLimiter(settings.calls_per_extension, settings.calls_total)
+    # What SIGHUP may change while calls are up (apply_click_to_call): the
+    # makeCall handler reads the click-to-call settings from here each time.
+    app.extensions["fsbridge.click_to_call"] = live = {"settings": settings, "rate": call_rate}
     placed: collections.OrderedDict[str, float] = collections.OrderedDict()  # call uuid -> when accepted
 
     def concurrent_calls(now: float) -> int:
         # A call counts while the manager's phone may still ring, and after
         # that while FreeSWITCH still has it (when the service can tell).
-        ringing = settings.originate.timeout_s + 5
+        ringing = live["settings"].originate.timeout_s + 5
         for call_uuid, at in list(placed.items()):
             if now - at > ringing and (deps.call_active is None or not deps.call_active(call_uuid)):
                 del placed[call_uuid]
@@ -492,14 +517,15 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             log.debug("makeCall from %s refused (503): %s", request.remote_addr, busy)
             raise _Reject(503, SERVICE_BUSY, busy)
         keep_plus = None
-        if settings.call_policy is not None:
-            verdict = check_destination(clean_dial_number(raw_to, keep_plus=True) or "", settings.call_policy)
+        current = live["settings"]
+        if current.call_policy is not None:
+            verdict = check_destination(clean_dial_number(raw_to, keep_plus=True) or "", current.call_policy)
             if verdict.dial is None:
                 refuse_call(ext, raw_to, verdict.reason)
             number, keep_plus = verdict.dial, True
             now = deps.clock()
-            if concurrent_calls(now) >= settings.max_concurrent_calls:
-                refuse_call(ext, raw_to, f"{settings.max_concurrent_calls} click-to-call calls are already "
+            if concurrent_calls(now) >= current.max_concurrent_calls:
+                refuse_call(ext, raw_to, f"{current.max_concurrent_calls} click-to-call calls are already "
                                          "under way ([click_to_call] max_concurrent)")
             too_many = call_rate.allow(ext, now)
             if too_many:
@@ -507,7 +533,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
         call_uuid, request_id = str(uuid.uuid4()), str(uuid.uuid4())
         try:
             command = build_originate(ext, number, call_uuid=call_uuid, request_id=request_id,
-                                      client_name=lookup_client_name(number), settings=settings.originate,
+                                      client_name=lookup_client_name(number), settings=current.originate,
                                       keep_plus=keep_plus)
         except OriginateError as exc:
             # normalize_to let through something the builder's whitelist refuses.

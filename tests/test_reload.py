@@ -39,3 +39,21 @@ def test_sighup_applies_log_settings_and_names_what_needs_a_restart(tmp_path):
             assert service.health()["freeswitch"]["state"] == "connected"
     assert '"logger": "fsbridge.reload"' in log
     assert "refused with 401" not in log
+
+
+def test_sighup_applies_click_to_call_limits_to_the_running_service(tmp_path):
+    c2c = {"click_to_call": {"calls_per_extension_per_minute": "1"}}
+    with FakeFreeSwitch() as fs:
+        with ServiceProcess(tmp_path, fs_port=fs.port, settings=c2c) as service:
+            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
+            call = {"cmd": "makeCall", "token": service.token, "from": "101", "to": "+7 910 123-45-67"}
+            assert service.post(**call).status_code == 200
+            refused = service.post(**call)
+            assert refused.status_code == 400 and "from 101" in refused.json()["detail"]
+            text = service.config_path.read_text()
+            service.config_path.write_text(text.replace("calls_per_extension_per_minute = 1",
+                                                        "calls_per_extension_per_minute = 3"))
+            service.proc.send_signal(signal.SIGHUP)
+            wait_log(service, "applied [click_to_call] calls_per_extension_per_minute")
+            assert service.post(**call).status_code == 200  # no restart: calls in progress are kept
+    assert "calls_per_extension_per_minute changed; these need a restart" not in service.log()

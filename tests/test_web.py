@@ -21,7 +21,8 @@ from fsbridge.esl import EslNotConnected, EslTimeout
 from fsbridge.originate import OriginateSettings
 from fsbridge.planfix import Credentials
 from fsbridge.state import SettingsError, SettingsStore
-from fsbridge.web import WebDeps, WebSettings, create_app, register_detailed_health
+from fsbridge.originate import CallPolicy
+from fsbridge.web import WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
 
 TOKEN = "202cb962ac59075b964b07152d234b70"
 PF_URL = "https://test.planfix.ru/tel/api"
@@ -628,3 +629,16 @@ def test_config_refuses_what_originate_refuses(tmp_path):
                    "[click_to_call]\ndial_string = {ext}=x\n")
     with pytest.raises(config.ConfigError, match=r"\[click_to_call\] dial_string: dial_string may only"):
         config.load(str(ini))
+
+
+def test_reloaded_click_to_call_limits_and_policy_apply_to_the_next_make_call(tmp_path):
+    h = Harness(tmp_path, call_policy=CallPolicy(), calls_per_extension=1)
+    assert h.post(**make_call()).status_code == 200
+    assert "per 60s from 101" in h.post(**make_call()).get_json()["detail"]
+    # SIGHUP with calls_per_extension_per_minute = 5 and +7910 on the deny list
+    apply_click_to_call(h.app, WebSettings(pbx_token=TOKEN, calls_per_extension=5,
+                                           call_policy=CallPolicy(deny_prefixes=("+7910",))))
+    refused = h.post(**make_call())
+    assert refused.status_code == 400 and "deny" in refused.get_json()["detail"]
+    assert h.post(**make_call(to="79261234567")).status_code == 200  # the per-extension limit is now 5
+    assert len(h.pbx.sent) == 2
