@@ -185,3 +185,28 @@ def pf_forms(pf, callid: str) -> list[dict[str, str]]:
             return got
         time.sleep(0.05)
     return []
+
+
+def test_call_ends_during_an_esl_gap_then_its_cdr_gives_the_real_end(service, fs, pf, traces_dir, tmp_path):
+    """Not a restart: FreeSWITCH's Event Socket goes away mid-call and the
+    call ends before it is back.  The tracker's call is handed to the
+    registry on reconnect instead of closed blind, and its CDR finishes it."""
+    svc = service(settings=settings(tmp_path))
+    wait_connected(svc, fs)
+    callid, frames = fresh_call(traces_dir, "01-inbound-single-answer")
+    talking, _ending = split_at_first_hangup(frames)
+    wanted = expected_with_callid(expected_fields("01-inbound-single-answer"), callid)
+    (tmp_path / "rec" / f"{callid}.wav").write_bytes(b"RIFF" + b"\0" * 4000)
+    assert fs.replay(talking).wait(10)
+    assert fs.wait_until(lambda: delivered_for(pf, callid) == wanted[:2], 10)
+    fs.stop()
+    svc.wait_health(lambda h: h["freeswitch"]["state"] != "connected")
+    fs.start()  # the idle listing: the call is gone
+    wait_connected(svc, fs, subscriptions=2)
+    svc.wait_health(lambda h: h["open_calls"] == 0 and h["open_calls_from_before_restart"] == 1)
+    assert delivered_for(pf, callid) == wanted[:2]  # no blind close
+    assert post_cdr(svc, cdr_of(frames, callid)).json() == {"result": "completed"}
+    wait_all_delivered(svc, pf, {callid: with_recording(wanted, pf_forms(pf, callid) or [{}])})
+    assert duplicates(pf) == 0
+    pf.assert_no_violations()
+    assert_clean_log(svc)
