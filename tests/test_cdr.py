@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from fsbridge import cdr
+from fsbridge import cdr, config
 from fsbridge.opencalls import OpenCalls
 from fsbridge.tracker import CallTracker, PlanfixCommand
 from tests.test_tracker_edges import Call
@@ -190,3 +190,16 @@ def test_tracker_forgets_gone_calls_without_completing_them():
     assert not tracker.tracks("a1") and not tracker.tracks("b1") and tracker.tracks("a2")
     # Its late events are foreign now: the CDR finishes it, not the tracker.
     assert tracker.feed(call.end(5)) == []
+
+
+def test_config_cdr_section(tmp_path):
+    base = f"[server]\ntoken = 0123456789abcdef0123\n[storage]\ndir = {tmp_path / 'state'}\n"
+    path = tmp_path / "f.ini"
+    path.write_text(base)
+    cfg = config.load(str(path))
+    assert (cfg.cdr.secret, cfg.cdr.wait, cfg.cdr.max_body_bytes) == ("", 600.0, 1048576)
+    path.write_text(base + "[cdr]\nsecret = short\nwait = 0\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(path))
+    text = str(err.value)
+    assert "[cdr] secret: must be at least 16" in text and "[cdr] wait" in text and str(path) in text
