@@ -11,7 +11,7 @@ retries ``retries`` times, ``delay`` seconds apart).  This module:
   variable value is url-encoded inside the JSON: ``facts`` decodes them.
 * ``facts(doc)``: the document -> ``CdrFacts``, the channel facts the
   tracker reads from events (sanitized and bounded as events.py does).
-* ``completions(legs, a_leg, ext_pattern)``: pure; the PlanFix events that
+* ``completions(legs, a_leg)``: pure; the PlanFix events that
   finish a call an earlier process reported and left open, from its A leg's
   CDR, instead of the blind close of opencalls.py.
 * ``register_route(app, secret, max_bytes, on_cdr)``: ``POST /cdr`` on the
@@ -39,7 +39,7 @@ from fsbridge.events import (
 )
 from fsbridge.tracker import CANCELLED, MISSED, SUCCESS, TYPE_IN, outgoing_status
 
-__all__ = ["CdrError", "CdrFacts", "parse_body", "facts", "completions", "register_route"]
+__all__ = ["CdrError", "CdrFacts", "CdrRetry", "parse_body", "facts", "completions", "register_route"]
 
 DATA_PREFIX = "planfix_data_"
 RECORD_VAR = "fsbridge_record_file"   # set by dialplan/fsbridge-record.xml
@@ -47,6 +47,10 @@ RECORD_VAR = "fsbridge_record_file"   # set by dialplan/fsbridge-record.xml
 
 class CdrError(ValueError):
     """The body is not a CDR mod_json_cdr would send."""
+
+
+class CdrRetry(Exception):
+    """The CDR cannot be judged yet: answer 503 so that mod_json_cdr posts it again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,8 +274,9 @@ def authorized(header: str, secret: str) -> bool:
 
 def register_route(app: Flask, secret: str, max_bytes: int, on_cdr: Callable[[CdrFacts], str]) -> None:
     """``POST /cdr``: 401 without the credential, 413 above ``max_bytes``,
-    400 for a body that is no CDR, else 200 with what ``on_cdr`` did (any
-    2xx stops mod_json_cdr's retries, so a CDR fsbridge ignores is a 200)."""
+    400 for a body that is no CDR, 503 when ``on_cdr`` raises ``CdrRetry``,
+    else 200 with what ``on_cdr`` did (any 2xx stops mod_json_cdr's
+    retries, so a CDR fsbridge ignores is a 200)."""
 
     @app.post("/cdr")
     def cdr_post():
@@ -290,4 +295,7 @@ def register_route(app: Flask, secret: str, max_bytes: int, on_cdr: Callable[[Cd
             parsed = facts(parse_body(body, request.content_type or ""))
         except CdrError as exc:
             return jsonify(error="Invalid parameters", detail=str(exc)), 400
-        return jsonify(result=on_cdr(parsed)), 200
+        try:
+            return jsonify(result=on_cdr(parsed)), 200
+        except CdrRetry as exc:
+            return jsonify(error="Service unavailable", detail=str(exc)), 503

@@ -397,6 +397,9 @@ class Service:
         if facts.is_b_leg or facts.call_uuid != facts.uuid:
             return "ignored: not the A leg of a call"
         if self.tracker.tracks(facts.uuid):
+            if self.esl.state != "connected":
+                # Its events are lost; the reconnect hands the call over: until then, retry.
+                raise cdr.CdrRetry("fsbridge is reconnecting to FreeSWITCH; post it again")
             return "ignored: the call is followed live"  # its events give the end
         legs = self.open_calls.pop_inherited(facts.uuid)
         if not legs:

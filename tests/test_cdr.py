@@ -156,6 +156,19 @@ def test_route_limits_and_answers():
     assert seen == [A_LEG]
 
 
+def test_route_asks_for_a_retry():
+    app = Flask("t")
+
+    def later(_facts):
+        raise cdr.CdrRetry("not now")
+
+    cdr.register_route(app, SECRET, 8192, later)
+    good = {"Authorization": "Basic " + base64.b64encode(f"u:{SECRET}".encode()).decode(),
+            "Content-Type": "application/json"}
+    reply = app.test_client().post("/cdr", data=real("lab-loopback-bridge-5.json"), headers=good)
+    assert reply.status_code == 503 and reply.json == {"error": "Service unavailable", "detail": "not now"}
+
+
 def test_open_calls_wait_for_the_cdr_then_close_blind(tmp_path):
     reg = OpenCalls(str(tmp_path / "o.sqlite3"))
     reg.record([PlanfixCommand("a", start("101")), PlanfixCommand("b", start("102"))])

@@ -201,6 +201,9 @@ def test_call_ends_during_an_esl_gap_then_its_cdr_gives_the_real_end(service, fs
     assert fs.wait_until(lambda: delivered_for(pf, callid) == wanted[:2], 10)
     fs.stop()
     svc.wait_health(lambda h: h["freeswitch"]["state"] != "connected")
+    # The call ends; mod_json_cdr posts at once, before the Event Socket is back.
+    retry = post_cdr(svc, cdr_of(frames, callid))
+    assert retry.status_code == 503 and retry.json()["error"] == "Service unavailable"
     fs.start()  # the idle listing: the call is gone
     wait_connected(svc, fs, subscriptions=2)
     svc.wait_health(lambda h: h["open_calls"] == 0 and h["open_calls_from_before_restart"] == 1)
