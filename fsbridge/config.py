@@ -311,6 +311,15 @@ SCHEMA: dict[str, list[Key]] = {
         Key("cache_size", _int_range(10, 10_000_000), "10000"),
         Key("max_concurrent_lookups", _int_range(1, 256), "8"),
     ],
+    "cdr": [
+        # mod_json_cdr's cred password for POST /cdr on [dialplan] listen;
+        # empty: no CDR receiver (calls ended unseen are closed blind at once).
+        Key("secret", _str, ""),
+        Key("max_body_bytes", _int_range(4096, 16 * 1024 * 1024), "1048576"),
+        # How long a call FreeSWITCH no longer lists waits for its CDR
+        # before it is closed blind.
+        Key("wait", _seconds(1, 86400), "600"),
+    ],
     "recordings": [
         Key("dir", _str, ""),
         # FreeSWITCH's Debian/Ubuntu packages; a source build uses
@@ -578,6 +587,9 @@ def _cross_checks(
             f"{path}: [server] certfile: not set, so the PlanFix endpoint speaks plain HTTP; "
             "put it behind a TLS proxy or set certfile/keyfile"
         )
+    secret = s["cdr"].secret
+    if ok("cdr.secret") and secret and (len(secret) < 16 or not re.fullmatch(r"[\x21-\x7e]+", secret)):
+        problems.append(f"{path}: [cdr] secret: must be at least 16 printable characters without spaces")
     storage = s["storage"].dir
     if not ok("storage.dir"):
         pass

@@ -8,8 +8,10 @@ the service queued (and whether the leg was ACCEPTED) until its COMPLETED is
 queued; what a *previous* process left behind is closed by the service once
 FreeSWITCH says the call is gone.
 
-The status of such a close is a best effort, since the real end was not
-seen: an accepted leg ends ``Success`` (duration unknown: 0), an incoming
+Such a call is finished from FreeSWITCH's CDR when fsbridge receives it
+(fsbridge/cdr.py; ``[cdr]``); the registry keeps it open for ``[cdr] wait``
+seconds after FreeSWITCH no longer lists it.  Without a CDR, the status of
+the close is a best effort, since the real end was not seen: an accepted leg ends ``Success`` (duration unknown: 0), an incoming
 leg never accepted ``Missed``, an outgoing one ``NoAnswer``.
 """
 
@@ -41,6 +43,8 @@ class OpenCalls:
             )
         except (OSError, sqlite3.Error) as exc:
             raise OpenCallsError(f"cannot open {path}: {exc}") from None
+        # When each inherited call was first seen gone from FreeSWITCH.
+        self._gone_since: dict[str, float] = {}
         # What an earlier process left open, read once at start.
         self.inherited: dict[str, list[tuple[dict[str, str], bool]]] = {}
         for call_id, fields, accepted in self._db.execute(
@@ -78,16 +82,41 @@ class OpenCalls:
         except sqlite3.Error as exc:
             raise OpenCallsError(f"cannot write {self.path}: {exc}") from None
 
-    def close_inherited(self, live_call_uuids: set[str]) -> list[tuple[str, dict[str, str]]]:
+    def take_back(self, call_ids: Iterable[str]) -> None:
+        """Calls this process followed and lost (they ended during an ESL
+        gap) become inherited: closed from their CDR or by ``close_inherited``."""
+        for call_id in call_ids:
+            rows = self._db.execute(
+                "SELECT fields, accepted FROM open_legs WHERE call_id = ? ORDER BY rowid", (call_id,)
+            ).fetchall()
+            if rows:
+                self.inherited[call_id] = [(json.loads(fields), bool(accepted)) for fields, accepted in rows]
+
+    def pop_inherited(self, call_id: str) -> list[tuple[dict[str, str], bool]] | None:
+        """The legs of an inherited call, which the caller now finishes itself."""
+        self._gone_since.pop(call_id, None)
+        return self.inherited.pop(call_id, None)
+
+    def close_inherited(
+        self, live_call_uuids: set[str], now: float = 0.0, wait: float = 0.0
+    ) -> list[tuple[str, dict[str, str]]]:
         """COMPLETED fields for inherited calls FreeSWITCH no longer has.
 
-        Returns (call_id, fields) pairs; the caller queues them (and passes
-        them to ``record``, which forgets the legs).
+        With ``wait`` (``[cdr] wait``) a call is closed only once it has been
+        gone that many seconds (``now`` is the caller's clock): until then
+        its CDR may still arrive (``pop_inherited``).  Returns (call_id,
+        fields) pairs; the caller queues them (and passes them to
+        ``record``, which forgets the legs).
         """
         closing: list[tuple[str, dict[str, str]]] = []
         for call_id in list(self.inherited):
             if call_id in live_call_uuids:
+                self._gone_since.pop(call_id, None)
                 continue
+            since = self._gone_since.setdefault(call_id, now)
+            if now - since < wait:
+                continue
+            del self._gone_since[call_id]
             for start, accepted in self.inherited.pop(call_id):
                 fields = {k: v for k, v in start.items() if k != "event"}
                 if accepted:
@@ -102,7 +131,7 @@ class OpenCalls:
         """These inherited calls are tracked again (adopted live): their
         COMPLETED will come from real events, not from ``close_inherited``."""
         for call_id in call_ids:
-            self.inherited.pop(call_id, None)
+            self.pop_inherited(call_id)
 
     def close(self) -> None:
         self._db.close()

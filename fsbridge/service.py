@@ -25,7 +25,7 @@ import time
 import gevent
 import gevent.event
 
-from fsbridge import __version__, calls, events, metrics, outbox, phone, recordings, reload, tracker
+from fsbridge import __version__, calls, cdr, events, metrics, outbox, phone, recordings, reload, tracker
 from fsbridge.config import Config
 from fsbridge.esl import EslCommandError, EslConnection, EslNotConnected, EslTimeout
 from fsbridge.httpguard import GuardSettings, GuardedWSGIServer, raise_nofile_limit
@@ -187,6 +187,8 @@ class Service:
         self.lookup_app = create_lookup_app(self.lookup.settings, lookup=self.lookup)
         metrics.time_requests(self.lookup_app)
         calls.register_routes(self.lookup_app, self.tracker, self.outbox)
+        if cfg.cdr.secret:
+            cdr.register_route(self.lookup_app, cfg.cdr.secret, cfg.cdr.max_body_bytes, self._on_cdr)
 
         self.esl = EslConnection(
             cfg.freeswitch.host,
@@ -367,11 +369,26 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
             log.warning("could not reconcile open calls with FreeSWITCH: %s", exc)
             return False
-        now_us = int(time.time() * 1_000_000)
-        commands = self.tracker.reconcile(live, now_us)
-        commands += [self._command_type(call_id, fields)
-                     for call_id, fields in self.open_calls.close_inherited(live)]
-        if commands:
+        now = time.time()
+        now_us = int(now * 1_000_000)
+        wait = self.cfg.cdr.wait if self.cfg.cdr.secret else 0.0
+        if wait:
+            # Their CDRs are on the way: finished from those, or blind after `wait`.
+            self._flush()  # their legs must be in the registry to be taken back
+            lost = self.tracker.forget_gone(live)
+            self.open_calls.take_back(lost)
+            commands = []
+            if lost:
+                log.info("reconcile: %d calls ended while fsbridge could not see them; "
+                         "waiting up to %gs for their CDRs", len(lost), wait)
+        else:
+            commands = self.tracker.reconcile(live, now_us)
+        closed = self.open_calls.close_inherited(live, now, wait)
+        commands += [self._command_type(call_id, fields) for call_id, fields in closed]
+        if wait and closed:
+            log.warning("reconcile: no CDR within %gs for %d calls: closed without their real end "
+                        "(check mod_json_cdr's url and cred)", wait, len({c for c, _ in closed}))
+        elif commands:
             log.info("reconcile: %d calls ended while fsbridge could not see them",
                      len({c.call_id for c in commands}))
         if adopt:
@@ -387,10 +404,30 @@ class Service:
 
     def _watch_inherited(self) -> None:
         """Calls inherited from an earlier process that are still up end
-        without events we can use: look again every minute until all closed."""
-        while self.open_calls.inherited and not self._stopping.wait(60):
-            if self.esl.state == "connected":
+        without events we can use, and those waiting for a CDR have a
+        deadline: look again every minute (sooner for a short [cdr] wait)."""
+        period = min(60.0, max(1.0, self.cfg.cdr.wait / 4)) if self.cfg.cdr.secret else 60.0
+        while not self._stopping.wait(period):
+            if self.open_calls.inherited and self.esl.state == "connected":
                 self._reconcile(adopt=False)
+
+    def _on_cdr(self, facts: cdr.CdrFacts) -> str:
+        """A CDR from mod_json_cdr: finish the inherited call it is the A leg of."""
+        if facts.is_b_leg or facts.call_uuid != facts.uuid:
+            return "ignored: not the A leg of a call"
+        if self.tracker.tracks(facts.uuid):
+            if self.esl.state != "connected":
+                # Its events are lost; the reconnect hands the call over: until then, retry.
+                raise cdr.CdrRetry("fsbridge is reconnecting to FreeSWITCH; post it again")
+            return "ignored: the call is followed live"  # its events give the end
+        legs = self.open_calls.pop_inherited(facts.uuid)
+        if not legs:
+            return "ignored: no open call"  # internal, never reported, or already closed
+        commands = [self._command_type(facts.uuid, fields, path) for fields, path in cdr.completions(legs, facts)]
+        log.info("cdr: call %s finished from its CDR (%s)", facts.uuid,
+                 ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"]) for c in commands))
+        self.recordings.process(commands, self._store)
+        return "completed"
 
     # -- health ----------------------------------------------------------------
 

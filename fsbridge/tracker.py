@@ -246,6 +246,25 @@ class CallTracker:
             out += self._finish(call, end_us=now_us, disposition="", a_cause="")
         return out
 
+    def tracks(self, uuid: str) -> bool:
+        """``uuid`` is a leg of a call followed live (its events decide its end)."""
+        return uuid in self._calls or uuid in self._owner
+
+    def forget_gone(self, live_call_uuids: set[str]) -> list[str]:
+        """Drop, without a COMPLETED, every open call none of whose channels
+        is still up; return their callids.
+
+        The alternative to ``reconcile`` when FreeSWITCH's CDRs are received
+        (``[cdr]``): the service hands such calls to the open-calls registry,
+        which finishes them from their CDR (``fsbridge.cdr.completions``) or,
+        past ``[cdr] wait``, closes them blind.
+        """
+        gone = [call for call in self._calls.values()
+                if call.uuid not in live_call_uuids and not any(uuid in live_call_uuids for uuid in call.legs)]
+        for call in gone:
+            self._forget(call)
+        return [call.uuid for call in gone]
+
     def adopt(self, show_channels_json: str, now_us: int) -> list[PlanfixCommand]:
         """Take up calls that started while we could not see FreeSWITCH.
 
