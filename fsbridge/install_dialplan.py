@@ -118,7 +118,9 @@ def _vars_text(packaged_text: str, existing: str | None, values: dict[str, str])
 
 
 def settings_from_config(path: str) -> dict[str, str]:
-    """The dialplan values an fsbridge config decides (today the lookup URL)."""
+    """The dialplan values an fsbridge config decides: the lookup URL, and the
+    DID when ``[click_to_call] client_caller_id`` names it (the number the
+    client sees is the outbound route's caller ID, fsbridge_did)."""
     try:
         cfg = config.load(path, require_token=False)
     except config.ConfigError as exc:
@@ -126,7 +128,10 @@ def settings_from_config(path: str) -> dict[str, str]:
     listen = cfg.dialplan.listen
     host = "127.0.0.1" if listen.host in ("0.0.0.0", "") else ("::1" if listen.host == "::" else listen.host)
     host = f"[{host}]" if ":" in host else host
-    return {"fsbridge_lookup_url": f"http://{host}:{listen.port}{CONTACT_PATH}"}
+    values = {"fsbridge_lookup_url": f"http://{host}:{listen.port}{CONTACT_PATH}"}
+    if cfg.click_to_call.client_caller_id:
+        values["fsbridge_did"] = cfg.click_to_call.client_caller_id
+    return values
 
 
 def _check_values(values: dict[str, str]) -> None:

@@ -102,6 +102,16 @@ def test_config_gives_the_lookup_url(conf, tmp_path):
     assert _sets(conf / "fsbridge" / "fsbridge-vars.xml")["fsbridge_lookup_url"].endswith(":18100/dialplan/contact")
 
 
+def test_config_gives_the_did_the_client_sees_and_an_option_still_wins(conf, tmp_path):
+    ini = tmp_path / "fsbridge.ini"
+    ini.write_text("[dialplan]\nlisten = 127.0.0.1:18099\n[click_to_call]\nclient_caller_id = 74957654321\n")
+    assert install_dialplan.run(str(conf), config_path=str(ini), out=lambda line: None) == 0
+    assert _sets(conf / "fsbridge" / "fsbridge-vars.xml")["fsbridge_did"] == "74957654321"
+    install_dialplan.run(str(conf), config_path=str(ini), values={"fsbridge_did": "74950000009"},
+                         out=lambda line: None)
+    assert _sets(conf / "fsbridge" / "fsbridge-vars.xml")["fsbridge_did"] == "74950000009"
+
+
 def test_options_set_did_gateway_fallback(conf):
     values = {"fsbridge_did": "74950000001", "fsbridge_gateway": "my-carrier",
               "fsbridge_fallback": "user/101@$${domain}|user/102@$${domain}"}
