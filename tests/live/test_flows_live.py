@@ -1,0 +1,103 @@
+"""Call flows beyond the spec's examples, over real SIP (captures 20-27 of tests/data/esl).
+
+Transfers (REFER is in test_live.py), pickup, a mod_callcenter queue and a
+group that ends in voicemail: each test asserts the exact PlanFix events
+(event, ext, status) the real `fsbridge run` sent, and the talk durations
+roughly.  The lab-only extensions and the queue are installed into the
+private lab conf by tests/live/lab.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.live.lab import QUEUE_DID, VOICEMAIL_DID, free_udp_port
+from tests.live.test_live import CLIENT_NAME, brief, carrier_call, events, phone, phone_dials, wait, wait_calls_done
+
+
+def leg_uuid(env, user: str, *, answered: bool = False, timeout: float = 10) -> str:
+    """The Unique-ID of the one channel to phone `user` (once it is up, or answered)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = env.lab.cli("show channels as json")
+        rows = json.loads(out).get("rows") or [] if out.strip().startswith("{") else []
+        legs = [r for r in rows if r.get("name", "").startswith(f"sofia/internal/{user}@")
+                and (not answered or r.get("callstate") == "ACTIVE")]
+        if legs:
+            (leg,) = legs
+            return leg["uuid"]
+        time.sleep(0.1)
+    raise AssertionError(f"no {'answered ' if answered else ''}channel to {user}: {env.lab.cli('show channels')}")
+
+
+def completed(env) -> dict[str, dict[str, str]]:
+    return {r["ext"]: r for r in events(env) if r["event"] == "COMPLETED"}
+
+
+def did_call(env, did: str, scenario: str = "carrier-uac-inbound-long"):
+    return env.lab.sipp(scenario, "-s", did, "-key", "caller", env.other, "-m", "1",
+                        port=free_udp_port(), target="external")
+
+
+def test_blind_transfer_by_api_uuid_transfer(live):
+    """Capture 20: 101 answers, `uuid_transfer <101 leg> -bleg 102 XML default`, 102 talks."""
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    phone(live, "101", "uas-answer-wait-bye")
+    phone(live, "102", "uas-answer-send-bye", "-d", "1000")  # rings 1 s, talks 2 s, hangs up
+    call = carrier_call(live, live.client, scenario="carrier-uac-inbound-long")
+    first = leg_uuid(live, "101", answered=True)
+    time.sleep(1.2)
+    assert "+OK" in live.lab.cli(f"uuid_transfer {first} -bleg 102 XML default")
+    assert wait(call, 40) == 0
+    wait_calls_done(live, 2)
+    assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success"),
+                           ("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    done = completed(live)
+    assert 0 <= int(done["101"]["duration"]) <= 3 and 1 <= int(done["102"]["duration"]) <= 4
+    assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_pickup_of_a_ringing_phone_by_another(live):
+    """Capture 22: responsible 101 rings; 102 dials **<101 leg> (intercept -bleg) and talks 3 s."""
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    phone(live, "101", "uas-noanswer")
+    call = carrier_call(live, live.client, scenario="carrier-uac-inbound-long")
+    ringing = leg_uuid(live, "101")
+    time.sleep(1.0)
+    picker = phone_dials(live, "102", f"**{ringing}")  # answers, talks 3 s, hangs up
+    assert wait(picker, 30) == 0
+    assert wait(call, 30) == 0
+    wait_calls_done(live, 2)
+    assert brief(live) == [("INCOMING", "101", ""), ("COMPLETED", "101", "Cancelled"),
+                           ("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    assert 2 <= int(completed(live)["102"]["duration"]) <= 5
+    assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_callcenter_ring_all_queue(live):
+    """Capture 23: answer, callcenter sales@default rings 101-103; 102 answers after 1 s, talks 2 s."""
+    phone(live, "101", "uas-noanswer")
+    phone(live, "102", "uas-answer-send-bye", "-d", "1000")
+    phone(live, "103", "uas-noanswer")
+    assert wait(did_call(live, QUEUE_DID), 40) == 0
+    wait_calls_done(live, 3)
+    seen = brief(live)
+    assert sorted(seen[:3]) == [("INCOMING", "101", ""), ("INCOMING", "102", ""), ("INCOMING", "103", "")]
+    assert seen[3] == ("ACCEPTED", "102", "")
+    assert sorted(seen[4:]) == [("COMPLETED", "101", "Cancelled"), ("COMPLETED", "102", "Success"),
+                                ("COMPLETED", "103", "Cancelled")]
+    assert 1 <= int(completed(live)["102"]["duration"]) <= 4
+    assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_group_no_answer_then_voicemail_is_missed_for_each(live):
+    """Capture 25: the group rings GROUP_TIMEOUT s, nobody answers, voicemail answers the caller."""
+    for user in ("101", "102", "103"):
+        phone(live, user, "uas-noanswer")
+    assert wait(did_call(live, VOICEMAIL_DID, scenario="carrier-uac-inbound"), 40) == 0
+    wait_calls_done(live, 3)
+    seen = brief(live)
+    assert sorted(seen[:3]) == [("INCOMING", "101", ""), ("INCOMING", "102", ""), ("INCOMING", "103", "")]
+    assert sorted(seen[3:]) == [("COMPLETED", "101", "Missed"), ("COMPLETED", "102", "Missed"),
+                                ("COMPLETED", "103", "Missed")]
