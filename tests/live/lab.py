@@ -122,6 +122,9 @@ class Lab:
         _sub(es, r'<param name="listen-ip" value="[^"]*"/>', '<param name="listen-ip" value="127.0.0.1"/>')
         _sub(es, r'<param name="listen-port" value="[^"]*"/>', f'<param name="listen-port" value="{self.esl_port}"/>')
         _sub(es, r'<param name="password" value="[^"]*"/>', f'<param name="password" value="{ESL_PASSWORD}"/>')
+        # voicemail messages where fsbridge may link them: under the recordings dir
+        _sub(c / "autoload_configs/voicemail.conf.xml", r'<!--<param name="storage-dir" value="[^"]*"/>-->',
+             f'<param name="storage-dir" value="{self.dirs["recordings"] / "voicemail"}"/>', count=1)
         sw = c / "autoload_configs/switch.conf.xml"
         _sub(sw, r'<!-- <param name="rtp-start-port" value="\d+"/> -->', f'<param name="rtp-start-port" value="{self.rtp_start}"/>')
         _sub(sw, r'<!-- <param name="rtp-end-port" value="\d+"/> -->', f'<param name="rtp-end-port" value="{self.rtp_start + 199}"/>')
@@ -187,6 +190,9 @@ class Lab:
       <action application="set" data="hangup_after_bridge=true"/>
       <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}},user/103@$${{domain}}"/>
       <action application="answer"/>
+      <!-- the lab has no sound files: a failing greeting would end voicemail before the beep -->
+      <action application="set" data="skip_greeting=true"/>
+      <action application="set" data="skip_instructions=true"/>
       <action application="voicemail" data="default $${{domain}} 101"/>
     </condition>
   </extension>

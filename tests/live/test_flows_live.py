@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+import pytest
+import requests
 
 from tests.live.lab import QUEUE_DID, VOICEMAIL_DID, free_udp_port
 from tests.live.test_live import CLIENT_NAME, brief, carrier_call, events, phone, phone_dials, wait, wait_calls_done
+
+
+VOICEMAIL_PCAP = "/usr/share/sip-tester/g711a.pcap"  # the carrier's speech (sipp/carrier-uac-voicemail.xml)
 
 
 def leg_uuid(env, user: str, *, answered: bool = False, timeout: float = 10) -> str:
@@ -101,3 +108,21 @@ def test_group_no_answer_then_voicemail_is_missed_for_each(live):
     assert sorted(seen[:3]) == [("INCOMING", "101", ""), ("INCOMING", "102", ""), ("INCOMING", "103", "")]
     assert sorted(seen[3:]) == [("COMPLETED", "101", "Missed"), ("COMPLETED", "102", "Missed"),
                                 ("COMPLETED", "103", "Missed")]
+
+
+@pytest.mark.skipif(not Path(VOICEMAIL_PCAP).is_file(), reason=f"no {VOICEMAIL_PCAP} (sip-tester)")
+def test_voicemail_message_left_is_the_recording_of_the_missed_call(live):
+    """As capture 25, and the caller speaks 7 s after the beep: the Missed COMPLETEDs carry the message."""
+    for user in ("101", "102", "103"):
+        phone(live, user, "uas-noanswer")
+    assert wait(did_call(live, VOICEMAIL_DID, scenario="carrier-uac-voicemail"), 40) == 0
+    wait_calls_done(live, 3)
+    assert sorted(e for e in brief(live) if e[0] == "COMPLETED") == [
+        ("COMPLETED", "101", "Missed"), ("COMPLETED", "102", "Missed"), ("COMPLETED", "103", "Missed")]
+    (message,) = (live.lab.dirs["recordings"] / "voicemail").rglob("msg_*.wav")
+    assert message.stat().st_size > 3 * 16000  # more than min-record-len 3 s of 8 kHz 16-bit
+    done = completed(live)
+    assert {r["is_recorded"] for r in done.values()} == {"1"}
+    for r in done.values():  # every link downloads the message itself, not the session recording
+        got = requests.get(r["record_link"], timeout=10)
+        assert got.status_code == 200 and got.content == message.read_bytes()
