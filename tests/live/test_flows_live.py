@@ -23,19 +23,21 @@ from tests.live.test_live import CLIENT_NAME, brief, carrier_call, events, phone
 VOICEMAIL_PCAP = "/usr/share/sip-tester/g711a.pcap"  # the carrier's speech (sipp/carrier-uac-voicemail.xml)
 
 
-def leg_uuid(env, user: str, *, answered: bool = False, timeout: float = 10) -> str:
-    """The Unique-ID of the one channel to phone `user` (once it is up, or answered)."""
+def leg_uuid(env, user: str, *, answered: bool = False, timeout: float = 10, prefix: str = "") -> str:
+    """The Unique-ID of the one channel to phone `user` (or whose name starts with
+    `prefix`), once it is up, or answered."""
+    name = prefix or f"sofia/internal/{user}@"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = env.lab.cli("show channels as json")
         rows = json.loads(out).get("rows") or [] if out.strip().startswith("{") else []
-        legs = [r for r in rows if r.get("name", "").startswith(f"sofia/internal/{user}@")
+        legs = [r for r in rows if r.get("name", "").startswith(name)
                 and (not answered or r.get("callstate") == "ACTIVE")]
         if legs:
             (leg,) = legs
             return leg["uuid"]
         time.sleep(0.1)
-    raise AssertionError(f"no {'answered ' if answered else ''}channel to {user}: {env.lab.cli('show channels')}")
+    raise AssertionError(f"no {'answered ' if answered else ''}channel {name}: {env.lab.cli('show channels')}")
 
 
 def completed(env) -> dict[str, dict[str, str]]:
@@ -63,6 +65,31 @@ def test_blind_transfer_by_api_uuid_transfer(live):
     done = completed(live)
     assert 0 <= int(done["101"]["duration"]) <= 3 and 1 <= int(done["102"]["duration"]) <= 4
     assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_attended_transfer_emulated_with_uuid_bridge(live):
+    """Capture 21: 101 answers, consults 102 from a second line, then `uuid_bridge <caller> <102 leg>`
+    (what mod_sofia does for a REFER with Replaces); 101 talked ~3 s, 102 ~12 s with the caller."""
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    phone(live, "101", "uas-answer-wait-bye")
+    phone(live, "102", "uas-answer-wait-bye")
+    call = carrier_call(live, live.client, scenario="carrier-uac-inbound-long")  # hangs up 15 s after the answer
+    leg_uuid(live, "101", answered=True)
+    answered = time.monotonic()
+    caller = leg_uuid(live, "", prefix="sofia/external/")
+    consult = live.lab.sipp("phone-uac-consult", "-s", "102", "-key", "ext", "101", "-au", "101", "-ap", "1234",
+                            "-m", "1", port=free_udp_port())
+    target = leg_uuid(live, "102", answered=True)
+    time.sleep(max(0.0, 3 - (time.monotonic() - answered)))
+    assert "+OK" in live.lab.cli(f"uuid_bridge {caller} {target}")
+    assert wait(consult, 20) == 0  # FreeSWITCH hung the consult line up
+    assert wait(call, 40) == 0
+    wait_calls_done(live, 2)
+    assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success"),
+                           ("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    done = completed(live)
+    assert 2 <= int(done["101"]["duration"]) <= 4 and 10 <= int(done["102"]["duration"]) <= 14
+    assert {r["callid"] for r in events(live)} == {caller}
 
 
 def test_pickup_of_a_ringing_phone_by_another(live):
