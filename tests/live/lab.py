@@ -127,7 +127,7 @@ class Lab:
              f'<param name="storage-dir" value="{self.dirs["recordings"] / "voicemail"}"/>', count=1)
         sw = c / "autoload_configs/switch.conf.xml"
         _sub(sw, r'<!-- <param name="rtp-start-port" value="\d+"/> -->', f'<param name="rtp-start-port" value="{self.rtp_start}"/>')
-        _sub(sw, r'<!-- <param name="rtp-end-port" value="\d+"/> -->', f'<param name="rtp-end-port" value="{self.rtp_start + 199}"/>')
+        _sub(sw, r'<!-- <param name="rtp-end-port" value="\d+"/> -->', f'<param name="rtp-end-port" value="{self.rtp_start + 198}"/>')  # even: FS warns on an odd end
         for u in USERS:
             (c / f"directory/default/{u}.xml").write_text(f"""<include>
   <user id="{u}">
@@ -287,9 +287,9 @@ class Lab:
         except FileNotFoundError:
             return ""
 
-    def log_problems(self, since: int = 0) -> list[str]:
-        """[WARNING]/[ERR]/[CRIT] lines of freeswitch.log from byte offset `since`."""
-        text = self.log_path.read_bytes()[since:].decode(errors="replace")
+    def log_problems(self, since: int = 0, until: int | None = None) -> list[str]:
+        """[WARNING]/[ERR]/[CRIT] lines of freeswitch.log from byte offset `since` (to `until`)."""
+        text = self.log_path.read_bytes()[since:until].decode(errors="replace")
         return [line for line in text.splitlines() if re.search(r"\[(WARNING|ERR|CRIT|ALERT)\]", line)]
 
     def log_size(self) -> int:

@@ -96,7 +96,8 @@ VANILLA_NOISE = re.compile(r"deprecated use media_(hold_)?timeout variable|MSG T
 
 def test_installed_dialplan_loads_without_warnings_and_survives_reloadxml(env):
     assert "to do: apply it" in env.install_output
-    problems = [line for line in env.lab.log_problems() if not VANILLA_NOISE.search(line)]
+    # up to the end of the start-up: the tests of test_flows_live.py may have placed calls already
+    problems = [line for line in env.lab.log_problems(0, env.log_offset_after_start) if not VANILLA_NOISE.search(line)]
     assert problems == []
     for context, extension in (("public", "fsbridge_inbound_lookup"), ("public", "fsbridge_record"),
                                ("default", "fsbridge_outbound"), ("default", "fsbridge_record")):
