@@ -84,6 +84,8 @@ class Env:
         self.service.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout=20)
         for user, port in self.phone_ports.items():
             self.lab.register(user, port)
+        # the end of what loading the conf logged, before any test's call
+        self.log_offset_after_start = self.lab.log_size()
 
     def stop(self) -> None:
         if self.service is not None:

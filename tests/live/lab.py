@@ -34,6 +34,9 @@ ESL_PASSWORD = "ClueCon"
 USERS = ("101", "102", "103")
 USER_PASSWORD = "1234"
 DID = "74950000000"
+QUEUE_DID = "74950000001"  # answer, callcenter sales@default (ring-all 101-103)
+VOICEMAIL_DID = "74950000003"  # group 101-103, then voicemail of 101
+GROUP_TIMEOUT = 4  # seconds the group rings before voicemail
 
 
 def missing() -> str | None:
@@ -119,9 +122,12 @@ class Lab:
         _sub(es, r'<param name="listen-ip" value="[^"]*"/>', '<param name="listen-ip" value="127.0.0.1"/>')
         _sub(es, r'<param name="listen-port" value="[^"]*"/>', f'<param name="listen-port" value="{self.esl_port}"/>')
         _sub(es, r'<param name="password" value="[^"]*"/>', f'<param name="password" value="{ESL_PASSWORD}"/>')
+        # voicemail messages where fsbridge may link them: under the recordings dir
+        _sub(c / "autoload_configs/voicemail.conf.xml", r'<!--<param name="storage-dir" value="[^"]*"/>-->',
+             f'<param name="storage-dir" value="{self.dirs["recordings"] / "voicemail"}"/>', count=1)
         sw = c / "autoload_configs/switch.conf.xml"
         _sub(sw, r'<!-- <param name="rtp-start-port" value="\d+"/> -->', f'<param name="rtp-start-port" value="{self.rtp_start}"/>')
-        _sub(sw, r'<!-- <param name="rtp-end-port" value="\d+"/> -->', f'<param name="rtp-end-port" value="{self.rtp_start + 199}"/>')
+        _sub(sw, r'<!-- <param name="rtp-end-port" value="\d+"/> -->', f'<param name="rtp-end-port" value="{self.rtp_start + 198}"/>')  # even: FS warns on an odd end
         for u in USERS:
             (c / f"directory/default/{u}.xml").write_text(f"""<include>
   <user id="{u}">
@@ -159,7 +165,66 @@ class Lab:
       <action application="bridge" data="user/$1@$${domain}"/>
     </condition>
   </extension>
+  <!-- pickup of one ringing leg: a phone dials **<uuid of the leg> (capture 22) -->
+  <extension name="live_intercept_uuid">
+    <condition field="destination_number" expression="^\\*\\*([0-9a-f-]{36})$">
+      <action application="answer"/>
+      <action application="intercept" data="-bleg $1"/>
+    </condition>
+  </extension>
 </include>
+""")
+        # lab-only DIDs of the call flows beyond the spec (README of tests/data/esl, captures 23, 25);
+        # "zz_" sorts after fsbridge's files so that fsbridge_record (continue="true") runs first
+        (c / "dialplan/public/zz_live_flows.xml").write_text(f"""<include>
+  <extension name="live_queue">
+    <condition field="destination_number" expression="^{QUEUE_DID}$">
+      <action application="answer"/>
+      <action application="callcenter" data="sales@default"/>
+    </condition>
+  </extension>
+  <extension name="live_group_then_voicemail">
+    <condition field="destination_number" expression="^{VOICEMAIL_DID}$">
+      <action application="set" data="call_timeout={GROUP_TIMEOUT}"/>
+      <action application="set" data="continue_on_fail=true"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}},user/103@$${{domain}}"/>
+      <action application="answer"/>
+      <!-- the lab has no sound files: a failing greeting would end voicemail before the beep -->
+      <action application="set" data="skip_greeting=true"/>
+      <action application="set" data="skip_instructions=true"/>
+      <action application="voicemail" data="default $${{domain}} 101"/>
+    </condition>
+  </extension>
+</include>
+""")
+        # a ring-all queue of 101-103; no wrap-up or delays: the next test's call must find them free
+        agents = "\n".join(
+            f'    <agent name="{u}@default" type="callback" contact="[leg_timeout=10]user/{u}@127.0.0.1" status="Available"'
+            ' max-no-answer="0" wrap-up-time="0" reject-delay-time="0" busy-delay-time="0" no-answer-delay-time="0"/>'
+            for u in USERS)
+        tiers = "\n".join(f'    <tier agent="{u}@default" queue="sales@default" level="1" position="1"/>' for u in USERS)
+        (c / "autoload_configs/callcenter.conf.xml").write_text(f"""<configuration name="callcenter.conf" description="CallCenter">
+  <settings/>
+  <queues>
+    <queue name="sales@default">
+      <param name="strategy" value="ring-all"/>
+      <param name="moh-sound" value="silence_stream://-1"/>
+      <param name="time-base-score" value="system"/>
+      <param name="max-wait-time" value="0"/>
+      <param name="max-wait-time-with-no-agent" value="0"/>
+      <param name="tier-rules-apply" value="false"/>
+      <param name="discard-abandoned-after" value="60"/>
+      <param name="abandoned-resume-allowed" value="false"/>
+    </queue>
+  </queues>
+  <agents>
+{agents}
+  </agents>
+  <tiers>
+{tiers}
+  </tiers>
+</configuration>
 """)
 
     def install_dialplan(self, fsbridge_config: Path, *, fallback: str, responsible_ring: int) -> str:
@@ -222,9 +287,9 @@ class Lab:
         except FileNotFoundError:
             return ""
 
-    def log_problems(self, since: int = 0) -> list[str]:
-        """[WARNING]/[ERR]/[CRIT] lines of freeswitch.log from byte offset `since`."""
-        text = self.log_path.read_bytes()[since:].decode(errors="replace")
+    def log_problems(self, since: int = 0, until: int | None = None) -> list[str]:
+        """[WARNING]/[ERR]/[CRIT] lines of freeswitch.log from byte offset `since` (to `until`)."""
+        text = self.log_path.read_bytes()[since:until].decode(errors="replace")
         return [line for line in text.splitlines() if re.search(r"\[(WARNING|ERR|CRIT|ALERT)\]", line)]
 
     def log_size(self) -> int:

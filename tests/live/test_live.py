@@ -96,7 +96,8 @@ VANILLA_NOISE = re.compile(r"deprecated use media_(hold_)?timeout variable|MSG T
 
 def test_installed_dialplan_loads_without_warnings_and_survives_reloadxml(env):
     assert "to do: apply it" in env.install_output
-    problems = [line for line in env.lab.log_problems() if not VANILLA_NOISE.search(line)]
+    # up to the end of the start-up: the tests of test_flows_live.py may have placed calls already
+    problems = [line for line in env.lab.log_problems(0, env.log_offset_after_start) if not VANILLA_NOISE.search(line)]
     assert problems == []
     for context, extension in (("public", "fsbridge_inbound_lookup"), ("public", "fsbridge_record"),
                                ("default", "fsbridge_outbound"), ("default", "fsbridge_record")):
@@ -208,11 +209,10 @@ def test_blind_transfer_by_the_manager_reaches_the_default_context(live):
     # the target answered and the caller was bridged to it (not hung up on the REFER)
     assert re.search(r"^SIP/2.0 200 OK[\s\S]*^ACK sip:", messages(target), flags=re.M)
     wait_calls_done(live, 2)
-    seen = brief(live)
-    assert seen[:3] == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("INCOMING", "102", "")]
-    assert ("COMPLETED", "101", "Success") in seen
-    # What PlanFix should get for the transfer target (today: COMPLETED Missed
-    # although 102 talked) belongs to the call-flows issue; not asserted here.
+    # capture 27: each employee his own part, one callid
+    assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success"),
+                           ("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    assert len(calls(live)) == 1
 
 
 # ---- outbound from a phone ------------------------------------------------------
