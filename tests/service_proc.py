@@ -9,6 +9,7 @@ brutally (SIGKILL) to check what survives.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,17 @@ import requests
 from tests.conftest import REPO
 
 TOKEN = "e2e-pbx-token-0123456789abcdef"
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(certfile, keyfile) for 127.0.0.1, made with openssl, valid one day."""
+    if not shutil.which("openssl"):
+        raise AssertionError("openssl (Debian package openssl) is needed to make a test certificate")
+    cert, key = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import warnings
@@ -14,7 +13,7 @@ import urllib3
 from tests.conftest import REPO
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
 from fsbridge.fakes.planfix import FakePlanfix
-from tests.service_proc import ServiceProcess
+from tests.service_proc import ServiceProcess, self_signed_certificate
 
 INVALID_PARAMETERS = {"error": "Invalid parameters"}
 INVALID_TOKEN = {"error": "Invalid token"}
@@ -183,12 +182,7 @@ def test_ping_and_outbox_commands(tmp_path, fs, planfix, traces_dir):
 
 
 def test_https_when_certfile_and_keyfile_are_set(tmp_path, fs):
-    if not shutil.which("openssl"):
-        pytest.fail("openssl (Debian package openssl) is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
         with ServiceProcess(tmp_path / "svc", fs_port=fs.port,

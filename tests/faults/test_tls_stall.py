@@ -7,26 +7,20 @@ meanwhile.  Loopback only, a few seconds.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import time
 import warnings
 
-import pytest
 import requests
 import urllib3
+
+from tests.service_proc import self_signed_certificate
 
 TLS_TIMEOUT = 2.0
 
 
 def test_stalled_tls_handshakes_are_closed_in_time(tmp_path, service):
-    if not shutil.which("openssl"):
-        pytest.fail("openssl (Debian package openssl) is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     svc = service(settings={"server": {"certfile": str(cert), "keyfile": str(key),
                                        "tls_handshake_timeout": str(TLS_TIMEOUT)}})
     socks = []
