@@ -219,9 +219,8 @@ class Service:
             ),
             credentials=self.credentials,
             extension_problem=self._extension_problem,
-            # A click-to-call's UUID is its A leg: open while the tracker has it.
-            # (tracker has no public lookup by UUID yet; a read-only peek.)
-            call_active=lambda call_uuid: call_uuid in self.tracker._calls,  # noqa: SLF001
+            # A click-to-call's UUID is its A leg: open while the tracker follows it.
+            call_active=self.tracker.tracks,
             refuse_calls=lambda: "the PBX's queue for PlanFix is full" if self._check_outbox_bound() else None,
         )
         self.app = create_app(web_settings, self._web_deps)
