@@ -36,3 +36,10 @@ def request(port: int, method: str, path: str, body: bytes | None = None, conten
         return Answer(response.status, response.getheader("Content-Type", ""), data)
     finally:
         conn.close()
+
+
+def healthz_served(port: int) -> bool:
+    """The public /healthz answered with its JSON: 200, or 503 while the
+    service is still connecting to FreeSWITCH (either way the port serves)."""
+    answer = request(port, "GET", "/healthz")
+    return answer.status in (200, 503) and "status" in answer.json()
