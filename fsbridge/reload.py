@@ -70,7 +70,10 @@ class Reloader:
             logs.setup(new.log, new.path)
             sections = dict(self.cfg.sections)
             sections["log"] = new.sections["log"]
-            if any(section == "click_to_call" for section, _ in live):
+            # The section moves forward only when all of its changes applied:
+            # a changed key that needs a restart is named again next reload.
+            if any(section == "click_to_call" for section, _ in live) and not any(
+                    section == "click_to_call" for section, _ in restart):
                 sections["click_to_call"] = new.sections["click_to_call"]
             self.cfg = config.Config(self.cfg.path, sections, self.cfg.warnings)
         applied = ", ".join(f"[{s}] {k}" for s, k in live) or "nothing changed that applies live"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import signal
 import time
 
+from fsbridge import config
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
+from fsbridge.reload import Reloader
 from tests.service_proc import ServiceProcess
 
 
@@ -57,3 +59,14 @@ def test_sighup_applies_click_to_call_limits_to_the_running_service(tmp_path):
             wait_log(service, "applied [click_to_call] calls_per_extension_per_minute")
             assert service.post(**call).status_code == 200  # no restart: calls in progress are kept
     assert "calls_per_extension_per_minute changed; these need a restart" not in service.log()
+
+
+def test_a_restart_key_beside_a_live_one_is_named_again_at_the_next_reload(tmp_path):
+    ini = tmp_path / "fsbridge.ini"
+    ini.write_text(f"[server]\ntoken = {'t' * 32}\n[storage]\ndir = {tmp_path}\n")
+    applied = []
+    reloader = Reloader(config.load(str(ini)), apply_click_to_call=applied.append)
+    ini.write_text(ini.read_text() + "[click_to_call]\nmax_concurrent = 5\nkeep_plus = yes\n")
+    assert reloader.reload() == [("click_to_call", "keep_plus")]
+    assert reloader.reload() == [("click_to_call", "keep_plus")]  # still not running: named again
+    assert [c.click_to_call.max_concurrent for c in applied] == [5, 5]
