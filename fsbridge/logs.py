@@ -190,12 +190,14 @@ def setup(log_cfg: Any, config_path: str = "") -> logging.Handler:
     """Install the handler on the root logger from a ``[log]`` section (level, format, levels)."""
     global _handler
     root = logging.getLogger()
+    first = _handler is None
     if _handler is not None:
         root.removeHandler(_handler)
     _handler = make_handler(getattr(log_cfg, "format", "text"), config_path)
     root.addHandler(_handler)
     apply_levels(log_cfg.level, getattr(log_cfg, "levels", {}) or {})
-    atexit.register(flush)
+    if first:  # a SIGHUP reload installs a new handler; flush() writes whichever is current
+        atexit.register(flush)
     return _handler
 
 

@@ -10,6 +10,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import logging  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
@@ -17,6 +18,7 @@ from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fsbridge import logs  # noqa: E402
 from fsbridge.fakes.freeswitch import FakeFreeSwitch  # noqa: E402
 
 # The real FreeSWITCH captures the suite replays: part of the repo (and the
@@ -85,3 +87,16 @@ def pytest_sessionfinish(session, exitstatus):
         if reporter is not None:
             reporter.write_line(message, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs the CLI in-process (logs.setup) leaves no handler on
+    pytest's captured stderr behind for later tests, or for the exit flush."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    if logs._handler is not None and logs._handler not in handlers:  # noqa: SLF001
+        root.removeHandler(logs._handler)  # noqa: SLF001
+        logs._handler = None  # noqa: SLF001
+    root.setLevel(level)
