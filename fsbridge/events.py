@@ -44,6 +44,8 @@ SUBSCRIBED_EVENTS: tuple[str, ...] = (
 CLICK_TO_CALL_VAR = "fsbridge_click_to_call"
 CLICK_TO_CALL_EXT_VAR = "fsbridge_ext"
 CLICK_TO_CALL_PHONE_VAR = "fsbridge_phone"
+# The tenant a click-to-call originate was made for (cloud PBX, fsbridge.tenancy).
+TENANT_VAR = "fsbridge_tenant"
 # Dialplan-set variables planfix_data_<field> become PlanFix data_<field>.
 PLANFIX_DATA_PREFIX = "variable_planfix_data_"
 
@@ -123,6 +125,10 @@ class ChannelEvent:
     click_to_call_phone: str = ""             # variable_fsbridge_phone
     # (field, value) pairs from variable_planfix_data_<field>
     planfix_data: tuple[tuple[str, str], ...] = ()
+    # Cloud PBX (read only when tenants are configured, see fsbridge.tenancy):
+    tenant_tag: str = ""                      # variable_fsbridge_tenant (our click-to-call)
+    # variable_domain_name, variable_dialed_domain, the presence id's domain ("" where absent)
+    domains: tuple[str, ...] = ()
     job_uuid: str = ""                        # Job-UUID (BACKGROUND_JOB)
     job_body: str = ""                        # BACKGROUND_JOB body: "+OK <uuid>" / "-ERR <CAUSE>"
 
@@ -154,12 +160,13 @@ def _planfix_data(headers: EventHeaders) -> tuple[tuple[str, str], ...]:
     return tuple(fields)
 
 
-def channel_event(headers: EventHeaders, body: bytes) -> ChannelEvent | None:
+def channel_event(headers: EventHeaders, body: bytes, tenants: bool = False) -> ChannelEvent | None:
     """Reduce one plain event to a ``ChannelEvent``; None if the tracker ignores it.
 
     Each event type reads only the headers the tracker uses for it: a
     lookup of an absent header scans the whole ~5 kB block, so asking
-    every event for everything would triple the cost.
+    every event for everything would triple the cost.  ``tenants``: also
+    read the facts that tell a channel's tenant (CHANNEL_CREATE only).
     """
     name = headers.get("Event-Name") or ""
     if name == "BACKGROUND_JOB":
@@ -176,9 +183,26 @@ def channel_event(headers: EventHeaders, body: bytes) -> ChannelEvent | None:
     uuid = sanitize(headers.get("Unique-ID"), MAX_ID_CHARS)
     if not uuid:
         return None
+    fields = read(headers)
+    if tenants and name == "CHANNEL_CREATE":
+        fields.update(_tenant_fields(headers))
     return ChannelEvent(
-        name=name, uuid=uuid, timestamp_us=_int(headers.get("Event-Date-Timestamp")), **read(headers)
+        name=name, uuid=uuid, timestamp_us=_int(headers.get("Event-Date-Timestamp")), **fields
     )
+
+
+def _tenant_fields(headers: EventHeaders) -> dict:
+    get = headers.get
+    presence = sanitize(get("variable_presence_id") or get("Channel-Presence-ID"), MAX_TEXT_CHARS)
+    _, at, presence_domain = presence.rpartition("@")
+    return {
+        "tenant_tag": sanitize(get("variable_" + TENANT_VAR), MAX_NUMBER_CHARS),
+        "domains": (
+            sanitize(get("variable_domain_name"), MAX_TEXT_CHARS),
+            sanitize(get("variable_dialed_domain"), MAX_TEXT_CHARS),
+            presence_domain if at else "",
+        ),
+    }
 
 
 def _create_fields(headers: EventHeaders) -> dict:

@@ -21,6 +21,9 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
   bridge on another call's A leg whose Bridge-B is our A leg is a pickup.
 * mod_callcenter agent legs carry no originator: they are attached by
   ``variable_cc_member_session_uuid``.
+* Cloud PBX: a call belongs to the tenant its A leg names, or else the
+  first of its legs that names one (``fsbridge.tenancy``); every command
+  carries it, and that tenant's extension pattern and internal-call rule apply.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from fsbridge.events import ChannelEvent, sanitize
+from fsbridge.tenancy import TenantMap, domain_of_presence
 
 __all__ = [
     "CallTracker",
@@ -88,6 +92,13 @@ class TrackerSettings:
     # client_caller_id): the diversion of every event of such a call.
     # Empty: taken from the client leg once it exists.
     click_to_call_diversion: str = ""
+    # Cloud PBX: who owns a call (and each tenant's extension pattern and
+    # internal-call rule).  None: calls belong to nobody in particular
+    # (commands carry tenant "") and the settings above apply.
+    tenants: TenantMap | None = None
+    # The FreeSWITCH node this tracker follows ("" for the one node), carried
+    # by every command so the open-calls registry knows whose listing closes it.
+    node: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -105,6 +116,10 @@ class PlanfixCommand:
     call_id: str                 # ordering key for the outbox: the PlanFix callid (A-leg UUID)
     fields: dict[str, str]       # form fields WITHOUT planfix_token
     recording_path: str | None = None   # on COMPLETED of a recorded answered call
+    tenant: str = ""                    # the PlanFix account it goes to ("" = none matched)
+    node: str = ""                      # the FreeSWITCH it came from (TrackerSettings.node)
+    # For a call no tenant owns: the domain or DID it came with (for the log).
+    unmatched: str = ""
 
 
 class _Slot:
@@ -153,11 +168,14 @@ class _Leg:
 class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
-        "winner", "recording_path", "record_ms", "data", "voicemail_path",
+        "winner", "recording_path", "record_ms", "data", "voicemail_path", "tenant", "seen", "rules",
     )
 
-    def __init__(self, uuid: str) -> None:
+    def __init__(self, uuid: str, rules: "_Rules") -> None:
         self.uuid = uuid
+        self.tenant = ""             # its PlanFix account ("" until a channel names one)
+        self.seen = ""               # the domain/DID that named no tenant (for the log)
+        self.rules = rules           # the tenant's extension pattern and internal-call rule
         self.caller_ext = ""         # the A leg is this extension's phone / click-to-call manager
         self.phone = ""              # inbound: the caller; outbound: set per slot
         self.diversion = ""          # inbound: the DID dialled
@@ -202,7 +220,12 @@ class CallTracker:
 
     def __init__(self, settings: TrackerSettings | None = None) -> None:
         self._settings = settings or TrackerSettings()
-        self._ext_re = re.compile(self._settings.extension_pattern)
+        self._default_rules = _Rules(self._settings.extension_pattern, self._settings.report_internal_calls)
+        self._tenants = self._settings.tenants
+        self._rules: dict[str, _Rules] = {}
+        if self._tenants is not None:
+            self._rules = {name: _Rules(rule.extension_pattern, rule.report_internal_calls)
+                           for name, rule in self._tenants.rules.items()}
         self._normalize = self._settings.normalize_phone
         self._calls: dict[str, _Call] = {}       # A-leg UUID -> call, oldest first
         self._owner: dict[str, _Call] = {}       # B-leg UUID -> call
@@ -212,6 +235,12 @@ class CallTracker:
 
     def open_calls(self) -> int:
         return len(self._calls)
+
+    def set_tenants(self, tenants: TenantMap) -> None:
+        """A reload changed the tenants: new calls use the new map; open calls keep their tenant."""
+        self._tenants = tenants
+        self._rules = {name: _Rules(rule.extension_pattern, rule.report_internal_calls)
+                       for name, rule in tenants.rules.items()}
 
     def open_call_list(self) -> list[_Call]:
         """The open calls, oldest first, for read-only views (fsbridge.calls)."""
@@ -313,7 +342,8 @@ class CallTracker:
     def _on_call_created(self, ev: ChannelEvent) -> list[PlanfixCommand]:
         out: list[PlanfixCommand] = []
         if ev.click_to_call_id:
-            ext = ev.click_to_call_ext if self._is_ext(ev.click_to_call_ext) else ""
+            rules = self._rules_for(self._owner_of(ev, a_leg=True)[0])
+            ext = ev.click_to_call_ext if rules.is_ext(ev.click_to_call_ext) else ""
             if not ext:
                 return []  # our tag without a usable extension: cannot be shown to anyone
             call = self._new_call(ev, out)
@@ -330,7 +360,7 @@ class CallTracker:
         if ev.direction != "inbound":
             return []  # e.g. an `originate` from fs_cli: not a call we report
         call = self._new_call(ev, out)
-        if self._is_ext(ev.user_name):
+        if call.rules.is_ext(ev.user_name):
             call.caller_ext = ev.user_name      # an extension's own phone dials
         call.phone = self._phone(ev.caller_number)
         call.diversion = self._phone(ev.destination_number)
@@ -340,18 +370,41 @@ class CallTracker:
         if len(self._calls) >= self._settings.max_open_calls:
             oldest = next(iter(self._calls.values()))
             out += self._finish(oldest, end_us=ev.timestamp_us, disposition="", a_cause="")
-        call = self._calls[ev.uuid] = _Call(ev.uuid)
+        tenant, seen = self._owner_of(ev, a_leg=True)
+        call = self._calls[ev.uuid] = _Call(ev.uuid, self._rules_for(tenant))
+        call.tenant, call.seen = tenant, seen
         return call
 
+    def _owner_of(self, ev: ChannelEvent, a_leg: bool) -> tuple[str, str]:
+        """(tenant, the fact seen when none matched) of a channel; a DID counts on an A leg only."""
+        if self._tenants is None:
+            return "", ""
+        owner = self._tenants.owner(
+            tag=ev.tenant_tag, domains=ev.domains,
+            did=ev.destination_number if a_leg and ev.direction == "inbound" else "",
+        )
+        return owner.name, owner.seen
+
+    def _rules_for(self, tenant: str) -> "_Rules":
+        return self._rules.get(tenant, self._default_rules) if tenant else self._default_rules
+
     def _on_leg_created(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
-        ext = self._leg_ext(ev)
+        if not call.tenant and self._tenants is not None:
+            # The caller's leg named no tenant (a DID nobody owns, no domain):
+            # the extension it rings does.
+            tenant, seen = self._owner_of(ev, a_leg=False)
+            if tenant:
+                call.tenant, call.rules = tenant, self._rules_for(tenant)
+            elif seen and not call.seen:
+                call.seen = seen
+        ext = self._leg_ext(call, ev)
         out: list[PlanfixCommand] = []
         slot: _Slot | None = None
         if call.click_to_call or (call.caller_ext and not ext):
             # The leg to the client (click-to-call) or to the outside world
             # (an extension dialling out): it decides the outgoing outcome.
             slot = self._outgoing_slot(call, ev, out)
-        elif ext and (not call.caller_ext or self._settings.report_internal_calls):
+        elif ext and (not call.caller_ext or call.rules.report_internal_calls):
             slot = self._incoming_slot(call, ext, out)
         leg = _Leg(ev.uuid, slot)
         call.legs[ev.uuid] = leg
@@ -409,7 +462,8 @@ class CallTracker:
         name = ev.name
         if name == "CHANNEL_BRIDGE":
             target = self._calls.get(ev.bridge_b_uuid)
-            if target is not None and target is not call and call.caller_ext and not call.click_to_call:
+            if (target is not None and target is not call and call.caller_ext and not call.click_to_call
+                    and target.tenant == call.tenant):  # a phone picks up only its own tenant's calls
                 # An extension's own call bridged to another call's caller.
                 return self._on_pickup(target, call, ev)
             return self._on_bridge(call, ev)
@@ -458,7 +512,8 @@ class CallTracker:
             return []  # bridged to a channel we did not see originate
         self._end_talker(call, leg, ev.timestamp_us, out)
         if leg is None:
-            leg = self._join(call, other, self._ext_or_empty(ev.other_leg_destination), ev.timestamp_us, out)
+            joined_ext = ev.other_leg_destination if call.rules.is_ext(ev.other_leg_destination) else ""
+            leg = self._join(call, other, joined_ext, ev.timestamp_us, out)
         elif leg.slot is not None and id(leg.slot) not in call.slots and leg.slot.type == TYPE_IN:
             # His part was closed (Cancelled when another answered) while his
             # leg stayed up; now bridged: he takes part again.
@@ -613,9 +668,11 @@ class CallTracker:
         call.slots[id(slot)] = slot
         return slot
 
-    @staticmethod
-    def _command(call: _Call, slot: _Slot, event: str, recording_path: str | None = None) -> PlanfixCommand:
+    def _command(self, call: _Call, slot: _Slot, event: str, recording_path: str | None = None) -> PlanfixCommand:
         return PlanfixCommand(
+            tenant=call.tenant,
+            node=self._settings.node,
+            unmatched="" if call.tenant else call.seen,
             call_id=call.uuid,
             fields={
                 "cmd": "event",
@@ -629,17 +686,12 @@ class CallTracker:
             recording_path=recording_path,
         )
 
-    def _is_ext(self, value: str) -> bool:
-        return bool(value) and self._ext_re.search(value) is not None
-
-    def _ext_or_empty(self, value: str) -> str:
-        return value if self._is_ext(value) else ""
-
-    def _leg_ext(self, ev: ChannelEvent) -> str:
+    @staticmethod
+    def _leg_ext(call: _Call, ev: ChannelEvent) -> str:
         """The extension a B leg rings, or "" for a leg to the outside."""
-        if self._is_ext(ev.dialed_user):
+        if call.rules.is_ext(ev.dialed_user):
             return ev.dialed_user
-        if self._is_ext(ev.destination_number):
+        if call.rules.is_ext(ev.destination_number):
             return ev.destination_number
         return ""
 
@@ -647,6 +699,19 @@ class CallTracker:
         if not raw:
             return ""
         return sanitize(self._normalize(raw), 64)
+
+
+class _Rules:
+    """One tenant's (or the config's) extension pattern and internal-call rule."""
+
+    __slots__ = ("_ext_re", "report_internal_calls")
+
+    def __init__(self, extension_pattern: str, report_internal_calls: bool) -> None:
+        self._ext_re = re.compile(extension_pattern)
+        self.report_internal_calls = report_internal_calls
+
+    def is_ext(self, value: str) -> bool:
+        return bool(value) and self._ext_re.search(value) is not None
 
 
 def _talk_seconds(leg: _Leg, end_us: int) -> int:
@@ -764,7 +829,7 @@ def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
             events.append(ChannelEvent(
                 name="CHANNEL_CREATE", uuid=uuid, call_uuid=uuid, direction="inbound",
                 caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
-                timestamp_us=_epoch_us(row, now_us),
+                timestamp_us=_epoch_us(row, now_us), domains=_row_domains(row),
             ))
     for uuid, row in by_uuid.items():
         call_uuid = _row_str(row, "call_uuid")
@@ -774,6 +839,7 @@ def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
             name="CHANNEL_CREATE", uuid=uuid, call_uuid=call_uuid, direction="outbound",
             caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
             other_leg_uuid=call_uuid, other_type="originator", timestamp_us=_epoch_us(row, now_us),
+            domains=_row_domains(row),
         ))
         if _row_str(row, "callstate", 16) == "ACTIVE":
             bridges.append(ChannelEvent(
@@ -781,6 +847,11 @@ def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
                 timestamp_us=now_us,
             ))
     return events + bridges
+
+
+def _row_domains(row: dict) -> tuple[str, ...]:
+    # The listing's presence_id (user@domain) is its only tenant fact.
+    return (domain_of_presence(_row_str(row, "presence_id", 256)),)
 
 
 def _epoch_us(row: dict, default_us: int) -> int:
