@@ -18,6 +18,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from fsbridge.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
+from fsbridge.tenancy import IMPLICIT_TENANT, TENANT_NAME, digits
 
 
 class ConfigError(Exception):
@@ -190,6 +191,24 @@ def _logger_levels(raw: str) -> dict[str, str]:
     return parse_levels(raw)
 
 
+def _domains(raw: str) -> tuple[str, ...]:
+    """FreeSWITCH domain names (``acme.pbx.example``), separated by spaces or commas."""
+    items = tuple(d.lower() for d in re.split(r"[\s,]+", raw) if d)
+    for item in items:
+        if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", item) or len(item) > 253:
+            raise ValueError(f"expected domain names such as acme.pbx.example, got {item!r}")
+    return items
+
+
+def _dids(raw: str) -> tuple[str, ...]:
+    """External numbers (digits, optional leading +), separated by spaces or commas."""
+    items = tuple(d for d in re.split(r"[\s,]+", raw) if d)
+    for item in items:
+        if not re.fullmatch(r"\+?[0-9]{3,20}", item):
+            raise ValueError(f"expected phone numbers such as 74950000000, got {item!r}")
+    return items
+
+
 def _optional_listen(raw: str) -> Listen | None:
     return _listen(raw) if raw else None
 
@@ -197,8 +216,9 @@ def _optional_listen(raw: str) -> Listen | None:
 def _dial_string(raw: str) -> str:
     # The originate builder's own rule (only {ext} substituted, no character
     # that splits an originate line), so check and run can never disagree.
+    # {domain} (a tenant's first domain) is put in before originate sees it.
     try:
-        _check_dial_string(raw)
+        _check_dial_string(raw.replace("{domain}", "example.org"))
     except InvalidSettings as exc:
         raise ValueError(str(exc)) from None
     return raw
@@ -339,6 +359,25 @@ SCHEMA: dict[str, list[Key]] = {
 }
 
 
+# [tenant.NAME]: one PlanFix account of a cloud PBX.  Its own keys, then
+# overrides of [calls] and [click_to_call] keys (same names; each defaults to
+# the global value).
+TENANT_KEYS: list[Key] = [
+    Key("token", _str, ""),
+    Key("domains", _domains, ""),
+    Key("dids", _dids, ""),
+    Key("planfix_url", _url, ""),
+    Key("planfix_token", _str, ""),
+    Key("node", _str, ""),
+]
+TENANT_OVERRIDES = {"calls": ("extension_pattern", "report_internal_calls")}
+
+
+def _tenant_override_keys() -> dict[str, tuple[str, ...]]:
+    return {**TENANT_OVERRIDES,
+            "click_to_call": tuple(k.name for k in SCHEMA["click_to_call"] if k.name != "keep_plus")}
+
+
 def defaults() -> dict[str, dict[str, str]]:
     """The default string of every key, by section (for docs and tests)."""
     return {section: {k.name: k.default for k in keys} for section, keys in SCHEMA.items()}
@@ -365,10 +404,45 @@ class Section:
 
 
 @dataclass(frozen=True)
+class TenantConfig:
+    """One PlanFix account.  ``calls`` and ``click_to_call`` hold the effective
+    values (the tenant's own, else the global ones; ``{domain}`` filled in)."""
+
+    name: str
+    token: str = field(repr=False)
+    domains: tuple[str, ...]
+    dids: tuple[str, ...]
+    planfix_url: str
+    planfix_token: str = field(repr=False)
+    node: str
+    calls: Section = field(repr=False)
+    click_to_call: Section = field(repr=False)
+    implicit: bool = False  # the one tenant of a config without [tenant.*] sections
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One FreeSWITCH ([freeswitch] or [freeswitch.NAME])."""
+
+    name: str
+    section: Section = field(repr=False)
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     sections: dict[str, Section] = field(repr=False)
     warnings: tuple[str, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+    nodes: tuple[NodeConfig, ...] = ()
+
+    @property
+    def multi_tenant(self) -> bool:
+        return not (len(self.tenants) == 1 and self.tenants[0].implicit)
+
+    def tenant(self, name: str) -> TenantConfig | None:
+        return next((t for t in self.tenants if t.name == name), None)
 
     def __getattr__(self, name: str) -> Section:
         try:
@@ -496,8 +570,9 @@ def load(path: str, *, require_token: bool = True) -> Config:
     failed: set[str] = set()  # "section.key" that did not parse: cross checks skip them
 
     for name in parsed:
-        if name not in SCHEMA:
-            problems.append(f"{path}: [{name}]: unknown section (known: {', '.join(SCHEMA)})")
+        if name not in SCHEMA and not _is_named(name):
+            problems.append(f"{path}: [{name}]: unknown section "
+                            f"(known: {', '.join(SCHEMA)}, tenant.NAME, freeswitch.NAME)")
     for name, keys in SCHEMA.items():
         known = {k.name for k in keys}
         given = parsed.get(name, {})
@@ -518,10 +593,185 @@ def load(path: str, *, require_token: bool = True) -> Config:
         sections[name] = Section(name, values)
 
     _default_recordings_dir(sections)
+    nodes = _nodes(path, parsed, sections, problems)
+    tenants = _tenants(path, parsed, sections, problems, {n.name for n in nodes})
+    if tenants:
+        require_token = False  # each tenant has its own
+        if sections["server"].token:
+            problems.append(f"{path}: [server] token: leave it empty when [tenant.*] sections exist "
+                            "(each tenant has its own token)")
     _cross_checks(path, sections, problems, warnings, require_token, failed)
     if problems:
         raise ConfigError(problems)
-    return Config(path, sections, tuple(warnings))
+    if not tenants:
+        tenants = [_implicit_tenant(sections)]
+    return Config(path, sections, tuple(warnings), tuple(tenants), tuple(nodes))
+
+
+def tenant_view(cfg: Config, tenant: TenantConfig) -> Config:
+    """``cfg`` as one tenant sees it: its token, PlanFix, [calls] and [click_to_call]
+    (so the code that reads a Config builds that tenant's settings)."""
+    sections = dict(cfg.sections)
+    sections["server"] = Section("server", {**cfg.server.as_dict(), "token": tenant.token})
+    sections["planfix"] = Section("planfix", {**cfg.planfix.as_dict(), "url": tenant.planfix_url,
+                                              "token": tenant.planfix_token})
+    sections["calls"] = tenant.calls
+    sections["click_to_call"] = tenant.click_to_call
+    return Config(cfg.path, sections, cfg.warnings, (tenant,), cfg.nodes)
+
+
+def _is_named(section: str) -> bool:
+    kind, dot, name = section.partition(".")
+    return bool(dot) and kind in ("tenant", "freeswitch")
+
+
+def _named(parsed: dict[str, dict[str, _Value]], kind: str, path: str,
+           problems: list[str]) -> list[tuple[str, dict[str, _Value]]]:
+    found = []
+    for section, given in parsed.items():
+        prefix, dot, name = section.partition(".")
+        if prefix != kind or not dot:
+            continue
+        if not TENANT_NAME.fullmatch(name):
+            problems.append(f"{path}: [{section}]: the name after '{kind}.' may only hold letters, "
+                            "digits, '_' and '-' (at most 32)")
+            continue
+        found.append((name, given))
+    return found
+
+
+def _parse_keys(path: str, section: str, keys: list[Key], given: dict[str, _Value],
+                defaults: dict[str, str], problems: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in keys:
+        raw = given[key.name].raw if key.name in given else defaults.get(key.name, key.default)
+        try:
+            values[key.name] = key.parse(raw)
+        except ValueError as exc:
+            problems.append(f"{path}: [{section}] {key.name}: {exc}")
+            values[key.name] = key.parse(key.default)
+    return values
+
+
+def _nodes(path: str, parsed: dict, sections: dict[str, Section], problems: list[str]) -> list[NodeConfig]:
+    """[freeswitch.NAME] sections (plain [freeswitch] then gives their defaults), else [freeswitch]."""
+    named = _named(parsed, "freeswitch", path, problems)
+    if not named:
+        return [NodeConfig(IMPLICIT_TENANT, sections["freeswitch"], implicit=True)]
+    keys = SCHEMA["freeswitch"]
+    base = parsed.get("freeswitch", {})
+    base_raw = {k.name: base[k.name].raw for k in keys if k.name in base}
+    nodes = []
+    for name, given in named:
+        section = f"freeswitch.{name}"
+        for key in given:
+            if key not in {k.name for k in keys}:
+                problems.append(f"{path}: [{section}] {key}: unknown key (known: {', '.join(k.name for k in keys)})")
+        values = _parse_keys(path, section, keys, given, base_raw, problems)
+        nodes.append(NodeConfig(name, Section(section, values)))
+    seen: dict[tuple[str, int], str] = {}
+    for node in nodes:
+        where = (node.section.host, node.section.port)
+        if where in seen:
+            problems.append(f"{path}: [freeswitch.{node.name}] host: {where[0]}:{where[1]} is also "
+                            f"[freeswitch.{seen[where]}]; each node once")
+        seen.setdefault(where, node.name)
+    return nodes
+
+
+def _tenants(path: str, parsed: dict, sections: dict[str, Section], problems: list[str],
+             node_names: set[str]) -> list[TenantConfig]:
+    named = _named(parsed, "tenant", path, problems)
+    overrides = _tenant_override_keys()
+    own = {k.name for k in TENANT_KEYS}
+    known = own | {k for names in overrides.values() for k in names}
+    schema = {s: {k.name: k for k in SCHEMA[s]} for s in overrides}
+    global_raw = {s: {k: parsed.get(s, {})[k].raw for k in names if k in parsed.get(s, {})}
+                  for s, names in overrides.items()}
+    tenants: list[TenantConfig] = []
+    tokens: dict[str, str] = {}
+    domains: dict[str, str] = {}
+    dids: dict[str, str] = {}
+    allow_http = sections["planfix"].allow_http
+    for name, given in named:
+        section = f"tenant.{name}"
+        for key in given:
+            if key not in known:
+                problems.append(f"{path}: [{section}] {key}: unknown key (known: {', '.join(sorted(known))})")
+        before = len(problems)
+        values = _parse_keys(path, section, TENANT_KEYS, given, {}, problems)
+        effective: dict[str, Section] = {}
+        for s, names in overrides.items():
+            keys = [schema[s][k] for k in names]
+            parsed_values = _parse_keys(path, section, keys, given, global_raw[s], problems)
+            effective[s] = Section(s, {**sections[s].as_dict(), **parsed_values})
+        token = values["token"]
+        if not token:
+            problems.append(f"{path}: [{section}] token: must not be empty; run `fsbridge gen-token` and "
+                            "paste the value here and into this account's PlanFix integration settings")
+        elif len(token) < 16 or not re.fullmatch(r"[\x21-\x7e]+", token):
+            problems.append(f"{path}: [{section}] token: must be at least 16 printable characters without spaces")
+        elif token in tokens:
+            problems.append(f"{path}: [{section}] token: the same as [tenant.{tokens[token]}]'s; "
+                            "every tenant needs its own")
+        else:
+            tokens[token] = name
+        if not values["domains"] and not values["dids"]:
+            problems.append(f"{path}: [{section}] domains: a tenant needs at least one domain or DID "
+                            "(dids) to own calls")
+        for domain in values["domains"]:
+            if domain in domains:
+                problems.append(f"{path}: [{section}] domains: {domain} is also a domain of "
+                                f"[tenant.{domains[domain]}]; a domain belongs to one tenant")
+            domains.setdefault(domain, name)
+        for did in values["dids"]:
+            key = digits(did)
+            if key in dids:
+                problems.append(f"{path}: [{section}] dids: {did} is also a DID of [tenant.{dids[key]}]; "
+                                "a DID belongs to one tenant")
+            dids.setdefault(key, name)
+        if bool(values["planfix_url"]) != bool(values["planfix_token"]):
+            missing = "planfix_token" if values["planfix_url"] else "planfix_url"
+            problems.append(f"{path}: [{section}] {missing}: planfix_url and planfix_token must be set "
+                            "together (or left out: PlanFix's setup command stores them)")
+        if values["planfix_url"].startswith("http://") and not allow_http:
+            problems.append(f"{path}: [{section}] planfix_url: PlanFix accepts only https://; "
+                            "set [planfix] allow_http = yes only for a lab or tests")
+        if values["node"] and values["node"] not in node_names:
+            problems.append(f"{path}: [{section}] node: no [freeswitch.{values['node']}] section "
+                            f"(nodes: {', '.join(sorted(node_names))})")
+        c2c = effective["click_to_call"]
+        dial = c2c.dial_string
+        if "{domain}" in dial:
+            if values["domains"]:
+                dial = dial.replace("{domain}", values["domains"][0])
+            else:
+                problems.append(f"{path}: [{section}] dial_string: uses {{domain}} but the tenant has no domains")
+        elif "@" not in dial and dial.startswith("user/") and values["domains"]:
+            # user/{ext} alone would ring that extension in FreeSWITCH's default
+            # domain: another tenant's phone.
+            dial = f"{dial}@{values['domains'][0]}"
+        effective["click_to_call"] = Section("click_to_call", {**c2c.as_dict(), "dial_string": dial})
+        if len(problems) > before:
+            continue
+        tenants.append(TenantConfig(
+            name=name, token=token, domains=values["domains"], dids=values["dids"],
+            planfix_url=values["planfix_url"], planfix_token=values["planfix_token"], node=values["node"],
+            calls=effective["calls"], click_to_call=effective["click_to_call"],
+        ))
+    if not named and "{domain}" in sections["click_to_call"].dial_string:
+        problems.append(f"{path}: [click_to_call] dial_string: {{domain}} is filled in per tenant; "
+                        "without [tenant.*] sections write the domain itself")
+    return tenants
+
+
+def _implicit_tenant(sections: dict[str, Section]) -> TenantConfig:
+    """The one tenant of a config without [tenant.*]: [server] token, [planfix], [calls], [click_to_call]."""
+    return TenantConfig(
+        name=IMPLICIT_TENANT, token=sections["server"].token, domains=(), dids=(),
+        planfix_url=sections["planfix"].url, planfix_token=sections["planfix"].token, node="",
+        calls=sections["calls"], click_to_call=sections["click_to_call"], implicit=True,
+    )
 
 
 def _default_recordings_dir(s: dict[str, Section]) -> None:
