@@ -74,6 +74,8 @@ _EXTENSION_CHARS = re.compile(r"[0-9A-Za-z_.+*#-]{1,64}")
 _DIAL_STRING_LITERAL = re.compile(r"[A-Za-z0-9_.:@/+-]*")
 # Dialplan and context names.
 _WORD = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A tenant's name (fsbridge.tenancy.TENANT_NAME).
+_TENANT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # What may stay in a display name; everything else becomes '_' (see safe_caller_id_name).
 _NAME_PUNCTUATION = frozenset("._-")
 
@@ -112,8 +114,13 @@ class OriginateSettings:
     # (and the client's name from PlanFix when known).
     caller_id_number: str | None = None
     caller_id_name: str | None = None
+    # Cloud PBX: the tenant the call is made for, set on the leg as
+    # fsbridge_tenant so its events go to that tenant ("" for none).
+    tenant: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tenant, str) or (self.tenant and not _TENANT.fullmatch(self.tenant)):
+            raise InvalidSettings(f"tenant may only contain letters, digits, '_', '-' (got {self.tenant!r})")
         _check_dial_string(self.dial_string)
         for name in ("context", "dialplan"):
             value = getattr(self, name)
@@ -231,7 +238,7 @@ def build_originate(
             # early media must not count as the manager having answered.
             "ignore_early_media=true",
             f"originate_timeout={settings.timeout_s}",
-        )
+        ) + ((f"fsbridge_tenant={settings.tenant}",) if settings.tenant else ())
     )
     dial_string = settings.dial_string.replace("{ext}", ext)
     return f"originate {{{variables}}}{dial_string} {number} {settings.dialplan} {settings.context}"

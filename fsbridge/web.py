@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hmac
 import logging
 import re
 import time
@@ -53,10 +52,11 @@ from fsbridge.phone import clean_dial_number
 from fsbridge.planfix import Credentials
 from fsbridge.planfix_address import DEFAULT_ALLOWED_HOSTS, AddressPolicy, check_url, host_of
 from fsbridge.state import SettingsError, SettingsStore, validate_planfix_token, validate_planfix_url
+from fsbridge.tenancy import IMPLICIT_TENANT, match_token
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WebSettings", "WebDeps", "AuthFailureLimiter", "create_app", "PLANFIX_PATH", "HEALTH_PATH"]
+__all__ = ["WebSettings", "WebDeps", "TenantWeb", "AuthFailureLimiter", "create_app", "PLANFIX_PATH", "HEALTH_PATH"]
 
 PLANFIX_PATH = "/planfix"
 HEALTH_PATH = "/healthz"
@@ -193,6 +193,47 @@ class WebDeps:
     call_active: Callable[[str], bool] | None = None
     # A reason to refuse every makeCall now (503), e.g. the outbox is at its bound.
     refuse_calls: Callable[[], str | None] | None = None
+    # Cloud PBX: the tenants, by name, read on every request (a reload may
+    # change them).  None: one tenant, made of the app's settings and these deps.
+    tenants: Callable[[], dict[str, "TenantWeb"]] | None = None
+    # makeCall's (validated) extension -> (why it cannot be rung or None, the
+    # originate to use): picks the FreeSWITCH node.  None: extension_problem
+    # and originate above.
+    route_call: Callable[[str], tuple[str | None, Callable[[str, str], str]]] | None = None
+
+
+@dataclass(frozen=True)
+class TenantWeb:
+    """One PlanFix account as the endpoint sees it: its key (``settings.pbx_token``),
+    its click-to-call settings and what its commands act on (``deps``: its
+    stored setup, its FreeSWITCH, its phones).  The app's own settings and
+    deps give what is not per account (body size, wrong-token limits, health)."""
+
+    name: str
+    settings: WebSettings
+    deps: WebDeps
+
+
+class _TenantCalls:
+    """Click-to-call state of one tenant: its live settings, rate limits and calls placed."""
+
+    def __init__(self, tenant: TenantWeb) -> None:
+        self.tenant = tenant
+        self.settings = tenant.settings
+        self.rate = RateLimiter(tenant.settings.calls_per_extension, tenant.settings.calls_total)
+        self.placed: collections.OrderedDict[str, float] = collections.OrderedDict()  # call uuid -> when accepted
+        self.extension = re.compile(tenant.settings.originate.extension_pattern)
+        self.normalize_to = tenant.deps.normalize_to or functools.partial(
+            clean_dial_number, keep_plus=tenant.settings.originate.keep_plus)
+
+    def update(self, tenant: TenantWeb) -> None:
+        """A reload changed the tenant: counts made so far stay."""
+        self.tenant = tenant
+        self.settings = tenant.settings
+        self.rate.per_key, self.rate.total = tenant.settings.calls_per_extension, tenant.settings.calls_total
+        self.extension = re.compile(tenant.settings.originate.extension_pattern)
+        self.normalize_to = tenant.deps.normalize_to or functools.partial(
+            clean_dial_number, keep_plus=tenant.settings.originate.keep_plus)
 
 
 class _Failures:
@@ -380,16 +421,16 @@ LIVE_CLICK_TO_CALL_KEYS = frozenset({
 })
 
 
-def apply_click_to_call(app: Flask, new: WebSettings) -> None:
+def apply_click_to_call(app: Flask, new: WebSettings, tenant: str = IMPLICIT_TENANT) -> None:
     """Hand a reloaded config's click-to-call policy, limits and originate settings
     to the running app; the next makeCall uses them.  Counts made so far stay."""
-    live = app.extensions["fsbridge.click_to_call"]
-    old = live["settings"]
-    live["settings"] = dataclasses.replace(
+    live = app.extensions["fsbridge.click_to_call"][tenant]
+    old = live.settings
+    live.settings = dataclasses.replace(
         old, call_policy=new.call_policy, originate=new.originate, calls_per_extension=new.calls_per_extension,
         calls_total=new.calls_total, max_concurrent_calls=new.max_concurrent_calls,
     )
-    live["rate"].per_key, live["rate"].total = new.calls_per_extension, new.calls_total
+    live.rate.per_key, live.rate.total = new.calls_per_extension, new.calls_total
 
 
 def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
@@ -402,42 +443,62 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
-    expected_token = settings.pbx_token.encode("utf-8")
     limiter = AuthFailureLimiter(settings.auth_failures, settings.auth_window_s, settings.auth_block_s,
                                  settings.auth_max_addresses, deps.clock)
     app.extensions["fsbridge.auth_limiter"] = limiter
-    normalize_to = deps.normalize_to or functools.partial(clean_dial_number, keep_plus=settings.originate.keep_plus)
-    extension = re.compile(settings.originate.extension_pattern)
-    call_rate = RateLimiter(settings.calls_per_extension, settings.calls_total)
-    # What SIGHUP may change while calls are up (apply_click_to_call): the
-    # makeCall handler reads the click-to-call settings from here each time.
-    app.extensions["fsbridge.click_to_call"] = live = {"settings": settings, "rate": call_rate}
-    placed: collections.OrderedDict[str, float] = collections.OrderedDict()  # call uuid -> when accepted
+    single = {IMPLICIT_TENANT: TenantWeb(IMPLICIT_TENANT, settings, deps)}
+    # What SIGHUP may change while calls are up (apply_click_to_call, a
+    # reloaded tenant list): the handlers read each tenant's state from here.
+    states: dict[str, _TenantCalls] = {}
+    app.extensions["fsbridge.click_to_call"] = states
+    known_tokens: list[tuple[str, bytes]] = []
+    known_from: list[dict[str, TenantWeb]] = [{}]
 
-    def concurrent_calls(now: float) -> int:
+    def tenants() -> dict[str, TenantWeb]:
+        current = deps.tenants() if deps.tenants is not None else single
+        if current is not known_from[0]:
+            # The tenant list changed (start, reload): new state for new
+            # tenants, counts kept for the others, none for removed ones.
+            for name in list(states):
+                if name not in current:
+                    del states[name]
+            for name, tenant in current.items():
+                if name in states:
+                    if states[name].tenant is not tenant:
+                        states[name].update(tenant)
+                else:
+                    states[name] = _TenantCalls(tenant)
+            known_tokens[:] = [(name, t.settings.pbx_token.encode("utf-8")) for name, t in current.items()]
+            known_from[0] = current
+        return current
+
+    tenants()
+
+    def concurrent_calls(state: _TenantCalls, now: float) -> int:
         # A call counts while the manager's phone may still ring, and after
         # that while FreeSWITCH still has it (when the service can tell).
-        ringing = live["settings"].originate.timeout_s + 5
-        for call_uuid, at in list(placed.items()):
-            if now - at > ringing and (deps.call_active is None or not deps.call_active(call_uuid)):
-                del placed[call_uuid]
-        return len(placed)
+        ringing = state.settings.originate.timeout_s + 5
+        call_active = state.tenant.deps.call_active
+        for call_uuid, at in list(state.placed.items()):
+            if now - at > ringing and (call_active is None or not call_active(call_uuid)):
+                del state.placed[call_uuid]
+        return len(state.placed)
 
     def refuse_call(ext: str, to: str, reason: str) -> None:
         # logs.refused (in the handler) logs the refusal once; this adds what was dialled.
         log.debug("makeCall from %s refused: %s -> %s: %s", request.remote_addr, ext, _echo(to), reason)
         raise _Reject(400, INVALID_PARAMETERS, reason)
 
-    def authenticate(form: MultiDict[str, str]) -> None:
+    def authenticate(form: MultiDict[str, str]) -> TenantWeb:
+        """The tenant whose key the request carries (401/429 otherwise)."""
         address = request.remote_addr
         tokens = form.getlist("token")
-        # compare_digest on bytes: time independent of where the first difference is.
+        current = tenants()
+        # compare_digest against every tenant's key, no early exit (match_token).
         # A repeated `token` is refused whatever its values (no "any of them matches").
-        valid = len(tokens) == 1 and hmac.compare_digest(
-            tokens[0].encode("utf-8", "surrogatepass"), expected_token
-        )
-        if valid:
-            return
+        name = match_token(tokens[0], known_tokens) if len(tokens) == 1 else None
+        if name is not None:
+            return current[name]
         if limiter.record_failure(address):
             raise _Reject(429, TOO_MANY_REQUESTS)
         log.debug("wrong token from %s (cmd %s)", address, _echo(form.get("cmd", "")))
@@ -456,13 +517,18 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
 
     address_policy = AddressPolicy(settings.allowed_hosts, lab_mode=settings.allow_http)
 
-    def current_credentials() -> Credentials | None:
+    def current_credentials(tenant_deps: WebDeps) -> Credentials | None:
         try:
-            return deps.credentials() if deps.credentials is not None else deps.settings_store.load()
+            if tenant_deps.credentials is not None:
+                return tenant_deps.credentials()
+            return tenant_deps.settings_store.load()
         except SettingsError:
             return None
 
-    def setup(form: MultiDict[str, str]) -> Response:
+    def setup(tenant: TenantWeb, form: MultiDict[str, str]) -> Response:
+        """Stores this tenant's PlanFix address and key, and nobody else's."""
+        tdeps = tenant.deps
+        who = request.remote_addr if tenant.name == IMPLICIT_TENANT else f"{request.remote_addr} (tenant {tenant.name})"
         url, token = _single(form, "planfix_url"), _single(form, "planfix_token")
         try:
             if url is None:
@@ -473,74 +539,81 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             check_url(url, address_policy)
             token = validate_planfix_token(token)
         except ValueError as exc:
-            log.warning("setup from %s refused: %s", request.remote_addr, exc)
+            log.warning("setup from %s refused: %s", who, exc)
             raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
-        previous = current_credentials()
+        previous = current_credentials(tdeps)
         try:
-            deps.settings_store.save(Credentials(url=url, token=token))
+            tdeps.settings_store.save(Credentials(url=url, token=token))
         except SettingsError as exc:
-            log.error("setup from %s: %s", request.remote_addr, exc)
+            log.error("setup from %s: %s", who, exc)
             raise _Reject(500, INTERNAL_ERROR,
                           "the PBX could not store the PlanFix settings; see the fsbridge log") from None
         # Hosts only: a query string may carry secrets.
         if previous is not None and host_of(previous.url) != host_of(url):
-            log.warning("setup from %s: PlanFix address changed from %s to %s", request.remote_addr,
+            log.warning("setup from %s: PlanFix address changed from %s to %s", who,
                         host_of(previous.url), host_of(url))
-        log.info("setup from %s: PlanFix host set to %s", request.remote_addr, host_of(url))
+        log.info("setup from %s: PlanFix host set to %s", who, host_of(url))
         try:
-            deps.on_credentials_changed()
+            tdeps.on_credentials_changed()
         except Exception:  # stored durably already; the outbox picks them up on its next try
             log.exception("notifying the outbox of new PlanFix settings failed")
         return _json(200, {"status": "ok"})
 
-    def lookup_client_name(number: str) -> str | None:
-        if deps.client_name is None:
+    def lookup_client_name(tdeps: WebDeps, number: str) -> str | None:
+        if tdeps.client_name is None:
             return None
         try:
-            return deps.client_name(number)
+            return tdeps.client_name(number)
         except Exception:  # a name is a nicety; the call goes ahead without it
             log.warning("client name lookup for %s failed", number, exc_info=True)
             return None
 
-    def make_call(form: MultiDict[str, str]) -> Response:
+    def make_call(tenant: TenantWeb, form: MultiDict[str, str]) -> Response:
+        """Rings one of this tenant's own extensions (its dial string names its domain)."""
+        state = states[tenant.name]
+        tdeps = tenant.deps
         ext, raw_to = _single(form, "from"), _single(form, "to")
-        if ext is None or not extension.fullmatch(ext):
+        if ext is None or not state.extension.fullmatch(ext):
             raise _Reject(400, INVALID_PARAMETERS,
-                          f"from must be one extension matching {settings.originate.extension_pattern}")
-        number = normalize_to(raw_to) if raw_to is not None else None
+                          f"from must be one extension matching {state.settings.originate.extension_pattern}")
+        number = state.normalize_to(raw_to) if raw_to is not None else None
         if not number:
             raise _Reject(400, INVALID_PARAMETERS,
                           "to must be one phone number: digits, '*', '#', optional leading '+', "
                           "at most 32 characters (spaces, dashes, dots, parentheses are ignored)")
-        busy = deps.refuse_calls() if deps.refuse_calls is not None else None
+        busy = tdeps.refuse_calls() if tdeps.refuse_calls is not None else None
         if busy:
             log.debug("makeCall from %s refused (503): %s", request.remote_addr, busy)
             raise _Reject(503, SERVICE_BUSY, busy)
         keep_plus = None
-        current = live["settings"]
+        current = state.settings
         if current.call_policy is not None:
             verdict = check_destination(clean_dial_number(raw_to, keep_plus=True) or "", current.call_policy)
             if verdict.dial is None:
                 refuse_call(ext, raw_to, verdict.reason)
             number, keep_plus = verdict.dial, True
             now = deps.clock()
-            if concurrent_calls(now) >= current.max_concurrent_calls:
+            if concurrent_calls(state, now) >= current.max_concurrent_calls:
                 refuse_call(ext, raw_to, f"{current.max_concurrent_calls} click-to-call calls are already "
                                          "under way ([click_to_call] max_concurrent)")
-            too_many = call_rate.allow(ext, now)
+            too_many = state.rate.allow(ext, now)
             if too_many:
                 refuse_call(ext, raw_to, too_many)
         call_uuid, request_id = str(uuid.uuid4()), str(uuid.uuid4())
         try:
             command = build_originate(ext, number, call_uuid=call_uuid, request_id=request_id,
-                                      client_name=lookup_client_name(number), settings=current.originate,
+                                      client_name=lookup_client_name(tdeps, number), settings=current.originate,
                                       keep_plus=keep_plus)
         except OriginateError as exc:
             # normalize_to let through something the builder's whitelist refuses.
             log.debug("makeCall from %s refused: %s", request.remote_addr, exc)
             raise _Reject(400, INVALID_PARAMETERS, str(exc)) from None
+        originate = tdeps.originate
         try:
-            problem = deps.extension_problem(ext) if deps.extension_problem else None
+            if tdeps.route_call is not None:
+                problem, originate = tdeps.route_call(ext)
+            else:
+                problem = tdeps.extension_problem(ext) if tdeps.extension_problem else None
         except deps.not_connected_errors as exc:
             log.warning("makeCall %s: FreeSWITCH unavailable: %s", ext, exc)
             raise _Reject(503, NOT_CONNECTED) from None
@@ -548,29 +621,30 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
             log.debug("makeCall from %s refused: %s", request.remote_addr, problem)
             raise _Reject(400, INVALID_PARAMETERS, problem)
         try:
-            job_uuid = deps.originate(command, request_id)
+            job_uuid = originate(command, request_id)
         except deps.not_connected_errors as exc:
             log.warning("makeCall %s -> %s (call %s): FreeSWITCH unavailable: %s", ext, number, call_uuid, exc)
             raise _Reject(503, NOT_CONNECTED) from None
-        placed[call_uuid] = deps.clock()
-        log.info("makeCall from %s: %s -> %s, call %s, job %s", request.remote_addr, ext, number,
+        state.placed[call_uuid] = deps.clock()
+        log.info("makeCall from %s%s: %s -> %s, call %s, job %s", request.remote_addr,
+                 "" if tenant.name == IMPLICIT_TENANT else f" (tenant {tenant.name})", ext, number,
                  call_uuid, job_uuid)
         metrics.CLICK_TO_CALL.labels(outcome="accepted", reason="").inc()
         return _json(200, {"callid": call_uuid})
 
-    commands: dict[str, Callable[[MultiDict[str, str]], Response]] = {"setup": setup, "makeCall": make_call}
+    commands: dict[str, Callable[[TenantWeb, MultiDict[str, str]], Response]] = {"setup": setup, "makeCall": make_call}
 
     @app.post(PLANFIX_PATH, provide_automatic_options=False)
     def planfix() -> Response:
         try:
             form = read_form()
-            authenticate(form)
+            tenant = authenticate(form)
             cmd = _single(form, "cmd")
             handler = commands.get(cmd or "")
             if handler is None:
                 shown = _echo(cmd) if cmd is not None else "missing"
                 raise _Reject(400, INVALID_PARAMETERS, f"unknown cmd {shown}; expected makeCall or setup")
-            return handler(form)
+            return handler(tenant, form)
         except _Reject as rejected:
             logs.refused(request.remote_addr, _single(request.form, "cmd") if rejected.status != 413 else None,
                          rejected.status, rejected.detail or rejected.error)
