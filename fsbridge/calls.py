@@ -25,7 +25,7 @@ import itertools
 import sys
 import threading
 import time
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 import requests
 from flask import Flask, jsonify, request
@@ -97,6 +97,7 @@ def view(calls: Iterable[Any], sent: SentLog, pending: dict[str, list[dict[str, 
             "client": client,
             "did": call.diversion,
             "manager_ext": call.caller_ext,
+            "tenant": call.tenant,
             "extensions": [{"ext": s.ext, "type": s.type, "live_legs": s.live_legs} for s in call.slots.values()],
             "legs": legs,
             "sent": sent.for_call(call.uuid),
@@ -115,10 +116,15 @@ def _pending_by_call(outbox: Any) -> dict[str, list[dict[str, str]]]:
     return by_call
 
 
-def register_routes(app: Flask, tracker: Any, outbox: Any) -> None:
+def register_routes(app: Flask, open_call_list: Callable[[], list], outboxes: Callable[[], list]) -> None:
+    """``open_call_list()``: every node's open calls; ``outboxes()``: every tenant's outbox."""
+
     @app.get("/calls")
     def open_calls():
-        return jsonify({"calls": view(tracker.open_call_list(), SENT, _pending_by_call(outbox))})
+        pending: dict[str, list[dict[str, str]]] = {}
+        for outbox in outboxes():
+            pending.update(_pending_by_call(outbox))
+        return jsonify({"calls": view(open_call_list(), SENT, pending)})
 
     @app.get("/calls/sent")
     def sent_after():

@@ -1,4 +1,4 @@
-"""The `fsbridge` command: run, check, gen-token, init-config, ping, outbox."""
+"""The `fsbridge` command: run, check, gen-token, init-config, ping, outbox, tenants, calls."""
 
 # gevent must patch the standard library before anything imports sockets,
 # threads or ssl (requests, Flask, sqlite3 waits): the service is one gevent
@@ -15,7 +15,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import sys  # noqa: E402
 
-from fsbridge import __version__, calls, config, connectcheck, demo, install_dialplan, logs, packaged  # noqa: E402
+from fsbridge import __version__, calls, config, connectcheck, demo, install_dialplan, logs, packaged, tenant_report  # noqa: E402
 from fsbridge.service import Service, ServiceError, outbox_command, ping_planfix, preflight_problems  # noqa: E402
 
 EXIT_OK = 0
@@ -137,7 +137,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
 
-    return ping_planfix(cfg)
+    return ping_planfix(cfg, args.tenant)
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -145,7 +145,16 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
 
-    return outbox_command(cfg, retry=args.retry)
+    return outbox_command(cfg, retry=args.retry, tenant_name=args.tenant)
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    text, code = tenant_report.report(cfg)
+    print(text, end="")
+    return code
 
 
 def cmd_calls(args: argparse.Namespace) -> int:
@@ -179,12 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True)
     init.add_argument("--storage-dir", required=True)
     init.set_defaults(func=cmd_init_config)
-    with_config(
-        sub.add_parser("ping", help="ask PlanFix which PBX address and token it holds")
-    ).set_defaults(func=cmd_ping)
+    ping = with_config(sub.add_parser("ping", help="ask PlanFix which PBX address and token it holds"))
+    ping.add_argument("--tenant", metavar="NAME", help="only this [tenant.NAME] (default: every tenant)")
+    ping.set_defaults(func=cmd_ping)
     outbox = with_config(sub.add_parser("outbox", help="list pending and kept-aside requests"))
     outbox.add_argument("--retry", action="store_true", help="put kept-aside requests back in line")
+    outbox.add_argument("--tenant", metavar="NAME", help="only this [tenant.NAME] (default: every tenant)")
     outbox.set_defaults(func=cmd_outbox)
+    with_config(sub.add_parser(
+        "tenants", help="list each tenant: PlanFix host, setup, last delivery, pending, kept aside"
+    )).set_defaults(func=cmd_tenants)
     calls_cmd = with_config(sub.add_parser("calls", help="list calls in progress (GET /calls on [dialplan] listen)"))
     calls_cmd.add_argument("--follow", action="store_true", help="print PlanFix events as they are sent")
     calls_cmd.set_defaults(func=cmd_calls)

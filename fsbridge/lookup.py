@@ -85,6 +85,9 @@ ANSWER_REGEX = r"^status=(found|not_found|unknown|internal);name=([^;]*);respons
 MAX_PHONE_INPUT = 32  # same bound as makeCall's `to`
 MAX_NAME_LENGTH = 80  # SIP display names longer than this get cut by phones anyway
 _CALLID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+# The tenant facts the dialplan passes (may be empty: ${domain_name} unset).
+_DOMAIN = re.compile(r"[A-Za-z0-9._-]{0,253}")
+_DID = re.compile(r"\+?[0-9]{0,20}")
 # Safe in a dial string and in a SIP user part, whatever extension_pattern allows.
 _SAFE_EXTENSION = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _NAME_KEEP_PUNCTUATION = frozenset(" .-()’")
@@ -344,12 +347,16 @@ def create_lookup_app(
     fetch_contact: FetchContact | None = None,
     *,
     lookup: ContactLookup | None = None,
+    select: Callable[[str, str], "ContactLookup | None"] | None = None,
 ) -> Flask:
     """The dialplan lookup app; serve it on ``[dialplan] listen`` only.
 
     Pass ``fetch_contact`` (e.g. ``PlanfixClient.contact``) or a ready
     ``lookup`` to share its cache with makeCall; the lookup is reachable as
-    ``app.extensions["fsbridge.lookup"]``.
+    ``app.extensions["fsbridge.lookup"]``.  Cloud PBX: ``select(domain,
+    did)`` picks the tenant's own lookup from the request's ``domain`` and
+    ``did`` (the dialplan passes both); a call no tenant owns is answered
+    ``unknown`` (no name, routed as usual) and never asks anyone's PlanFix.
     """
     if (fetch_contact is None) == (lookup is None):
         raise TypeError("pass exactly one of fetch_contact or lookup")
@@ -370,7 +377,17 @@ def create_lookup_app(
             return _text("error=phone is not a phone number", 400)
         if callid is not None and not _CALLID.fullmatch(callid):
             return _text("error=callid is malformed", 400)
-        result = contacts.lookup(phone, callid)
+        chosen = contacts
+        if select is not None:
+            domain, did = request.args.get("domain", ""), request.args.get("did", "")
+            if not _DOMAIN.fullmatch(domain) or not _DID.fullmatch(did):
+                return _text("error=domain or did is malformed", 400)
+            chosen = select(domain, did)
+            if chosen is None:
+                log.debug("dialplan lookup %s: domain %r / DID %r belong to no tenant", phone, domain, did)
+                return _text(format_answer(UNKNOWN))
+            phone = chosen.normalize(raw_phone) or phone
+        result = chosen.lookup(phone, callid)
         log.debug("dialplan lookup %s (callid %s): %s", phone, callid, result.status)
         return _text(format_answer(result))
 

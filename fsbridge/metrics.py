@@ -27,17 +27,20 @@ _LOOKUP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 5)
 
 EVENTS = Counter("fsbridge_esl_events", "FreeSWITCH events read, by Event-Name", ["event"])
 PLANFIX_REQUESTS = Counter("fsbridge_planfix_requests",
-                           "Requests sent to PlanFix, by command and outcome", ["command", "outcome"])
+                           "Requests sent to PlanFix, by command, outcome and tenant",
+                           ["command", "outcome", "tenant"])
 PLANFIX_SECONDS = Histogram("fsbridge_planfix_request_seconds",
                             "Time of one PlanFix request (delivery latency), by command", ["command"],
                             buckets=_LATENCY)
 EVENT_TO_PLANFIX = Histogram("fsbridge_event_to_planfix_seconds",
-                             "From storing a PlanFix command to PlanFix's 200 (retries included)",
-                             buckets=_LATENCY)
+                             "From storing a PlanFix command to PlanFix's 200 (retries included), by tenant",
+                             ["tenant"], buckets=_LATENCY)
 LOOKUP_SECONDS = Histogram("fsbridge_lookup_seconds", "Dialplan caller-name lookups: time to answer",
                            buckets=_LOOKUP)
 CLICK_TO_CALL = Counter("fsbridge_click_to_call", "makeCall requests: accepted, or refused by reason",
                         ["outcome", "reason"])
+UNROUTED = Counter("fsbridge_unrouted_commands",
+                   "PlanFix commands of calls no tenant owns (domain/DID unknown): sent nowhere")
 RECORDINGS = Counter("fsbridge_recordings", "Recordings converted to MP3, or failed (WAV sent)", ["result"])
 
 _REFUSAL = {400: "invalid_parameters", 401: "invalid_token", 413: "too_large", 429: "blocked",
@@ -56,29 +59,35 @@ class HealthCollector:
 
     def collect(self):
         h = self.health()
-        fs = h.get("freeswitch", {})
-        up = GaugeMetricFamily("fsbridge_esl_up", "1 while connected to FreeSWITCH's Event Socket")
-        up.add_metric([], 1.0 if fs.get("state") == "connected" else 0.0)
-        yield up
-        connections = int(fs.get("connections") or 0)
+        nodes = h.get("nodes") or {"default": h.get("freeswitch", {})}
+        up = GaugeMetricFamily("fsbridge_esl_up", "1 while connected to FreeSWITCH's Event Socket, by node",
+                               labels=["node"])
         reconnects = CounterMetricFamily("fsbridge_esl_reconnects",
-                                         "ESL connections made after the first one")
-        reconnects.add_metric([], max(0, connections - 1))
+                                         "ESL connections made after the first one, by node", labels=["node"])
+        for name, fs in sorted(nodes.items()):
+            up.add_metric([name], 1.0 if fs.get("state") == "connected" else 0.0)
+            reconnects.add_metric([name], max(0, int(fs.get("connections") or 0) - 1))
+        yield up
         yield reconnects
-        box = h.get("outbox", {})
+        tenants = h.get("tenants") or {"default": {"outbox": h.get("outbox", {})}}
         for name, key, doc in (
             ("fsbridge_outbox_depth", "depth", "PlanFix commands waiting for delivery"),
             ("fsbridge_outbox_oldest_pending_seconds", "oldest_pending_age_s", "Age of the oldest waiting command"),
             ("fsbridge_outbox_kept_aside", "kept_aside", "Commands PlanFix refused, kept aside (fsbridge outbox)"),
             ("fsbridge_outbox_in_flight", "in_flight", "Commands being sent now"),
+            ("fsbridge_outbox_last_success_timestamp_seconds", "last_success_at",
+             "When PlanFix last answered 200 (Unix time; 0 never)"),
         ):
-            gauge = GaugeMetricFamily(name, doc)
-            gauge.add_metric([], float(box.get(key) or 0))
+            gauge = GaugeMetricFamily(name, doc + ", by tenant", labels=["tenant"])
+            for tenant, stats in sorted(tenants.items()):
+                gauge.add_metric([tenant], float((stats.get("outbox") or {}).get(key) or 0))
             yield gauge
-        last = GaugeMetricFamily("fsbridge_outbox_last_success_timestamp_seconds",
-                                 "When PlanFix last answered 200 (Unix time; 0 never)")
-        last.add_metric([], float(box.get("last_success_at") or 0))
-        yield last
+        configured = GaugeMetricFamily("fsbridge_tenant_planfix_configured",
+                                       "1 once the tenant's PlanFix address and token are known (setup)",
+                                       labels=["tenant"])
+        for tenant, stats in sorted(tenants.items()):
+            configured.add_metric([tenant], 1.0 if stats.get("planfix_configured", True) else 0.0)
+        yield configured
         calls = GaugeMetricFamily("fsbridge_open_calls", "Calls in progress")
         calls.add_metric([], float(h.get("open_calls") or 0))
         yield calls
@@ -93,8 +102,9 @@ class HealthCollector:
 class InstrumentedClient:
     """A PlanfixClient that counts and times every request (the rest passes through)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, tenant: str = "default") -> None:
         self._client = client
+        self._tenant = tenant
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -104,7 +114,7 @@ class InstrumentedClient:
         started = time.monotonic()
         result = self._client.send(fields)
         PLANFIX_SECONDS.labels(command).observe(time.monotonic() - started)
-        PLANFIX_REQUESTS.labels(command, result.outcome.value).inc()
+        PLANFIX_REQUESTS.labels(command, result.outcome.value, self._tenant).inc()
         return result
 
     def contact(self, *args: Any, **kwargs: Any):
@@ -116,12 +126,12 @@ class InstrumentedClient:
             return found
         finally:
             PLANFIX_SECONDS.labels("contact").observe(time.monotonic() - started)
-            PLANFIX_REQUESTS.labels("contact", outcome).inc()
+            PLANFIX_REQUESTS.labels("contact", outcome, self._tenant).inc()
 
 
-def delivered(created_at: float) -> None:
+def delivered(created_at: float, tenant: str = "default") -> None:
     """A command PlanFix accepted, stored at ``created_at`` (Unix time)."""
-    EVENT_TO_PLANFIX.observe(max(0.0, time.time() - created_at))
+    EVENT_TO_PLANFIX.labels(tenant).observe(max(0.0, time.time() - created_at))
 
 
 def time_requests(app: Any, histogram: Histogram = LOOKUP_SECONDS) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Iterable
+from typing import Callable, Iterable
 
 from fsbridge.sqlitedb import open_private
 
@@ -41,16 +41,25 @@ class OpenCalls:
                 " call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"
                 " accepted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (call_id, ext))"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(open_legs)")}
+            # Cloud PBX (a registry written before tenants and nodes has neither:
+            # its calls are the one tenant's, on the one node).
+            for column in ("tenant", "node"):
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE open_legs ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         except (OSError, sqlite3.Error) as exc:
             raise OpenCallsError(f"cannot open {path}: {exc}") from None
         # When each inherited call was first seen gone from FreeSWITCH.
         self._gone_since: dict[str, float] = {}
         # What an earlier process left open, read once at start.
         self.inherited: dict[str, list[tuple[dict[str, str], bool]]] = {}
-        for call_id, fields, accepted in self._db.execute(
-            "SELECT call_id, fields, accepted FROM open_legs ORDER BY rowid"
+        # call_id -> (node, tenant) of every inherited call.
+        self.owners: dict[str, tuple[str, str]] = {}
+        for call_id, fields, accepted, tenant, node in self._db.execute(
+            "SELECT call_id, fields, accepted, tenant, node FROM open_legs ORDER BY rowid"
         ):
             self.inherited.setdefault(call_id, []).append((json.loads(fields), bool(accepted)))
+            self.owners.setdefault(call_id, (node, tenant))
 
     def record(self, commands: Iterable) -> None:
         """Note the starts, answers and ends among commands being queued."""
@@ -62,7 +71,8 @@ class OpenCalls:
             key = (command.call_id, fields.get("ext", ""))
             event = fields.get("event")
             if event in START_EVENTS:
-                rows_start.append((*key, json.dumps(fields)))
+                rows_start.append((*key, json.dumps(fields), getattr(command, "tenant", ""),
+                                   getattr(command, "node", "")))
             elif event == "ACCEPTED":
                 rows_accept.append(key)
             elif event == "COMPLETED":
@@ -73,7 +83,8 @@ class OpenCalls:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO open_legs (call_id, ext, fields) VALUES (?, ?, ?)", rows_start
+                    "INSERT OR REPLACE INTO open_legs (call_id, ext, fields, tenant, node) VALUES (?, ?, ?, ?, ?)",
+                    rows_start
                 )
                 self._db.executemany(
                     "UPDATE open_legs SET accepted = 1 WHERE call_id = ? AND ext = ?", rows_accept
@@ -87,18 +98,24 @@ class OpenCalls:
         gap) become inherited: closed from their CDR or by ``close_inherited``."""
         for call_id in call_ids:
             rows = self._db.execute(
-                "SELECT fields, accepted FROM open_legs WHERE call_id = ? ORDER BY rowid", (call_id,)
+                "SELECT fields, accepted, tenant, node FROM open_legs WHERE call_id = ? ORDER BY rowid", (call_id,)
             ).fetchall()
             if rows:
-                self.inherited[call_id] = [(json.loads(fields), bool(accepted)) for fields, accepted in rows]
+                self.inherited[call_id] = [(json.loads(fields), bool(accepted)) for fields, accepted, _, _ in rows]
+                self.owners[call_id] = (rows[0][3], rows[0][2])
 
     def pop_inherited(self, call_id: str) -> list[tuple[dict[str, str], bool]] | None:
         """The legs of an inherited call, which the caller now finishes itself."""
         self._gone_since.pop(call_id, None)
         return self.inherited.pop(call_id, None)
 
+    def owner(self, call_id: str) -> tuple[str, str]:
+        """(node, tenant) of an inherited call ("" for a registry from before tenants)."""
+        return self.owners.get(call_id, ("", ""))
+
     def close_inherited(
-        self, live_call_uuids: set[str], now: float = 0.0, wait: float = 0.0
+        self, live_call_uuids: set[str], now: float = 0.0, wait: float = 0.0,
+        owns: Callable[[str], bool] | None = None,
     ) -> list[tuple[str, dict[str, str]]]:
         """COMPLETED fields for inherited calls FreeSWITCH no longer has.
 
@@ -106,10 +123,13 @@ class OpenCalls:
         gone that many seconds (``now`` is the caller's clock): until then
         its CDR may still arrive (``pop_inherited``).  Returns (call_id,
         fields) pairs; the caller queues them (and passes them to
-        ``record``, which forgets the legs).
+        ``record``, which forgets the legs).  ``owns``: only the calls of
+        one FreeSWITCH (``live_call_uuids`` is its listing); None: all.
         """
         closing: list[tuple[str, dict[str, str]]] = []
         for call_id in list(self.inherited):
+            if owns is not None and not owns(call_id):
+                continue  # another FreeSWITCH's call: its own listing decides
             if call_id in live_call_uuids:
                 self._gone_since.pop(call_id, None)
                 continue

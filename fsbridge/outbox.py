@@ -194,6 +194,7 @@ class Outbox:
         max_backoff_s: float = 300.0,
         rescan_interval_s: float = RESCAN_INTERVAL_S,
         max_concurrency: int | None = None,
+        name: str = "default",
     ):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -202,9 +203,10 @@ class Outbox:
         if not 0 < min_backoff_s <= max_backoff_s:
             raise ValueError("need 0 < min_backoff_s <= max_backoff_s")
         self.db_path = db_path
+        self.name = name  # the tenant (PlanFix account) it delivers to: a metrics label
         self.client = client
         self.concurrency = concurrency
-        # One limit per PlanFix account (today there is one account).
+        # One limit per PlanFix account: each tenant has its own outbox.
         self.limiter = AdaptiveLimit(concurrency, max_concurrency or concurrency)
         self.max_age_s = max_age_s
         self.min_backoff_s = min_backoff_s
@@ -470,7 +472,7 @@ class Outbox:
         self._pace(result)
         if result.outcome is Outcome.DELIVERED:
             # age_from is the storing time (or the manual retry of a kept-aside row).
-            metrics.delivered(entry.age_from)
+            metrics.delivered(entry.age_from, self.name)
             calls.record_sent(q.call_id, entry.fields)
             self._drop(q, entry.id)
             now = time.time()
@@ -628,6 +630,25 @@ def list_entries(db_path: str, include_kept_aside: bool = True) -> list[OutboxEn
         raise OutboxError(f"outbox {db_path}: {exc}") from exc
     finally:
         conn.close()
+
+
+def summary(db_path: str) -> dict[str, Any]:
+    """Pending and kept-aside counts and the last delivery, read from disk (the
+    service may be running); zeros for an outbox that was never written."""
+    if not os.path.exists(db_path):
+        return {"pending": 0, "kept_aside": 0, "last_success_at": None, "oldest_pending_at": None}
+    conn = _open(db_path)
+    try:
+        pending, oldest = conn.execute(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE kept_aside_at IS NULL").fetchone()
+        kept = conn.execute("SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NOT NULL").fetchone()[0]
+        last = conn.execute("SELECT value FROM meta WHERE key='last_success_at'").fetchone()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"outbox {db_path}: {exc}") from exc
+    finally:
+        conn.close()
+    return {"pending": pending, "kept_aside": kept, "last_success_at": float(last[0]) if last else None,
+            "oldest_pending_at": oldest}
 
 
 def retry_kept_aside(db_path: str) -> int:

@@ -13,6 +13,7 @@ the open-calls registry survive it.  Ring times live in the dialplan
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -40,9 +41,12 @@ def changed_keys(old: config.Config, new: config.Config) -> list[tuple[str, str]
 
 
 class Reloader:
-    def __init__(self, cfg: config.Config, apply_click_to_call: Callable[[config.Config], None] | None = None) -> None:
+    def __init__(self, cfg: config.Config, apply_click_to_call: Callable[[config.Config], None] | None = None,
+                 apply_tenants: Callable[[config.Config], None] | None = None) -> None:
         self.cfg = cfg  # what runs: only the live keys move forward on reload
         self.apply_click_to_call = apply_click_to_call
+        # Cloud PBX: [tenant.*] sections apply live (added, removed, changed).
+        self.apply_tenants = apply_tenants
 
     def reload(self, *_: Any) -> list[tuple[str, str]]:
         """Re-read the file; returns the keys that changed but need a restart."""
@@ -56,6 +60,20 @@ class Reloader:
         changed = changed_keys(self.cfg, new)
         live = [key for key in changed if applies_live(key)]
         restart = [key for key in changed if not applies_live(key)]
+        restart += self._node_changes(new)
+        if new.multi_tenant != self.cfg.multi_tenant:
+            restart.append(("tenant.*", "sections added or all removed"))
+        elif new.multi_tenant and self.apply_tenants is not None:
+            if any(section in ("calls", "click_to_call") for section, _ in changed):
+                # Every tenant's defaults: they apply through the tenants.
+                live += [key for key in restart if key[0] in ("calls", "click_to_call")]
+                restart = [key for key in restart if key[0] not in ("calls", "click_to_call")]
+            try:
+                self.apply_tenants(new)
+                live.append(("tenant.*", "sections"))
+                self.cfg = dataclasses.replace(self.cfg, tenants=new.tenants)
+            except (ValueError, OSError) as exc:
+                log.error("reload: [tenant.*] not applied: %s", exc)
         if any(section == "click_to_call" for section, _ in live):
             if self.apply_click_to_call is None:
                 restart += [key for key in live if key[0] == "click_to_call"]
@@ -75,10 +93,17 @@ class Reloader:
             if any(section == "click_to_call" for section, _ in live) and not any(
                     section == "click_to_call" for section, _ in restart):
                 sections["click_to_call"] = new.sections["click_to_call"]
-            self.cfg = config.Config(self.cfg.path, sections, self.cfg.warnings)
+            self.cfg = dataclasses.replace(self.cfg, sections=sections)
         applied = ", ".join(f"[{s}] {k}" for s, k in live) or "nothing changed that applies live"
         log.info("reload of %s: applied %s", self.cfg.path, applied)
         if restart:
             log.warning("reload: %s changed; these need a restart (systemctl restart fsbridge)",
                         ", ".join(f"[{s}] {k}" for s, k in restart))
         return restart
+
+    def _node_changes(self, new: config.Config) -> list[tuple[str, str]]:
+        """FreeSWITCH nodes added, removed or changed: those need a restart."""
+        def described(cfg: config.Config) -> dict[str, dict]:
+            return {n.name: n.section.as_dict() for n in cfg.nodes if not n.implicit}
+        old, now = described(self.cfg), described(new)
+        return [(f"freeswitch.{name}", "section") for name in sorted(set(old) | set(now)) if old.get(name) != now.get(name)]

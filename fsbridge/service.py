@@ -2,13 +2,15 @@
 
 Three flows share the process:
 
-    FreeSWITCH --ESL--> esl --> events --> tracker --> recordings --> outbox --> PlanFix
-    PlanFix --POST /planfix--> web --> originate --> esl (bgapi) --> FreeSWITCH
+    FreeSWITCH --ESL--> nodes (esl, events, tracker) --> recordings --> accounts (outbox) --> PlanFix
+    PlanFix --POST /planfix--> web --> originate --> nodes (esl bgapi) --> FreeSWITCH
     FreeSWITCH dialplan --GET /dialplan/contact--> lookup --> PlanFix (contact)
 
 Everything that blocks runs in its own greenlet; the ESL reader only parses,
 runs the pure tracker and hands commands to the outbox (one local SQLite
-commit), so a slow PlanFix never stalls event intake.
+commit), so a slow PlanFix never stalls event intake.  Cloud PBX: one
+account per tenant (``fsbridge.accounts``), one node per FreeSWITCH
+(``fsbridge.nodes``); each command goes to its call's tenant only.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import dataclasses
 import functools
 import logging
 import os
-import re
 import signal
 import sys
 import time
@@ -25,91 +26,44 @@ import time
 import gevent
 import gevent.event
 
-from fsbridge import __version__, calls, cdr, events, metrics, outbox, phone, recordings, reload, tracker
-from fsbridge.config import Config
-from fsbridge.esl import EslCommandError, EslConnection, EslNotConnected, EslTimeout
+from fsbridge import __version__, calls, cdr, metrics, phone, recordings, reload
+from fsbridge.accounts import Account, account_dir, make_client, settings_store
+from fsbridge.config import Config, TenantConfig, tenant_view
+from fsbridge.esl import EslNotConnected, EslTimeout
 from fsbridge.httpguard import GuardSettings, GuardedWSGIServer, raise_nofile_limit
-from fsbridge.lookup import ContactLookup, LookupSettings, create_lookup_app
+from fsbridge.lookup import create_lookup_app
+from fsbridge.nodes import Node, pick_node, registration_problem, sofia_contact_query
 from fsbridge.opencalls import OpenCalls, OpenCallsError
 from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
-from fsbridge.planfix import Credentials, PlanfixClient, cli_ping
-from fsbridge.planfix_address import AddressPolicy
+from fsbridge.planfix import Credentials, cli_ping
 from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
-from fsbridge.state import SettingsError, SettingsStore
-from fsbridge.web import PLANFIX_PATH, WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
+from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules
+from fsbridge.web import PLANFIX_PATH, TenantWeb, WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
 
 log = logging.getLogger("fsbridge.service")
 
+__all__ = ["Service", "ServiceError", "registration_problem", "sofia_contact_query", "tenant_map"]
 
+# A call no tenant owns is logged once per domain/DID in this many seconds.
+UNROUTED_LOG_INTERVAL_S = 3600.0
+_UNROUTED_MEMORY = 10_000
 
-_USER_DIAL_STRING = re.compile(r"user/\{ext\}(@[A-Za-z0-9_.-]+)?")
-
-
-def sofia_contact_query(dial_string: str, ext: str) -> str | None:
-    """``sofia_contact <ext>[@domain]`` for a ``user/{ext}[@domain]`` dial string, else None."""
-    found = _USER_DIAL_STRING.fullmatch(dial_string)
-    if found is None:
-        return None
-    return f"sofia_contact {ext}{found.group(1) or ''}"
-
-
-def registration_problem(ext: str, reply: str) -> str | None:
-    """What ``sofia_contact`` says about ``ext``: None if it has a contact.
-
-    mod_sofia answers ``error/user_not_registered`` both for a user the
-    directory does not have and for one with no registration (originate
-    would fail with SUBSCRIBER_ABSENT / USER_NOT_REGISTERED, capture 95).
-    """
-    reply = reply.strip()
-    if reply and not reply.startswith("error/"):
-        return None
-    return (f"from: extension {ext} is unknown to FreeSWITCH or not registered "
-            f"({reply or 'no contact'}); nothing was dialled")
 
 class ServiceError(Exception):
     """The service cannot start (the message says why, for the admin)."""
 
 
-
-def _settings_store(cfg: Config):
-    """Where `setup` keeps PlanFix's address and token."""
-
-    # recheck_s: no stat per PlanFix request; `setup` saves through this
-    # store (seen at once), a hand edit of the file within a second.
-    return SettingsStore(os.path.join(cfg.storage.dir, "planfix-settings.json"), recheck_s=1.0)
-
-
-def _make_credentials(cfg: Config, store):
-    """PlanFix URL and token: what `setup` stored wins over the config file."""
-
-    def credentials() -> Credentials | None:
-        try:
-            stored = store.load()
-        except SettingsError as exc:
-            log.error("%s", exc)
-            stored = None
-        if stored is not None:
-            return stored
-        if cfg.planfix.url and cfg.planfix.token:
-            return Credentials(cfg.planfix.url, cfg.planfix.token)
-        return None
-
-    return credentials
-
-
-def _make_client(cfg: Config, credentials):
-
-    return PlanfixClient(
-        credentials,
-        connect_timeout=cfg.planfix.connect_timeout,
-        read_timeout=cfg.planfix.read_timeout,
-        pool_size=max(cfg.outbox.concurrency, cfg.planfix.max_in_flight),
-        address_policy=AddressPolicy.from_config(cfg),
-    )
+def tenant_map(cfg: Config, normalize) -> TenantMap:
+    """Who owns which domain and DID (one implicit owner without [tenant.*])."""
+    if not cfg.multi_tenant:
+        return TenantMap([], single=IMPLICIT_TENANT)
+    rules = [TenantRules(t.name, t.domains, t.dids, t.calls.extension_pattern, t.calls.report_internal_calls)
+             for t in cfg.tenants]
+    return TenantMap(rules, normalize_did=normalize)
 
 
 class Service:
-    """One fsbridge process: ESL worker, outbox, PlanFix endpoint, lookup."""
+    """One fsbridge process: the nodes, the accounts, the PlanFix endpoint, the lookup."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -118,7 +72,8 @@ class Service:
         self._batch: list = []  # commands produced since the event greenlet last yielded
         self._flusher: gevent.Greenlet | None = None
         self._storage_error = ""
-        self._outbox_full = False
+        self._outbox_full: set[str] = set()  # tenants whose outbox is at [outbox] max_depth
+        self._unrouted_logged: dict[str, float] = {}
         try:
             os.makedirs(cfg.storage.dir, exist_ok=True)
         except OSError as exc:
@@ -137,32 +92,12 @@ class Service:
     def _build(self) -> None:
 
         cfg = self.cfg
-        self.settings_store = _settings_store(cfg)
-        self.credentials = _make_credentials(cfg, self.settings_store)
-        self.client = metrics.InstrumentedClient(_make_client(cfg, self.credentials))
-        self.outbox = outbox.Outbox(
-            outbox.db_path_for(cfg.storage.dir),
-            self.client,
-            concurrency=cfg.outbox.concurrency,
-            max_concurrency=max(cfg.outbox.concurrency, cfg.planfix.max_in_flight),
-            max_age_s=cfg.outbox.max_age,
-            min_backoff_s=cfg.outbox.min_backoff,
-            max_backoff_s=cfg.outbox.max_backoff,
-        )
-        normalize = functools.partial(
+        self.multi_tenant = cfg.multi_tenant
+        self._normalize = functools.partial(
             phone.normalize_phone, region=cfg.phone.default_region, output=cfg.phone.format
         )
-        self.tracker = tracker.CallTracker(
-            tracker.TrackerSettings(
-                extension_pattern=cfg.calls.extension_pattern,
-                report_internal_calls=cfg.calls.report_internal_calls,
-                max_open_calls=cfg.calls.max_open_calls,
-                normalize_phone=normalize,
-                click_to_call_diversion=cfg.click_to_call.client_caller_id,
-            )
-        )
-        self._channel_event = events.channel_event
-        self._command_type = tracker.PlanfixCommand
+        self.tenants = tenant_map(cfg, self._normalize)
+        self.accounts: dict[str, Account] = {t.name: Account(cfg, t) for t in cfg.tenants}
 
         try:
             self.open_calls = OpenCalls(os.path.join(cfg.storage.dir, "open-calls.sqlite3"))
@@ -171,7 +106,10 @@ class Service:
         if self.open_calls.inherited:
             log.info("%d calls were open when the service last stopped; they are closed "
                      "once FreeSWITCH confirms they ended", len(self.open_calls.inherited))
-        self._live_uuids = tracker.live_uuids_from_show_json
+        self.nodes = [Node(cfg, node, self.tenants, self._normalize, self.open_calls, self._emit, self._flush)
+                      for node in cfg.nodes]
+        self.nodes[0].other_keys = frozenset(n.key for n in self.nodes)
+        self._nodes_by_name = {n.name: n for n in self.nodes}
 
         rec_settings = RecordingSettings.from_config(cfg)
         for problem in check_settings(rec_settings):
@@ -183,90 +121,100 @@ class Service:
         except RecordingsError as exc:
             raise ServiceError(f"{cfg.path}: {exc}") from None
 
-        self.lookup = ContactLookup(LookupSettings.from_config(cfg), self.client.contact)
-        self.lookup_app = create_lookup_app(self.lookup.settings, lookup=self.lookup)
+        first = next(iter(self.accounts.values()))
+        self.lookup_app = create_lookup_app(first.lookup.settings, lookup=first.lookup,
+                                            select=self._select_lookup if self.multi_tenant else None)
         metrics.time_requests(self.lookup_app)
-        calls.register_routes(self.lookup_app, self.tracker, self.outbox)
+        calls.register_routes(self.lookup_app, self._open_call_list, self._outboxes)
         if cfg.cdr.secret:
             cdr.register_route(self.lookup_app, cfg.cdr.secret, cfg.cdr.max_body_bytes, self._on_cdr)
 
-        self.esl = EslConnection(
-            cfg.freeswitch.host,
-            cfg.freeswitch.port,
-            cfg.freeswitch.password,
-            list(events.SUBSCRIBED_EVENTS),
-            on_event=self._on_event,
-            on_state=self._on_esl_state,
-            on_connected=self._on_connected,
-            connect_timeout=cfg.freeswitch.connect_timeout,
-            command_timeout=cfg.freeswitch.command_timeout,
-            max_backoff=cfg.freeswitch.max_backoff,
-            idle_timeout=cfg.freeswitch.idle_timeout,
-        )
-        web_settings = WebSettings.from_config(cfg)
+        self._tenant_webs = self._make_tenant_webs(cfg)
+        first_web = next(iter(self._tenant_webs.values()))
         self._web_deps = WebDeps(
-            originate=lambda command, job_uuid: self.esl.bgapi(command, job_uuid=job_uuid),
-            settings_store=self.settings_store,
-            on_credentials_changed=self.outbox.wake,
+            originate=self._no_originate,
+            settings_store=first.settings_store,
             health=self.health,
             not_connected_errors=(EslNotConnected, EslTimeout),
-            client_name=self.lookup.contact_name_for,
-            normalize_to=functools.partial(
-                phone.dial_number,
-                region=cfg.phone.default_region,
-                keep_plus=cfg.click_to_call.keep_plus,
-                extension_pattern=cfg.calls.extension_pattern,
-            ),
-            credentials=self.credentials,
-            extension_problem=self._extension_problem,
-            # A click-to-call's UUID is its A leg: open while the tracker follows it.
-            call_active=self.tracker.tracks,
-            refuse_calls=lambda: "the PBX's queue for PlanFix is full" if self._check_outbox_bound() else None,
+            credentials=first.credentials,
+            tenants=lambda: self._tenant_webs,
         )
-        self.app = create_app(web_settings, self._web_deps)
+        self.app = create_app(first_web.settings, self._web_deps)
         recordings.register_routes(self.app, self.recordings)
         # The detailed /healthz only on the dialplan listener (loopback by default).
         register_detailed_health(self.lookup_app, self._web_deps)
 
-    def _extension_problem(self, ext: str) -> str | None:
-        """Ask FreeSWITCH whether the manager's phone can be rung at all.
+    @staticmethod
+    def _no_originate(command: str, job_uuid: str) -> str:
+        raise AssertionError("makeCall goes through a tenant's route_call")
 
-        ``ext`` was checked by the extension pattern and originate's
-        whitelist before it gets here.  Only for ``user/{ext}[@domain]``
-        dial strings: another dial string (a gateway, loopback) has no
-        registration to ask about.  A FreeSWITCH without mod_sofia's API
-        answers -ERR: the check is skipped rather than refusing every call.
-        """
+    def _make_tenant_webs(self, cfg: Config) -> dict[str, TenantWeb]:
+        return {t.name: TenantWeb(t.name, self._web_settings(cfg, t), self._tenant_deps(t)) for t in cfg.tenants}
 
-        query = sofia_contact_query(self.cfg.click_to_call.dial_string, ext)
-        if query is None:
-            return None
-        try:
-            reply = self.esl.api(query)
-        except EslCommandError as exc:
-            log.warning("cannot check extension %s before makeCall (%s): dialling anyway", ext, exc)
-            return None
-        return registration_problem(ext, reply)
+    def _web_settings(self, cfg: Config, tenant: TenantConfig) -> WebSettings:
+        settings = WebSettings.from_config(tenant_view(cfg, tenant))
+        if tenant.implicit:
+            return settings
+        return dataclasses.replace(settings, originate=dataclasses.replace(settings.originate, tenant=tenant.name))
 
-    # -- the event path (runs in the ESL reader greenlet: must not block) ----
+    def _tenant_deps(self, tenant: TenantConfig) -> WebDeps:
+        account = self.accounts[tenant.name]
+        return WebDeps(
+            originate=self._no_originate,
+            settings_store=account.settings_store,
+            on_credentials_changed=account.outbox.wake,
+            health=self.health,
+            not_connected_errors=(EslNotConnected, EslTimeout),
+            client_name=account.lookup.contact_name_for,
+            normalize_to=functools.partial(
+                phone.dial_number,
+                region=self.cfg.phone.default_region,
+                keep_plus=tenant.click_to_call.keep_plus,
+                extension_pattern=tenant.calls.extension_pattern,
+            ),
+            credentials=account.credentials,
+            route_call=functools.partial(self._route_call, tenant.name),
+            # A click-to-call's UUID is its A leg: open while a tracker follows it.
+            call_active=self._call_active,
+            refuse_calls=functools.partial(self._refuse_calls, tenant.name),
+        )
 
-    def _on_event(self, headers, body: bytes) -> None:
-        metrics.EVENTS.labels(headers.get("Event-Name") or "?").inc()
-        event = self._channel_event(headers, body)
-        if event is None:
-            return
-        if event.name == "BACKGROUND_JOB":
-            self._log_job(event)
-        commands = self.tracker.feed(event)
-        if commands:
-            self.recordings.process(commands, self._store)
+    def _route_call(self, tenant_name: str, ext: str):
+        """(why ``ext`` cannot be rung, the originate to use): the tenant's own node, or the
+        node where the phone is registered.  ``ext`` was checked by the tenant's extension
+        pattern and originate's whitelist before it gets here."""
+        tenant = self.cfg.tenant(tenant_name)
+        dial_string = tenant.click_to_call.dial_string if tenant is not None else self.cfg.click_to_call.dial_string
+        candidates = self.nodes
+        if tenant is not None and tenant.node:
+            candidates = [self._nodes_by_name[tenant.node]]
+        node, problem = pick_node(candidates, ext, dial_string, (EslNotConnected, EslTimeout))
+        if node is None and problem is None:
+            raise EslNotConnected("no FreeSWITCH node is connected")
+        if node is None:
+            return problem, self._no_originate
+        return problem, lambda command, job_uuid: node.esl.bgapi(command, job_uuid=job_uuid)
 
-    def _log_job(self, event) -> None:
-        outcome = event.job_body.strip()
-        if outcome.startswith("+OK"):
-            log.info("job %s: FreeSWITCH answered %s", event.job_uuid, outcome)
-        else:
-            log.warning("job %s: FreeSWITCH failed it: %s", event.job_uuid, outcome or "(empty)")
+    def _call_active(self, uuid: str) -> bool:
+        return any(node.tracker.tracks(uuid) for node in self.nodes)
+
+    def _refuse_calls(self, tenant_name: str) -> str | None:
+        return "the PBX's queue for PlanFix is full" if self._check_outbox_bound(tenant_name) else None
+
+    def _select_lookup(self, domain: str, did: str):
+        account = self.accounts.get(self.tenants.find(domain=domain, did=did))
+        return account.lookup if account is not None else None
+
+    def _open_call_list(self) -> list:
+        return [call for node in self.nodes for call in node.tracker.open_call_list()]
+
+    def _outboxes(self) -> list:
+        return [account.outbox for account in self.accounts.values()]
+
+    # -- commands: from the trackers to the tenants' outboxes -----------------
+
+    def _emit(self, commands: list) -> None:
+        self.recordings.process(commands, self._store)
 
     def _store(self, commands: list) -> None:
         """Queue commands for PlanFix: stored durably as soon as the current
@@ -285,34 +233,71 @@ class Service:
             return
         if self._unsaved:
             self._unsaved.extend(commands)
-        elif not self._put(commands):
-            self._unsaved.extend(commands)
+            return
+        failed = self._put(commands)
+        if failed:
+            self._unsaved.extend(failed)
             gevent.spawn(self._retry_unsaved)
 
-    def _put(self, commands: list) -> bool:
-        """One durable write to the outbox (and the open-calls registry)."""
+    def _put(self, commands: list) -> list:
+        """One durable write per tenant's outbox (and the open-calls registry);
+        returns the commands that could not be stored, in order."""
+        by_tenant: dict[str, list] = {}
+        for command in commands:
+            name = command.tenant or ("" if self.multi_tenant else IMPLICIT_TENANT)
+            if name not in self.accounts:
+                self._unrouted(command, name)
+                continue
+            by_tenant.setdefault(name, []).append(command)
+        failed: list = []
+        stored: list = []
+        for name, group in by_tenant.items():
+            try:
+                self.accounts[name].outbox.put(group)
+            except OutboxError as exc:
+                self._storage_failed(exc)
+                failed += group
+                continue
+            stored += group
+            self._check_outbox_bound(name)
+        if stored:
+            self._note_open_calls(stored)
+        return failed
 
-        try:
-            self.outbox.put(commands)
-        except OutboxError as exc:
-            self._storage_failed(exc)
-            return False
-        self._note_open_calls(commands)
-        self._check_outbox_bound()
-        return True
+    def _unrouted(self, command, name: str) -> None:
+        """A call no tenant owns (or whose tenant was removed): sent nowhere, never to another
+        tenant; logged once per domain/DID per hour."""
+        metrics.UNROUTED.inc()
+        what = f"tenant {name} (no longer configured)" if name else (command.unmatched or "no domain or DID")
+        now = time.monotonic()
+        last = self._unrouted_logged.get(what)
+        if last is not None and now - last < UNROUTED_LOG_INTERVAL_S:
+            return
+        if len(self._unrouted_logged) >= _UNROUTED_MEMORY:
+            self._unrouted_logged.clear()
+        self._unrouted_logged[what] = now
+        log.warning("call %s belongs to no tenant (%s): its PlanFix events are sent nowhere; "
+                    "add the domain or DID to a [tenant.*] section (said once an hour per domain/DID)",
+                    command.call_id, what)
 
-    def _check_outbox_bound(self) -> bool:
-        """True when the outbox holds [outbox] max_depth or more; alerts once per crossing.
+    def _check_outbox_bound(self, tenant_name: str) -> bool:
+        """True when the tenant's outbox holds [outbox] max_depth or more; alerts once per crossing.
         Nothing is dropped at the bound: call records keep being stored (see conf/)."""
-        depth = self.outbox.stats()["depth"]
+        account = self.accounts.get(tenant_name)
+        if account is None:
+            return False
+        depth = account.outbox.stats()["depth"]
         full = depth >= self.cfg.outbox.max_depth
-        if full and not self._outbox_full:
-            log.error("outbox holds %d requests for PlanFix ([outbox] max_depth %d): PlanFix has not taken "
+        was_full = tenant_name in self._outbox_full
+        whose = "" if account.tenant.implicit else f" of tenant {tenant_name}"
+        if full and not was_full:
+            log.error("outbox%s holds %d requests for PlanFix ([outbox] max_depth %d): PlanFix has not taken "
                       "them; new click-to-call requests are refused until it does, call records are still kept",
-                      depth, self.cfg.outbox.max_depth)
-        elif not full and self._outbox_full:
-            log.info("outbox below [outbox] max_depth again (%d requests)", depth)
-        self._outbox_full = full
+                      whose, depth, self.cfg.outbox.max_depth)
+            self._outbox_full.add(tenant_name)
+        elif not full and was_full:
+            log.info("outbox%s below [outbox] max_depth again (%d requests)", whose, depth)
+            self._outbox_full.discard(tenant_name)
         return full
 
     def _note_open_calls(self, commands: list) -> None:
@@ -332,118 +317,90 @@ class Service:
         while self._unsaved and not self._stopping.is_set():
             gevent.sleep(1.0)
             batch = list(self._unsaved)
-            if self._put(batch):
-                del self._unsaved[: len(batch)]
+            failed = self._put(batch)
+            del self._unsaved[: len(batch)]
+            self._unsaved[:0] = failed
+            if not failed:
                 log.info("storage works again: %d held PlanFix requests stored", len(batch))
                 self._storage_error = ""
 
     def _pending_call_ids(self) -> set[str]:
         """Calls with requests not yet accepted by PlanFix (one outbox read per retention run)."""
-        return {entry.call_id for entry in self.outbox.list_entries()}
-
-    # -- ESL connection life -------------------------------------------------
-
-    def _on_esl_state(self, state: str, detail: str) -> None:
-        # esl.py logs connects and every failed attempt; here the one hint
-        # that names the admin's config file.
-        if state == "auth_failed":
-            log.error("FreeSWITCH refused the password: check [freeswitch] password in %s", self.cfg.path)
-
-    def _on_connected(self, core_uuid: str) -> None:
-        """After every (re)connect: close calls that ended while we were away."""
-        self._reconcile()
-
-    def _reconcile(self, adopt: bool = True) -> bool:
-        """Square the calls we know with FreeSWITCH's list of live channels.
-
-        Close every call that ended unseen: while the connection was down
-        (the tracker's open calls) or before this process started (calls an
-        earlier process reported).  Then (``adopt``) take up the live calls
-        we do not track: begun during the gap, or before this process
-        started; those are then reported from FreeSWITCH's own events to
-        their real end.  Returns False when FreeSWITCH could not be asked."""
-        try:
-            listing = self.esl.api("show channels as json")
-            live = self._live_uuids(listing)
-        except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
-            log.warning("could not reconcile open calls with FreeSWITCH: %s", exc)
-            return False
-        now = time.time()
-        now_us = int(now * 1_000_000)
-        wait = self.cfg.cdr.wait if self.cfg.cdr.secret else 0.0
-        if wait:
-            # Their CDRs are on the way: finished from those, or blind after `wait`.
-            self._flush()  # their legs must be in the registry to be taken back
-            lost = self.tracker.forget_gone(live)
-            self.open_calls.take_back(lost)
-            commands = []
-            if lost:
-                log.info("reconcile: %d calls ended while fsbridge could not see them; "
-                         "waiting up to %gs for their CDRs", len(lost), wait)
-        else:
-            commands = self.tracker.reconcile(live, now_us)
-        closed = self.open_calls.close_inherited(live, now, wait)
-        commands += [self._command_type(call_id, fields) for call_id, fields in closed]
-        if wait and closed:
-            log.warning("reconcile: no CDR within %gs for %d calls: closed without their real end "
-                        "(check mod_json_cdr's url and cred)", wait, len({c for c, _ in closed}))
-        elif commands:
-            log.info("reconcile: %d calls ended while fsbridge could not see them",
-                     len({c.call_id for c in commands}))
-        if adopt:
-            adopted = self.tracker.adopt(listing, now_us)
-            if adopted:
-                # Followed from now on: their end comes with real events.
-                self.open_calls.forget_inherited({c.call_id for c in adopted})
-                log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
-            commands += adopted
-        if commands:
-            self.recordings.process(commands, self._store)
-        return True
-
-    def _watch_inherited(self) -> None:
-        """Calls inherited from an earlier process that are still up end
-        without events we can use, and those waiting for a CDR have a
-        deadline: look again every minute (sooner for a short [cdr] wait)."""
-        period = min(60.0, max(1.0, self.cfg.cdr.wait / 4)) if self.cfg.cdr.secret else 60.0
-        while not self._stopping.wait(period):
-            if self.open_calls.inherited and self.esl.state == "connected":
-                self._reconcile(adopt=False)
+        return {entry.call_id for account in self.accounts.values() for entry in account.outbox.list_entries()}
 
     def _on_cdr(self, facts: cdr.CdrFacts) -> str:
         """A CDR from mod_json_cdr: finish the inherited call it is the A leg of."""
         if facts.is_b_leg or facts.call_uuid != facts.uuid:
             return "ignored: not the A leg of a call"
-        if self.tracker.tracks(facts.uuid):
-            if self.esl.state != "connected":
-                # Its events are lost; the reconnect hands the call over: until then, retry.
-                raise cdr.CdrRetry("fsbridge is reconnecting to FreeSWITCH; post it again")
-            return "ignored: the call is followed live"  # its events give the end
-        legs = self.open_calls.pop_inherited(facts.uuid)
-        if not legs:
-            return "ignored: no open call"  # internal, never reported, or already closed
-        commands = [self._command_type(facts.uuid, fields, path) for fields, path in cdr.completions(legs, facts)]
-        log.info("cdr: call %s finished from its CDR (%s)", facts.uuid,
-                 ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"]) for c in commands))
-        self.recordings.process(commands, self._store)
-        return "completed"
+        for node in self.nodes:
+            outcome = node.finish_from_cdr(facts)
+            if outcome is not None:
+                return outcome
+        return "ignored: no open call"  # internal, never reported, or already closed
+
+    # -- tenants: a reload adds, removes or changes them -----------------------
+
+    def apply_tenants(self, new: Config) -> None:
+        """Take a reloaded config's [tenant.*] sections: calls in progress stay up.
+
+        Added tenants get their account (outbox started); removed ones stop
+        delivering (their outbox stays on disk and is delivered if they come
+        back); changed ones take their new keys, domains, DIDs and
+        click-to-call settings.  Open calls keep the tenant they began with.
+        """
+        old_names, new_names = set(self.accounts), {t.name for t in new.tenants}
+        for tenant in new.tenants:
+            if tenant.name in self.accounts:
+                self.accounts[tenant.name].update(tenant)
+            else:
+                account = self.accounts[tenant.name] = Account(new, tenant)
+                account.start()
+        self.cfg = dataclasses.replace(self.cfg, tenants=new.tenants)
+        self.tenants = tenant_map(self.cfg, self._normalize)
+        for node in self.nodes:
+            node.tracker.set_tenants(self.tenants)
+        self._tenant_webs = self._make_tenant_webs(self.cfg)
+        for name in old_names - new_names:
+            account = self.accounts.pop(name)
+            pending = account.outbox.stats()["depth"]
+            account.stop(drain_timeout=2)
+            self._outbox_full.discard(name)
+            log.warning("reload: tenant %s removed; %d of its PlanFix requests stay in %s and are "
+                        "delivered if it is added back", name, pending, account.dir)
+        if old_names != new_names or old_names:
+            log.info("reload: tenants %s", ", ".join(sorted(new_names)))
 
     # -- health ----------------------------------------------------------------
 
     def health(self) -> dict:
-        outbox_stats = self.outbox.stats()
+        tenants = {}
+        for name, account in list(self.accounts.items()):
+            stats = account.stats()
+            stats["outbox_full"] = name in self._outbox_full
+            tenants[name] = stats
+        boxes = [t["outbox"] for t in tenants.values()]
+        outbox_stats = _sum_outboxes(boxes)
         if self._unsaved:
             outbox_stats["unsaved_in_memory"] = len(self._unsaved)
+        nodes = {node.name: node.health() for node in self.nodes}
+        all_connected = all(node.esl.state == "connected" for node in self.nodes)
+        for name in list(self._outbox_full):
+            self._check_outbox_bound(name)
         return {
-            "status": "ok" if self.esl.state == "connected" and not self._storage_error
-            and not self._check_outbox_bound() else "degraded",
-            "outbox_full": self._outbox_full,
-            "freeswitch": self.esl.health(),
+            "status": "ok" if all_connected and not self._storage_error and not self._outbox_full else "degraded",
+            "outbox_full": bool(self._outbox_full),
+            "freeswitch": nodes[self.nodes[0].name] if len(self.nodes) == 1 else {
+                "state": "connected" if all_connected else "disconnected",
+                "connected_nodes": sum(1 for n in self.nodes if n.esl.state == "connected"),
+                "connections": sum(int(n.get("connections") or 0) for n in nodes.values()),
+            },
+            "nodes": nodes,
             "outbox": outbox_stats,
+            "tenants": tenants,
             "storage_error": self._storage_error or None,
-            "open_calls": self.tracker.open_calls(),
+            "open_calls": sum(node.tracker.open_calls() for node in self.nodes),
             "open_calls_from_before_restart": len(self.open_calls.inherited),
-            "dialplan_lookup": self.lookup.stats(),
+            "dialplan_lookup": _sum_counters([t["lookup"] for t in tenants.values()]),
             "recordings_converting": self.recordings.pending_conversions(),
         }
 
@@ -481,32 +438,44 @@ class Service:
         scheme = "https" if cfg.server.certfile else "http"
         log.info("fsbridge %s: PlanFix endpoint %s://%s/planfix, dialplan lookup http://%s/dialplan/contact",
                  __version__, scheme, cfg.server.listen, cfg.dialplan.listen)
-        if self.credentials() is None:
-            log.warning("PlanFix address and token not set yet: waiting for PlanFix's setup "
-                        "command (call events are stored meanwhile)")
-        self.outbox.start()
+        if self.multi_tenant:
+            log.info("serving %d tenants (%s) on %d FreeSWITCH node(s)", len(self.accounts),
+                     ", ".join(self.accounts), len(self.nodes))
+        for name, account in self.accounts.items():
+            if account.credentials() is None:
+                whose = "" if account.tenant.implicit else f"tenant {name}: "
+                log.warning("%sPlanFix address and token not set yet: waiting for PlanFix's setup "
+                            "command (call events are stored meanwhile)", whose)
+            account.start()
         self.recordings.start()
-        self.esl.start()
+        for node in self.nodes:
+            node.esl.start()
         cleanup = gevent.spawn(self._cleanup_loop) if cfg.recordings.retention_days else None
-        watcher = gevent.spawn(self._watch_inherited)
+        watchers = [gevent.spawn(node.watch_inherited, self._stopping) for node in self.nodes]
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._stopping.set)
-        reloader = reload.Reloader(cfg, lambda new: apply_click_to_call(self.app, WebSettings.from_config(new)))
+        if self.multi_tenant:
+            # [click_to_call] is every tenant's default: applied through the tenants.
+            reloader = reload.Reloader(cfg, lambda new: None, apply_tenants=self.apply_tenants)
+        else:
+            reloader = reload.Reloader(cfg, lambda new: apply_click_to_call(self.app, WebSettings.from_config(new)))
         gevent.signal_handler(signal.SIGHUP, reloader.reload)
         self._stopping.wait()
         log.info("stopping: finishing in-flight PlanFix requests")
         public.stop(timeout=3)  # lets a makeCall or setup in progress finish
         lookup.stop(timeout=2)
-        self.esl.stop()
-        watcher.kill()
+        for node in self.nodes:
+            node.esl.stop()
+        gevent.killall(watchers)
         if cleanup is not None:
             cleanup.kill()
         self.recordings.stop(timeout=2)
         self._flush()
         if self._unsaved:
             log.error("%d PlanFix requests could not be stored before exit", len(self._unsaved))
-        self.outbox.stop(drain_timeout=5)
+        stops = [gevent.spawn(account.stop, 5) for account in self.accounts.values()]
+        gevent.joinall(stops)
         self.recordings.close()
         self.open_calls.close()
         log.info("stopped")
@@ -523,34 +492,92 @@ class Service:
             self._stopping.wait(3600)
 
 
+def _sum_outboxes(boxes: list[dict]) -> dict:
+    """All tenants' outboxes as one (the figures of the one tenant, without tenants)."""
+    if len(boxes) == 1:
+        return dict(boxes[0])
+    ages = [b["oldest_pending_age_s"] for b in boxes if b.get("oldest_pending_age_s") is not None]
+    successes = [b["last_success_at"] for b in boxes if b.get("last_success_at")]
+    return {
+        "depth": sum(b["depth"] for b in boxes),
+        "oldest_pending_age_s": max(ages) if ages else None,
+        "last_success_at": max(successes) if successes else None,
+        "kept_aside": sum(b["kept_aside"] for b in boxes),
+        "in_flight": sum(b["in_flight"] for b in boxes),
+        "in_flight_limit": sum(b["in_flight_limit"] for b in boxes),
+        "last_error": next((b["last_error"] for b in boxes if b.get("last_error")), ""),
+        "storage_error": next((b["storage_error"] for b in boxes if b.get("storage_error")), ""),
+    }
+
+
+def _sum_counters(counters: list[dict]) -> dict:
+    total: dict = {}
+    for counter in counters:
+        for key, value in counter.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def preflight_problems(cfg: Config) -> list[str]:
     """What `fsbridge check` finds beyond the INI values themselves: the
     recordings set-up and the settings the endpoint builds from the config."""
 
     problems = [f"{cfg.path}: {p}" for p in check_settings(RecordingSettings.from_config(cfg))]
-    try:
-        WebSettings.from_config(cfg)
-    except ValueError as exc:
-        problems.append(f"{cfg.path}: [click_to_call]: {exc}")
+    for tenant in cfg.tenants:
+        where = "[click_to_call]" if tenant.implicit else f"[tenant.{tenant.name}]"
+        try:
+            WebSettings.from_config(tenant_view(cfg, tenant))
+        except ValueError as exc:
+            problems.append(f"{cfg.path}: {where}: {exc}")
     return problems
 
 
-def ping_planfix(cfg: Config) -> int:
-
-    client = _make_client(cfg, _make_credentials(cfg, _settings_store(cfg)))
+def ping_planfix(cfg: Config, tenant_name: str | None = None) -> int:
+    """Ask PlanFix about our endpoint: the one tenant's, or ``tenant_name``'s (every tenant's when None)."""
     # PlanFix holds our endpoint's address, public_url + /planfix (README step 4).
     pbx_url = cfg.server.public_url + PLANFIX_PATH if cfg.server.public_url else ""
-    code, text = cli_ping(client, pbx_url, cfg.server.token)
-    print(text)
-    return code
+    tenants = [t for t in cfg.tenants if tenant_name in (None, t.name)]
+    if not tenants:
+        print(f"error: no [tenant.{tenant_name}] in {cfg.path}", file=sys.stderr)
+        return 2
+    worst = 0
+    for tenant in tenants:
+        account_credentials = _offline_credentials(cfg, tenant)
+        client = make_client(cfg, account_credentials, tenant.name)
+        code, text = cli_ping(client, pbx_url, tenant.token)
+        print(text if tenant.implicit else f"tenant {tenant.name}: {text}")
+        worst = max(worst, code)
+    return worst
 
 
-def outbox_command(cfg: Config, retry: bool) -> int:
+def _offline_credentials(cfg: Config, tenant: TenantConfig):
+    """A tenant's PlanFix credentials, read as the running service would (no outbox opened)."""
+    store = settings_store(account_dir(cfg.storage.dir, tenant))
 
-    path = db_path_for(cfg.storage.dir)
-    try:
-        print(cli_retry(path) if retry else cli_list(path))
-    except OutboxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    def credentials():
+        stored = store.load()
+        if stored is not None:
+            return stored
+        if tenant.planfix_url and tenant.planfix_token:
+            return Credentials(tenant.planfix_url, tenant.planfix_token)
+        return None
+
+    return credentials
+
+
+def outbox_command(cfg: Config, retry: bool, tenant_name: str | None = None) -> int:
+    """`fsbridge outbox [--retry]`: the one tenant's outbox, or each tenant's (or ``tenant_name``'s)."""
+    tenants = [t for t in cfg.tenants if tenant_name in (None, t.name)]
+    if not tenants:
+        print(f"error: no [tenant.{tenant_name}] in {cfg.path}", file=sys.stderr)
+        return 2
+    for tenant in tenants:
+        path = db_path_for(account_dir(cfg.storage.dir, tenant))
+        if not tenant.implicit:
+            print(f"tenant {tenant.name}:")
+        try:
+            print(cli_retry(path) if retry else cli_list(path))
+        except OutboxError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0

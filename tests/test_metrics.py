@@ -37,9 +37,9 @@ def test_metrics_move_as_a_call_flows(tmp_path):
                             planfix_token=planfix.token) as service:
             service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
             before = scrape(service)
-            assert before["fsbridge_esl_up"] == 1
-            assert before["fsbridge_outbox_depth"] == 0
-            assert before.get('fsbridge_planfix_requests_total{command="event",outcome="delivered"}', 0) == 0
+            assert before['fsbridge_esl_up{node="default"}'] == 1
+            assert before['fsbridge_outbox_depth{tenant="default"}'] == 0
+            assert before.get('fsbridge_planfix_requests_total{command="event",outcome="delivered",tenant="default"}', 0) == 0
 
             lookup = requests.get(service.dialplan_url + "/dialplan/contact",
                                   params={"phone": "79101234567"}, timeout=5)
@@ -51,18 +51,18 @@ def test_metrics_move_as_a_call_flows(tmp_path):
             assert refused.status_code == 400
             after = scrape(service)
 
-    assert after['fsbridge_planfix_requests_total{command="event",outcome="delivered"}'] == 3
-    assert after['fsbridge_planfix_requests_total{command="contact",outcome="found"}'] == 1
+    assert after['fsbridge_planfix_requests_total{command="event",outcome="delivered",tenant="default"}'] == 3
+    assert after['fsbridge_planfix_requests_total{command="contact",outcome="found",tenant="default"}'] == 1
     assert after['fsbridge_planfix_request_seconds_count{command="event"}'] == 3
-    assert after["fsbridge_event_to_planfix_seconds_count"] == 3
+    assert after['fsbridge_event_to_planfix_seconds_count{tenant="default"}'] == 3
     assert after['fsbridge_esl_events_total{event="CHANNEL_CREATE"}'] >= 2
     assert after['fsbridge_esl_events_total{event="CHANNEL_HANGUP_COMPLETE"}'] >= 2
     assert after['fsbridge_lookups_total{result="fetch_ok"}'] >= 1
     assert after["fsbridge_lookup_seconds_count"] >= 1
     assert after['fsbridge_click_to_call_total{outcome="refused",reason="invalid_parameters"}'] == 1
-    assert after["fsbridge_esl_reconnects_total"] == 0
+    assert after['fsbridge_esl_reconnects_total{node="default"}'] == 0
     assert after["fsbridge_open_calls"] == 0
-    assert after["fsbridge_outbox_last_success_timestamp_seconds"] > 0
+    assert after['fsbridge_outbox_last_success_timestamp_seconds{tenant="default"}'] > 0
     assert "makeCall from 127.0.0.1 refused with 400: from must be one extension" in service.log()
     # every exported family really appears
     families = {re.sub(r"(_bucket|_count|_sum|_created)$", "", k.split("{")[0]) for k in after}

@@ -1,0 +1,260 @@
+"""The FreeSWITCH nodes one process follows: per node an ESL connection and a call tracker.
+
+``[freeswitch]`` is one node; ``[freeswitch.NAME]`` sections are several.
+Each node connects, reconnects and reconciles on its own: its calls are
+tracked apart (keyed by node and UUID), its ``show channels`` listing closes
+and adopts only its own calls, and the open-calls registry remembers which
+node a call was on.  The ESL reader greenlet only parses, runs the pure
+tracker and hands the commands to the service (``emit``): it never blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from typing import Callable
+
+import gevent
+
+from fsbridge import cdr, events, metrics, tracker
+from fsbridge.config import Config, NodeConfig
+from fsbridge.esl import EslCommandError, EslConnection
+from fsbridge.opencalls import OpenCalls
+from fsbridge.tenancy import TenantMap
+
+log = logging.getLogger("fsbridge.nodes")
+
+_USER_DIAL_STRING = re.compile(r"user/\{ext\}(@[A-Za-z0-9_.-]+)?")
+
+
+def sofia_contact_query(dial_string: str, ext: str) -> str | None:
+    """``sofia_contact <ext>[@domain]`` for a ``user/{ext}[@domain]`` dial string, else None."""
+    found = _USER_DIAL_STRING.fullmatch(dial_string)
+    if found is None:
+        return None
+    return f"sofia_contact {ext}{found.group(1) or ''}"
+
+
+def registration_problem(ext: str, reply: str) -> str | None:
+    """What ``sofia_contact`` says about ``ext``: None if it has a contact.
+
+    mod_sofia answers ``error/user_not_registered`` both for a user the
+    directory does not have and for one with no registration (originate
+    would fail with SUBSCRIBER_ABSENT / USER_NOT_REGISTERED, capture 95).
+    """
+    reply = reply.strip()
+    if reply and not reply.startswith("error/"):
+        return None
+    return (f"from: extension {ext} is unknown to FreeSWITCH or not registered "
+            f"({reply or 'no contact'}); nothing was dialled")
+
+
+class Node:
+    """One FreeSWITCH: its Event Socket, its calls, its reconciliation."""
+
+    def __init__(self, cfg: Config, node: NodeConfig, tenants: TenantMap, normalize: Callable[[str], str],
+                 open_calls: OpenCalls, emit: Callable[[list], None], flush: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.name = node.name
+        # What the registry and the commands call this node ("" for the one
+        # [freeswitch]: registries written before nodes existed say so too).
+        self.key = "" if node.implicit else node.name
+        self.open_calls = open_calls
+        self._emit = emit
+        self._flush = flush
+        self._multi_tenant = tenants.single is None
+        self._channel_event = functools.partial(events.channel_event, tenants=self._multi_tenant)
+        self.tracker = tracker.CallTracker(tracker.TrackerSettings(
+            extension_pattern=cfg.calls.extension_pattern,
+            report_internal_calls=cfg.calls.report_internal_calls,
+            max_open_calls=cfg.calls.max_open_calls,
+            normalize_phone=normalize,
+            click_to_call_diversion=cfg.click_to_call.client_caller_id,
+            tenants=tenants,
+            node=self.key,
+        ))
+        section = node.section
+        self._where = "[freeswitch]" if node.implicit else f"[freeswitch.{node.name}]"
+        self.esl = EslConnection(
+            section.host,
+            section.port,
+            section.password,
+            list(events.SUBSCRIBED_EVENTS),
+            on_event=self._on_event,
+            on_state=self._on_esl_state,
+            on_connected=self._on_connected,
+            connect_timeout=section.connect_timeout,
+            command_timeout=section.command_timeout,
+            max_backoff=section.max_backoff,
+            idle_timeout=section.idle_timeout,
+        )
+        self._events = {}  # Event-Name -> its metrics child (labels() costs ~1 us per event)
+        # The first node also takes inherited calls of nodes no longer
+        # configured (e.g. a registry from before [freeswitch.NAME]).
+        self.other_keys: frozenset[str] | None = None
+
+    def owns(self, call_id: str) -> bool:
+        """An inherited call was on this node."""
+        key = self.open_calls.owner(call_id)[0]
+        return key == self.key or (self.other_keys is not None and key not in self.other_keys)
+
+    # -- the event path (runs in the ESL reader greenlet: must not block) ----
+
+    def _on_event(self, headers, body: bytes) -> None:
+        name = headers.get("Event-Name") or "?"
+        counter = self._events.get(name)
+        if counter is None:
+            counter = self._events[name] = metrics.EVENTS.labels(name)
+        counter.inc()
+        event = self._channel_event(headers, body)
+        if event is None:
+            return
+        if event.name == "BACKGROUND_JOB":
+            self._log_job(event)
+        commands = self.tracker.feed(event)
+        if commands:
+            self._emit(commands)
+
+    def _log_job(self, event) -> None:
+        outcome = event.job_body.strip()
+        if outcome.startswith("+OK"):
+            log.info("job %s: FreeSWITCH answered %s", event.job_uuid, outcome)
+        else:
+            log.warning("job %s: FreeSWITCH failed it: %s", event.job_uuid, outcome or "(empty)")
+
+    # -- connection life -------------------------------------------------------
+
+    def _on_esl_state(self, state: str, detail: str) -> None:
+        # esl.py logs connects and every failed attempt; here the one hint
+        # that names the admin's config file.
+        if state == "auth_failed":
+            log.error("FreeSWITCH refused the password: check %s password in %s", self._where, self.cfg.path)
+
+    def _on_connected(self, core_uuid: str) -> None:
+        """After every (re)connect: close calls that ended while we were away."""
+        self.reconcile()
+
+    def reconcile(self, adopt: bool = True) -> bool:
+        """Square the calls we know on this node with its list of live channels.
+
+        Close every call that ended unseen: while the connection was down
+        (the tracker's open calls) or before this process started (calls an
+        earlier process reported).  Then (``adopt``) take up the live calls
+        we do not track: begun during the gap, or before this process
+        started; those are then reported from FreeSWITCH's own events to
+        their real end.  Returns False when FreeSWITCH could not be asked."""
+        try:
+            listing = self.esl.api("show channels as json")
+            live = tracker.live_uuids_from_show_json(listing)
+        except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
+            log.warning("could not reconcile open calls with FreeSWITCH %s: %s", self.name, exc)
+            return False
+        now = time.time()
+        now_us = int(now * 1_000_000)
+        wait = self.cfg.cdr.wait if self.cfg.cdr.secret else 0.0
+        if wait:
+            # Their CDRs are on the way: finished from those, or blind after `wait`.
+            self._flush()  # their legs must be in the registry to be taken back
+            lost = self.tracker.forget_gone(live)
+            self.open_calls.take_back(lost)
+            commands = []
+            if lost:
+                log.info("reconcile: %d calls ended while fsbridge could not see them; "
+                         "waiting up to %gs for their CDRs", len(lost), wait)
+        else:
+            commands = self.tracker.reconcile(live, now_us)
+        closed = self.open_calls.close_inherited(live, now, wait, owns=self.owns)
+        commands += [self.inherited_command(call_id, fields) for call_id, fields in closed]
+        if wait and closed:
+            log.warning("reconcile: no CDR within %gs for %d calls: closed without their real end "
+                        "(check mod_json_cdr's url and cred)", wait, len({c for c, _ in closed}))
+        elif commands:
+            log.info("reconcile: %d calls ended while fsbridge could not see them",
+                     len({c.call_id for c in commands}))
+        if adopt:
+            adopted = self.tracker.adopt(listing, now_us)
+            if adopted:
+                # Followed from now on: their end comes with real events.
+                self.open_calls.forget_inherited({c.call_id for c in adopted})
+                log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
+            commands += adopted
+        if commands:
+            self._emit(commands)
+        return True
+
+    def inherited_command(self, call_id: str, fields: dict, path: str | None = None) -> tracker.PlanfixCommand:
+        """A command finishing a call an earlier process reported: to its own tenant."""
+        _node, tenant = self.open_calls.owner(call_id)
+        return tracker.PlanfixCommand(call_id, fields, path, tenant=tenant, node=self.key)
+
+    def watch_inherited(self, stopping) -> None:
+        """Calls inherited from an earlier process that are still up end
+        without events we can use, and those waiting for a CDR have a
+        deadline: look again every minute (sooner for a short [cdr] wait)."""
+        period = min(60.0, max(1.0, self.cfg.cdr.wait / 4)) if self.cfg.cdr.secret else 60.0
+        while not stopping.wait(period):
+            if any(self.owns(c) for c in self.open_calls.inherited) and self.esl.state == "connected":
+                self.reconcile(adopt=False)
+
+    def finish_from_cdr(self, facts: cdr.CdrFacts) -> str | None:
+        """The CDR's call, if this node's: "completed"/"ignored: ..."; None if not ours.
+        Raises cdr.CdrRetry while the call's events may still be lost."""
+        if self.tracker.tracks(facts.uuid):
+            if self.esl.state != "connected":
+                # Its events are lost; the reconnect hands the call over: until then, retry.
+                raise cdr.CdrRetry("fsbridge is reconnecting to FreeSWITCH; post it again")
+            return "ignored: the call is followed live"  # its events give the end
+        if facts.uuid not in self.open_calls.inherited or not self.owns(facts.uuid):
+            return None
+        legs = self.open_calls.pop_inherited(facts.uuid)
+        commands = [self.inherited_command(facts.uuid, fields, path) for fields, path in cdr.completions(legs, facts)]
+        log.info("cdr: call %s finished from its CDR (%s)", facts.uuid,
+                 ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"]) for c in commands))
+        self._emit(commands)
+        return "completed"
+
+    # -- click-to-call ---------------------------------------------------------
+
+    def registration(self, ext: str, dial_string: str) -> str | None:
+        """Why ``ext`` cannot be rung on this node (unknown, not registered), or None.
+
+        Only for ``user/{ext}[@domain]`` dial strings: another dial string (a
+        gateway, loopback) has no registration to ask about.  A FreeSWITCH
+        without mod_sofia's API answers -ERR: the check is skipped rather
+        than refusing every call.  Raises EslNotConnected/EslTimeout.
+        """
+        query = sofia_contact_query(dial_string, ext)
+        if query is None:
+            return None
+        try:
+            reply = self.esl.api(query)
+        except EslCommandError as exc:
+            log.warning("cannot check extension %s before makeCall (%s): dialling anyway", ext, exc)
+            return None
+        return registration_problem(ext, reply)
+
+    def health(self) -> dict:
+        return {**self.esl.health(), "open_calls": self.tracker.open_calls()}
+
+
+def pick_node(nodes: list[Node], ext: str, dial_string: str, not_connected: tuple) -> tuple[Node | None, str | None]:
+    """The node to ring ``ext`` on, and the problem if none can: the node where
+    the phone is registered (each connected node is asked at once)."""
+    if len(nodes) == 1:
+        return nodes[0], nodes[0].registration(ext, dial_string)
+    connected = [n for n in nodes if n.esl.state == "connected"]
+    if not connected:
+        return None, None
+    if sofia_contact_query(dial_string, ext) is None:
+        return connected[0], None  # nothing to ask: any node dials a gateway
+    asks = [gevent.spawn(n.registration, ext, dial_string) for n in connected]
+    gevent.joinall(asks)
+    problem = None
+    for node, ask in zip(connected, asks):
+        if ask.successful() and ask.value is None:
+            return node, None
+        if ask.successful():
+            problem = problem or ask.value
+    return None, problem or f"from: extension {ext} is not registered on any FreeSWITCH node; nothing was dialled"
