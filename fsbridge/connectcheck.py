@@ -59,13 +59,19 @@ def check_freeswitch(host: str, port: int, password: str, timeout: float, config
 
 
 def run(cfg, ping_planfix: Callable[[object], int]) -> int:
-    """Both checks, printed; 0 when FreeSWITCH and PlanFix both work, else 1.
+    """Both checks, printed; 0 when every FreeSWITCH node and PlanFix work, else 1.
 
-    ``ping_planfix(cfg)`` is ``fsbridge ping`` (prints what PlanFix holds, returns its exit code).
+    ``ping_planfix(cfg)`` is ``fsbridge ping`` (prints what PlanFix holds for
+    each tenant, returns its exit code).
     """
-    fs = cfg.freeswitch
-    ok, lines = check_freeswitch(fs.host, fs.port, fs.password, fs.connect_timeout, cfg.path)
-    print("\n".join(lines))
+    ok = True
+    for node in cfg.nodes:
+        fs = node.section
+        where = "[freeswitch]" if node.implicit else f"[freeswitch.{node.name}]"
+        node_ok, lines = check_freeswitch(fs.host, fs.port, fs.password, fs.connect_timeout,
+                                          f"{where} of {cfg.path}" if not node.implicit else cfg.path)
+        print("\n".join(lines))
+        ok = ok and node_ok
     print("PlanFix:")
     planfix_ok = ping_planfix(cfg) == 0
     print(f"FreeSWITCH {'works' if ok else 'FAILS'}; PlanFix {'works' if planfix_ok else 'FAILS'}")
