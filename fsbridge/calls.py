@@ -156,7 +156,8 @@ def format_calls(calls: list[dict[str, Any]]) -> str:
     for call in calls:
         lines.append(f"call {call['callid']}  {call['direction']}  client {call['client'] or '?'}"
                      + (f"  did {call['did']}" if call["did"] else "")
-                     + (f"  manager {call['manager_ext']}" if call["manager_ext"] else ""))
+                     + (f"  manager {call['manager_ext']}" if call["manager_ext"] else "")
+                     + (f"  tenant {call['tenant']}" if call.get("tenant") not in (None, "", "default") else ""))
         for leg in call["legs"]:
             lines.append(f"  leg {leg['uuid']}  ext {leg['ext'] or '-'}  {leg['state']}")
         for fields in call["sent"]:

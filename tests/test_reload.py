@@ -70,3 +70,21 @@ def test_a_restart_key_beside_a_live_one_is_named_again_at_the_next_reload(tmp_p
     assert reloader.reload() == [("click_to_call", "keep_plus")]
     assert reloader.reload() == [("click_to_call", "keep_plus")]  # still not running: named again
     assert [c.click_to_call.max_concurrent for c in applied] == [5, 5]
+
+
+def test_tenant_sections_apply_live_and_nodes_or_switching_to_tenants_need_a_restart(tmp_path):
+    ini = tmp_path / "fsbridge.ini"
+    base = f"[storage]\ndir = {tmp_path}\n[tenant.acme]\ntoken = {'a' * 32}\ndomains = acme.example\n"
+    ini.write_text(base)
+    seen = []
+    reloader = Reloader(config.load(str(ini)), apply_click_to_call=lambda new: None, apply_tenants=seen.append)
+    ini.write_text(base + f"[tenant.beta]\ntoken = {'b' * 32}\ndids = 74951111111\n[click_to_call]\ntimeout = 20\n")
+    assert reloader.reload() == []  # a new tenant and a changed default of every tenant: both live
+    assert [t.name for t in seen[-1].tenants] == ["acme", "beta"]
+    assert seen[-1].tenant("beta").click_to_call.timeout == 20
+    assert [t.name for t in reloader.cfg.tenants] == ["acme", "beta"]  # what runs now
+    ini.write_text(base + "[freeswitch.a]\nhost = 10.0.0.1\n")
+    assert ("freeswitch.a", "section") in reloader.reload()
+    assert [t.name for t in seen[-1].tenants] == ["acme"]  # beta removed, live
+    ini.write_text(f"[server]\ntoken = {'t' * 32}\n[storage]\ndir = {tmp_path}\n")
+    assert ("tenant.*", "sections added or all removed") in reloader.reload()
