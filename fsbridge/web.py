@@ -349,10 +349,16 @@ def _single(form: MultiDict[str, str], name: str) -> str | None:
     return values[0] if len(values) == 1 else None
 
 
-def _scrub(value: Any) -> Any:
+# Health keys whose own keys are names (tenants, nodes: "monkey" is no key), not fields.
+_NAMED = frozenset({"tenants", "nodes"})
+
+
+def _scrub(value: Any, names: bool = False) -> Any:
     """``value`` with every secret-looking key removed, recursively."""
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+        if names:
+            return {k: _scrub(v) for k, v in value.items()}
+        return {k: _scrub(v, k in _NAMED) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
     if isinstance(value, (list, tuple)):
         return [_scrub(v) for v in value]
     return value
@@ -364,10 +370,13 @@ def public_health(detail: dict[str, Any]) -> dict[str, Any]:
     No text at all beyond the status word: upstream replies, error messages,
     addresses, URLs and the Core-UUID are strings, and strings stay on the
     loopback listener (``register_detailed_health``).  Nested dicts keep only
-    their integer and boolean values (counts, flags).
+    their integer and boolean values (counts, flags).  Per-tenant and
+    per-node figures stay there too: a provider's customer list is nobody's business.
     """
     out: dict[str, Any] = {}
     for key, value in detail.items():
+        if key in _NAMED:
+            continue
         if key in ("status", "version", "health_error") and isinstance(value, str):  # our own words
             out[key] = value
         elif isinstance(value, dict):

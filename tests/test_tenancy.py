@@ -25,7 +25,7 @@ from fsbridge.service import tenant_map
 from fsbridge.state import SettingsStore
 from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules, match_token
 from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
-from fsbridge.web import TenantWeb, WebDeps, WebSettings, create_app
+from fsbridge.web import TenantWeb, WebDeps, WebSettings, create_app, health_body
 from fsbridge.wire import parse_event_plain
 from tests.conftest import REPO, TRACES
 
@@ -335,3 +335,15 @@ def test_tenants_report_shows_setup_host_and_counts_never_tokens(tmp_path):
     assert "acme.planfix.ru" in acme and "done" in acme and "never" in acme
     assert "beta.planfix.ru" in beta and "from the config" in beta
     assert "pf-secret" not in text and TOKEN_A not in text and "pfbeta" not in text
+
+
+def test_health_shows_tenants_on_loopback_only_and_a_name_like_monkey_survives_the_scrub():
+    detail = {"status": "ok", "outbox": {"depth": 3},
+              "tenants": {"monkey": {"outbox": {"depth": 3}, "planfix_host": "m.planfix.ru", "token": "x"}},
+              "nodes": {"default": {"state": "connected"}}}
+    deps = WebDeps(originate=lambda c, j: j, settings_store=None, health=lambda: detail, credentials=lambda: None)
+    loopback, code = health_body(deps, detailed=True)
+    assert code == 200 and loopback["tenants"]["monkey"]["planfix_host"] == "m.planfix.ru"
+    assert "token" not in loopback["tenants"]["monkey"]
+    public, _ = health_body(deps, detailed=False)
+    assert "tenants" not in public and "nodes" not in public and public["outbox"] == {"depth": 3}
