@@ -136,13 +136,22 @@ class Service:
             settings_store=first.settings_store,
             health=self.health,
             not_connected_errors=(EslNotConnected, EslTimeout),
-            credentials=first.credentials,
+            credentials=first.credentials if not self.multi_tenant else self._all_credentials,
             tenants=lambda: self._tenant_webs,
         )
         self.app = create_app(first_web.settings, self._web_deps)
         recordings.register_routes(self.app, self.recordings)
         # The detailed /healthz only on the dialplan listener (loopback by default).
         register_detailed_health(self.lookup_app, self._web_deps)
+
+    def _all_credentials(self):
+        """For /healthz's planfix_configured: set only when every tenant's PlanFix is known."""
+        found = None
+        for account in list(self.accounts.values()):
+            found = account.credentials()
+            if found is None:
+                return None
+        return found
 
     @staticmethod
     def _no_originate(command: str, job_uuid: str) -> str:
@@ -184,7 +193,8 @@ class Service:
         node where the phone is registered.  ``ext`` was checked by the tenant's extension
         pattern and originate's whitelist before it gets here."""
         tenant = self.cfg.tenant(tenant_name)
-        dial_string = tenant.click_to_call.dial_string if tenant is not None else self.cfg.click_to_call.dial_string
+        # The dial string makeCall dials now (a reload may have changed it).
+        dial_string = self.app.extensions["fsbridge.click_to_call"][tenant_name].settings.originate.dial_string
         candidates = self.nodes
         if tenant is not None and tenant.node:
             candidates = [self._nodes_by_name[tenant.node]]
