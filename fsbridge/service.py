@@ -254,7 +254,8 @@ class Service:
         returns the commands that could not be stored, in order."""
         by_tenant: dict[str, list] = {}
         for command in commands:
-            name = command.tenant or ("" if self.multi_tenant else IMPLICIT_TENANT)
+            # getattr: a command type that forgot its tenant must be logged, not crash the flusher.
+            name = getattr(command, "tenant", "") or ("" if self.multi_tenant else IMPLICIT_TENANT)
             if name not in self.accounts:
                 self._unrouted(command, name)
                 continue
@@ -278,7 +279,8 @@ class Service:
         """A call no tenant owns (or whose tenant was removed): sent nowhere, never to another
         tenant; logged once per domain/DID per hour."""
         metrics.UNROUTED.inc()
-        what = f"tenant {name} (no longer configured)" if name else (command.unmatched or "no domain or DID")
+        what = (f"tenant {name} (no longer configured)" if name
+                else (getattr(command, "unmatched", "") or "no domain or DID"))
         now = time.monotonic()
         last = self._unrouted_logged.get(what)
         if last is not None and now - last < UNROUTED_LOG_INTERVAL_S:

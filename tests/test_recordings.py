@@ -7,6 +7,7 @@ a real WAV is written where that path maps under a temporary directory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -31,7 +32,7 @@ from fsbridge.recordings import (
     check_settings,
     register_routes,
 )
-from fsbridge.tracker import CallTracker, TrackerSettings
+from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
 from fsbridge.wire import FrameParser, parse_event_plain
 from tests.traces import channel_events, read_trace
 
@@ -622,3 +623,22 @@ def test_process_puts_completed_before_its_record(tmp_path, make, lame):
         emitted.get(timeout=30)
     assert outbox[:3] == [("INCOMING", calls[0]), ("COMPLETED", calls[0]), ("COMPLETED", calls[1])]
     assert sorted(outbox[3:]) == sorted(("record", c) for c in calls)
+
+
+def test_the_record_command_goes_to_the_calls_tenant_also_after_a_restart(tmp_path, make, site):
+    """Cloud PBX: the `record` that follows a conversion carries the COMPLETED's tenant,
+    kept in the index, so a conversion resumed by a new process still goes to its PlanFix."""
+    call = "e84e4329-8051-40a2-9c6c-a3d6cf741ee9"
+    write_wav(local(tmp_path, f"{FS_DIR}/{call}.wav"))
+    broken = Mp3Converter(shutil.which("false"), "lame")  # fails at once: the WAV link follows
+    first = make(convert="mp3", converter=broken)  # never started: the job is only in the index
+    tagged = dataclasses.replace(PlanfixCommand(call, completed(call, None).fields, f"{FS_DIR}/{call}.wav"),
+                                 tenant="beta")
+    [out] = first.on_completed(tagged)
+    assert out.tenant == "beta" and "record_link" not in out.fields
+    first.close()
+    emitted, emit = collect_emitted()
+    second = make(convert="mp3", emit=emit, converter=broken)
+    second.start()
+    record = emitted.get(timeout=10)
+    assert record.fields["cmd"] == "record" and record.tenant == "beta"

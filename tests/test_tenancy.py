@@ -21,6 +21,7 @@ from fsbridge.fakes.freeswitch import trace_events
 from fsbridge.fakes.tenants import Tenant, interleave, make_tenants, uuid_map
 from fsbridge.opencalls import OpenCalls
 from fsbridge.planfix import Credentials
+from fsbridge.recordings.index import IndexEntry, RecordingIndex
 from fsbridge.service import tenant_map
 from fsbridge.state import SettingsStore
 from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules, match_token
@@ -347,3 +348,18 @@ def test_health_shows_tenants_on_loopback_only_and_a_name_like_monkey_survives_t
     assert "token" not in loopback["tenants"]["monkey"]
     public, _ = health_body(deps, detailed=False)
     assert "tenants" not in public and "nodes" not in public and public["outbox"] == {"depth": 3}
+
+
+def test_a_recordings_index_from_before_tenants_keeps_its_entries(tmp_path):
+    path = tmp_path / "recordings.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE recordings (call_id TEXT PRIMARY KEY, wav_name TEXT, mp3_name TEXT,"
+               " state TEXT NOT NULL, recorded_at REAL NOT NULL)")
+    db.execute("INSERT INTO recordings VALUES ('old', 'old.wav', NULL, 'converting', 1.0)")
+    db.commit()
+    db.close()
+    index = RecordingIndex(str(path))
+    assert index.get("old") == IndexEntry("old", "old.wav", None, "converting", 1.0, "")
+    index.put(IndexEntry("new", "new.wav", None, "ready", 2.0, "beta"))
+    assert index.get("new").tenant == "beta"
+    index.close()

@@ -20,12 +20,13 @@ class IndexEntry:
     mp3_name: str | None
     state: str
     recorded_at: float  # the file's mtime: when FreeSWITCH closed it
+    tenant: str = ""  # whose PlanFix gets its `record` command (cloud PBX; "" before tenants)
 
     def name_for(self, ext: str) -> str | None:
         return self.mp3_name if ext == "mp3" else self.wav_name
 
 
-_COLUMNS = "call_id, wav_name, mp3_name, state, recorded_at"
+_COLUMNS = "call_id, wav_name, mp3_name, state, recorded_at, tenant"
 
 
 class RecordingIndex:
@@ -47,6 +48,9 @@ class RecordingIndex:
             " recorded_at REAL NOT NULL)"
         )
         self._db.execute("CREATE INDEX IF NOT EXISTS recordings_age ON recordings (recorded_at)")
+        if "tenant" not in {row[1] for row in self._db.execute("PRAGMA table_info(recordings)")}:
+            # An index written before tenants: its calls are the one tenant's.
+            self._db.execute("ALTER TABLE recordings ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -66,8 +70,8 @@ class RecordingIndex:
     def put(self, entry: IndexEntry) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO recordings VALUES (?, ?, ?, ?, ?)",
-                (entry.call_id, entry.wav_name, entry.mp3_name, entry.state, entry.recorded_at),
+                f"INSERT OR REPLACE INTO recordings ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (entry.call_id, entry.wav_name, entry.mp3_name, entry.state, entry.recorded_at, entry.tenant),
             )
 
     def delete(self, call_id: str) -> None:

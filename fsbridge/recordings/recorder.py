@@ -141,14 +141,14 @@ class Recordings:
         new_fields = {k: v for k, v in fields.items() if k != "record_link"}
         new_fields["is_recorded"] = "0"
         if self.enabled and command.recording_path:
-            link_ext = self._register(command.call_id, command.recording_path, jobs)
+            link_ext = self._register(command.call_id, command.recording_path, jobs, getattr(command, "tenant", ""))
             if link_ext is not None:
                 new_fields["is_recorded"] = "1"
                 if link_ext:
                     new_fields["record_link"] = self._signer.link(command.call_id, link_ext)
         return [_with_fields(command, new_fields)]
 
-    def _register(self, call_id: str, fs_path: str, jobs: list[str]) -> str | None:
+    def _register(self, call_id: str, fs_path: str, jobs: list[str], tenant: str = "") -> str | None:
         """Index the call's file.  None: not recorded; "": link follows via
         `record` (call_id appended to jobs); otherwise the extension of the
         link to send now."""
@@ -178,15 +178,15 @@ class Recordings:
                 return ""
             return "mp3" if existing.mp3_name else "wav"
         if ext == "mp3":
-            self._index.put(IndexEntry(call_id, None, name, READY, st.st_mtime))
+            self._index.put(IndexEntry(call_id, None, name, READY, st.st_mtime, tenant))
             return "mp3"
         if self._converter is not None:
             if self._jobs.qsize() + self._deferred_jobs + len(jobs) < self.settings.convert_queue_size:
-                self._index.put(IndexEntry(call_id, name, None, CONVERTING, st.st_mtime))
+                self._index.put(IndexEntry(call_id, name, None, CONVERTING, st.st_mtime, tenant))
                 jobs.append(call_id)
                 return ""
             log.warning("call %s: conversion queue full; PlanFix gets the WAV link", call_id)
-        self._index.put(IndexEntry(call_id, name, None, READY, st.st_mtime))
+        self._index.put(IndexEntry(call_id, name, None, READY, st.st_mtime, tenant))
         return "wav"
 
     def _local_name(self, fs_path: str) -> str | None:
@@ -268,6 +268,7 @@ class Recordings:
         record = RecordCommand(
             call_id,
             {"cmd": "record", "callid": call_id, "record_link": self._signer.link(call_id, ext), "is_temp": "0"},
+            tenant=entry.tenant,  # the call's own PlanFix, also after a restart (kept in the index)
         )
         # Index before the outbox: the link must resolve by the time PlanFix
         # follows it.  Marked ready only after the outbox has it, so a crash
@@ -310,4 +311,5 @@ def register_routes(app, recordings: Recordings) -> None:
 def _with_fields(command: CommandLike, fields: dict[str, str]) -> CommandLike:
     if dataclasses.is_dataclass(command) and not isinstance(command, type):
         return dataclasses.replace(command, fields=fields)
-    return RecordCommand(command.call_id, fields, command.recording_path)
+    return RecordCommand(command.call_id, fields, command.recording_path, getattr(command, "tenant", ""),
+                         getattr(command, "node", ""), getattr(command, "unmatched", ""))

@@ -29,6 +29,9 @@ class RecordCommand:
     call_id: str
     fields: dict[str, str]
     recording_path: str | None = None
+    tenant: str = ""  # the PlanFix account it goes to (tracker.PlanfixCommand.tenant)
+    node: str = ""
+    unmatched: str = ""
 
 
 @dataclass(frozen=True)
