@@ -269,6 +269,11 @@ class Service:
                 self._storage_failed(exc)
                 failed += group
                 continue
+            except Exception as exc:  # noqa: BLE001 - a bug must not lose call records: kept, retried, logged
+                log.exception("cannot queue %d PlanFix requests of tenant %s", len(group), name)
+                self._storage_failed(exc)
+                failed += group
+                continue
             stored += group
             self._check_outbox_bound(name)
         if stored:
