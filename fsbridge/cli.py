@@ -50,6 +50,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if problems:
         return EXIT_CONFIG
     print(_recordings_note(cfg.recordings))
+    if cfg.multi_tenant or len(cfg.nodes) > 1:
+        print(f"tenants: {', '.join(t.name for t in cfg.tenants)}; FreeSWITCH nodes: "
+              f"{', '.join(n.name for n in cfg.nodes)}")
     print(f"{args.config}: OK")
     if args.connect:
 
