@@ -10,6 +10,7 @@ source of truth for keys and defaults; `conf/fsbridge.ini` documents them and
 from __future__ import annotations
 
 import codecs
+import functools
 import ipaddress
 import os
 import re
@@ -18,7 +19,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from fsbridge.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
-from fsbridge.tenancy import IMPLICIT_TENANT, TENANT_NAME, digits
+from fsbridge.phone import normalize_phone
+from fsbridge.tenancy import IMPLICIT_TENANT, TENANT_NAME
 
 
 class ConfigError(Exception):
@@ -693,6 +695,10 @@ def _tenants(path: str, parsed: dict, sections: dict[str, Section], problems: li
     domains: dict[str, str] = {}
     dids: dict[str, str] = {}
     allow_http = sections["planfix"].allow_http
+    # DIDs clash as the call routing compares them (service.tenant_map): 84990000001
+    # and +74990000001 are one number.
+    phone_section = sections["phone"]
+    did_key = functools.partial(normalize_phone, region=phone_section.default_region, output=phone_section.format)
     for name, given in named:
         section = f"tenant.{name}"
         for key in given:
@@ -725,7 +731,7 @@ def _tenants(path: str, parsed: dict, sections: dict[str, Section], problems: li
                                 f"[tenant.{domains[domain]}]; a domain belongs to one tenant")
             domains.setdefault(domain, name)
         for did in values["dids"]:
-            key = digits(did)
+            key = did_key(did)
             if key in dids:
                 problems.append(f"{path}: [{section}] dids: {did} is also a DID of [tenant.{dids[key]}]; "
                                 "a DID belongs to one tenant")

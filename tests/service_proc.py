@@ -48,17 +48,24 @@ class ServiceProcess:
         self,
         workdir: Path,
         *,
-        fs_port: int,
+        fs_port: int = 0,
         planfix_url: str = "",
         planfix_token: str = "",
         settings: dict[str, dict[str, str]] | None = None,
+        tenants: dict[str, dict[str, str]] | None = None,
+        nodes: dict[str, int] | None = None,
     ) -> None:
+        """``tenants`` (name -> keys of its ``[tenant.NAME]``) makes a cloud PBX:
+        ``[server] token`` is then left empty (each tenant has its own).
+        ``nodes`` (name -> port) writes one ``[freeswitch.NAME]`` per fake
+        FreeSWITCH; ``[freeswitch]`` then only gives their defaults."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.dialplan_port = free_port()
         self.metrics_port = free_port()
-        self.token = TOKEN
+        # With tenants there is no service-wide PBX key: each tenant's is its own.
+        self.token = "" if tenants else TOKEN
         self.storage = self.workdir / "state"
         self.config_path = self.workdir / "fsbridge.ini"
         self.log_path = self.workdir / "service.log"
@@ -89,18 +96,27 @@ class ServiceProcess:
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             "log": {"level": "DEBUG"},
         }
+        if nodes:
+            del sections["freeswitch"]["port"]  # each node names its own
+        for name, port in (nodes or {}).items():
+            sections[f"freeswitch.{name}"] = {"host": "127.0.0.1", "port": str(port)}
         for section, values in (settings or {}).items():
             sections.setdefault(section, {}).update(values)
         # HTTPS when the test gives a certificate (self-signed: not verified)
         self.scheme = "https" if sections["server"].get("certfile") else "http"
         sections["server"]["public_url"] = f"{self.scheme}://127.0.0.1:{self.port}"
-        self.write_config(sections)
+        self.sections = sections
+        self.write_config(sections, tenants)
         self.proc: subprocess.Popen | None = None
         self._log = None
 
-    def write_config(self, sections: dict[str, dict[str, str]]) -> None:
+    def write_config(self, sections: dict[str, dict[str, str]],
+                     tenants: dict[str, dict[str, str]] | None = None) -> None:
+        """Write the config file; ``tenants`` become ``[tenant.NAME]`` sections."""
+        everything = dict(sections)
+        everything.update({f"tenant.{name}": values for name, values in (tenants or {}).items()})
         lines = []
-        for section, values in sections.items():
+        for section, values in everything.items():
             lines.append(f"[{section}]")
             lines.extend(f"{key} = {value}" for key, value in values.items())
             lines.append("")
@@ -151,6 +167,15 @@ class ServiceProcess:
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"service did not answer /healthz in {wait}s:\n{self.log()}")
+
+    def write_tenants(self, tenants: dict[str, dict[str, str]]) -> None:
+        """Rewrite the config with these ``[tenant.*]`` sections (then ``reload()``)."""
+        self.write_config(self.sections, tenants)
+
+    def reload(self) -> None:
+        """SIGHUP: the running service re-reads its config."""
+        assert self.proc is not None and self.proc.poll() is None, "service not running"
+        self.proc.send_signal(signal.SIGHUP)
 
     def health(self) -> dict:
         """The detailed /healthz (loopback dialplan listener), whether 200 (ok) or 503 (degraded)."""

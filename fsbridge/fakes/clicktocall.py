@@ -16,7 +16,7 @@ import re
 from typing import Callable
 from urllib.parse import quote
 
-from fsbridge.events import CLICK_TO_CALL_EXT_VAR, CLICK_TO_CALL_PHONE_VAR, CLICK_TO_CALL_VAR
+from fsbridge.events import CLICK_TO_CALL_EXT_VAR, CLICK_TO_CALL_PHONE_VAR, CLICK_TO_CALL_VAR, TENANT_VAR
 from fsbridge.wire import Frame, FrameParser, parse_event_plain
 
 EVENT_PLAIN = "text/event-plain"
@@ -81,6 +81,7 @@ def rewrite_click_to_call(
     ext: str,
     phone: str,
     command_arg: str | None = None,
+    tenant: str | None = None,
 ) -> bytes:
     """A click-to-call capture as if the service's originate had made it.
 
@@ -91,6 +92,8 @@ def rewrite_click_to_call(
       ``variable_fsbridge_click_to_call`` / ``_ext`` / ``_phone`` and
       ``variable_origination_uuid`` (URL-encoded, as in plain events);
     * ``command_arg``, when given, replaces BACKGROUND_JOB's Job-Command-Arg;
+    * ``tenant``, when given, is added as ``variable_fsbridge_tenant`` too
+      (FreeSWITCH sets every ``{var=...}`` of the originate on the leg);
     * each frame's outer Content-Length is recomputed.
     """
     frames = frames_of(raw)
@@ -105,6 +108,7 @@ def rewrite_click_to_call(
             (CLICK_TO_CALL_EXT_VAR, ext),
             (CLICK_TO_CALL_PHONE_VAR, phone),
             ("origination_uuid", manager_uuid),
+            *(((TENANT_VAR, tenant),) if tenant is not None else ()),
         )
     ).encode()
 
@@ -162,6 +166,7 @@ def originate_answer(raw: bytes, seen: Callable[[dict[str, str]], None] | None =
             request_id=variables[CLICK_TO_CALL_VAR],
             ext=variables[CLICK_TO_CALL_EXT_VAR],
             phone=variables[CLICK_TO_CALL_PHONE_VAR],
+            tenant=variables.get(TENANT_VAR),
         )]
 
     return answer
