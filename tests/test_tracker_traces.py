@@ -84,6 +84,10 @@ A22 = "0141140c-2718-4988-b42d-8faf7af49e95"
 A23 = "c06ece27-6211-492b-ba97-3271169b2ef0"
 A25 = "9b0f9a5f-4579-4317-9812-343545fe8c23"
 A27 = "5264cb9b-0ab5-4590-b481-e9c69a228883"
+A28 = "b527f2c2-75d9-4d73-8df6-4dd1b6a85696"
+A29 = "987739d9-5dd8-43a2-b546-b313a57f50ce"
+A30 = "d4893db2-6310-43a0-8981-b545346b14d9"
+A31 = "46c09194-7930-4b31-ae04-99694bae1146"
 
 
 # The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
@@ -93,6 +97,15 @@ LINE = {"data_line": DID}
 
 def queued(callid: str, ext: str, event: str, caller: str, did: str, **extra: str) -> dict:
     return cmd("in", event, ext, callid, caller, did, **extra)
+
+
+def one_agent(callid: str, ext: str, caller: str, did: str, talk_s: int = 2) -> list:
+    """A queue that offers the call to one agent, who answers and talks (2 s by his phone; billsec)."""
+    return [
+        (queued(callid, ext, "INCOMING", caller, did), None),
+        (queued(callid, ext, "ACCEPTED", caller, did), None),
+        (queued(callid, ext, "COMPLETED", caller, did, **completed("Success", talk_s, 1)), RECORDINGS + callid + ".wav"),
+    ]
 
 
 def transferred(callid: str, first_s: int, second_s: int) -> list:
@@ -197,6 +210,20 @@ EXPECTED = {
         (queued(A23, "103", "COMPLETED", "79160000023", "74950000001", **completed("Cancelled")), None),
         (queued(A23, "102", "COMPLETED", "79160000023", "74950000001", **completed("Success", 2, 1)),
          RECORDINGS + A23 + ".wav"),
+    ],
+    # The other mod_callcenter strategies offer the call to one agent at a time
+    # (lab queues of tests/live/lab.py, agents 101-103 at tier positions 1-3).
+    # longest-idle-agent: 101 had just talked, so 102 is offered.
+    "28-inbound-callcenter-longest-idle-agent": one_agent(A28, "102", "79160000028", "74950000004"),
+    # round-robin: the queue's last offer was 102 (capture 28), so 103.
+    "29-inbound-callcenter-round-robin": one_agent(A29, "103", "79160000029", "74950000005"),
+    "30-inbound-callcenter-top-down": one_agent(A30, "101", "79160000030", "74950000006", talk_s=1),
+    # top-down, 101 rings 5 s unanswered (NO_ANSWER), the queue moves on to 102:
+    # 101 was passed over (Cancelled, as a hunt list's timed-out leg in 03).
+    "31-inbound-callcenter-top-down-agent-noanswer-next-answers": [
+        (queued(A31, "101", "INCOMING", "79160000031", "74950000006"), None),
+        (queued(A31, "101", "COMPLETED", "79160000031", "74950000006", **completed("Cancelled")), None),
+        *one_agent(A31, "102", "79160000031", "74950000006"),
     ],
     # Voicemail answered the A leg: nobody talked, all Missed (no message left).
     "25-inbound-group-noanswer-then-voicemail": [

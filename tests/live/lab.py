@@ -35,6 +35,13 @@ USERS = ("101", "102", "103")
 USER_PASSWORD = "1234"
 DID = "74950000000"
 QUEUE_DID = "74950000001"  # answer, callcenter sales@default (ring-all 101-103)
+# one mod_callcenter queue per strategy, agents 101-103 at tier positions 1-3
+STRATEGY_DIDS = {
+    "longest-idle-agent": "74950000004",
+    "round-robin": "74950000005",
+    "top-down": "74950000006",
+}
+AGENT_RING = 5  # seconds an agent rings before the queue moves on (leg_timeout of its contact)
 VOICEMAIL_DID = "74950000003"  # group 101-103, then voicemail of 101
 GROUP_TIMEOUT = 4  # seconds the group rings before voicemail
 
@@ -80,10 +87,12 @@ def _sub(path: Path, pattern: str, repl: str, count: int = 0, required: bool = T
 
 
 class Lab:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, recordings: Path | None = None) -> None:
         self.root = Path(root)
         self.conf = self.root / "conf"
         self.dirs = {name: self.root / name for name in ("log", "db", "run", "recordings", "temp", "cache", "storage", "certs")}
+        if recordings is not None:  # record_queues: the recording paths the repo's captures name
+            self.dirs["recordings"] = Path(recordings)
         self.sip_port = free_udp_port()  # internal profile: the phones
         self.ext_port = free_udp_port()  # external profile: the carrier
         self.esl_port = free_udp_port()
@@ -176,6 +185,12 @@ class Lab:
 """)
         # lab-only DIDs of the call flows beyond the spec (README of tests/data/esl, captures 23, 25);
         # "zz_" sorts after fsbridge's files so that fsbridge_record (continue="true") runs first
+        strategy_extensions = "\n".join(f"""  <extension name="live_queue_{strategy}">
+    <condition field="destination_number" expression="^{did}$">
+      <action application="answer"/>
+      <action application="callcenter" data="{strategy}@default"/>
+    </condition>
+  </extension>""" for strategy, did in STRATEGY_DIDS.items())
         (c / "dialplan/public/zz_live_flows.xml").write_text(f"""<include>
   <extension name="live_queue">
     <condition field="destination_number" expression="^{QUEUE_DID}$">
@@ -183,6 +198,7 @@ class Lab:
       <action application="callcenter" data="sales@default"/>
     </condition>
   </extension>
+{strategy_extensions}
   <extension name="live_group_then_voicemail">
     <condition field="destination_number" expression="^{VOICEMAIL_DID}$">
       <action application="set" data="call_timeout={GROUP_TIMEOUT}"/>
@@ -198,17 +214,17 @@ class Lab:
   </extension>
 </include>
 """)
-        # a ring-all queue of 101-103; no wrap-up or delays: the next test's call must find them free
+        # a ring-all queue of 101-103 and one queue per other strategy, 101-103 in that order;
+        # no wrap-up or delays: the next test's call must find them free
         agents = "\n".join(
-            f'    <agent name="{u}@default" type="callback" contact="[leg_timeout=10]user/{u}@127.0.0.1" status="Available"'
+            f'    <agent name="{u}@default" type="callback" contact="[leg_timeout={AGENT_RING}]user/{u}@127.0.0.1" status="Available"'
             ' max-no-answer="0" wrap-up-time="0" reject-delay-time="0" busy-delay-time="0" no-answer-delay-time="0"/>'
             for u in USERS)
         tiers = "\n".join(f'    <tier agent="{u}@default" queue="sales@default" level="1" position="1"/>' for u in USERS)
-        (c / "autoload_configs/callcenter.conf.xml").write_text(f"""<configuration name="callcenter.conf" description="CallCenter">
-  <settings/>
-  <queues>
-    <queue name="sales@default">
-      <param name="strategy" value="ring-all"/>
+        tiers += "".join(f'\n    <tier agent="{u}@default" queue="{strategy}@default" level="1" position="{n}"/>'
+                         for strategy in STRATEGY_DIDS for n, u in enumerate(USERS, 1))
+        queues = "\n".join(f"""    <queue name="{name}@default">
+      <param name="strategy" value="{strategy}"/>
       <param name="moh-sound" value="silence_stream://-1"/>
       <param name="time-base-score" value="system"/>
       <param name="max-wait-time" value="0"/>
@@ -216,7 +232,11 @@ class Lab:
       <param name="tier-rules-apply" value="false"/>
       <param name="discard-abandoned-after" value="60"/>
       <param name="abandoned-resume-allowed" value="false"/>
-    </queue>
+    </queue>""" for name, strategy in [("sales", "ring-all"), *((s, s) for s in STRATEGY_DIDS)])
+        (c / "autoload_configs/callcenter.conf.xml").write_text(f"""<configuration name="callcenter.conf" description="CallCenter">
+  <settings/>
+  <queues>
+{queues}
   </queues>
   <agents>
 {agents}

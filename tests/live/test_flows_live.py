@@ -1,7 +1,7 @@
-"""Call flows beyond the spec's examples, over real SIP (captures 20-27 of tests/data/esl).
+"""Call flows beyond the spec's examples, over real SIP (captures 20-31 of tests/data/esl).
 
-Transfers (REFER is in test_live.py), pickup, a mod_callcenter queue and a
-group that ends in voicemail: each test asserts the exact PlanFix events
+Transfers (REFER is in test_live.py), pickup, mod_callcenter queues of each
+strategy and a group that ends in voicemail: each test asserts the exact PlanFix events
 (event, ext, status) the real `fsbridge run` sent, and the talk durations
 roughly.  The lab-only extensions and the queue are installed into the
 private lab conf by tests/live/lab.py.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.live.lab import QUEUE_DID, VOICEMAIL_DID, free_udp_port
+from tests.live.lab import AGENT_RING, QUEUE_DID, STRATEGY_DIDS, USERS, VOICEMAIL_DID, free_udp_port
 from tests.live.test_live import CLIENT_NAME, brief, carrier_call, events, phone, phone_dials, wait, wait_calls_done
 
 
@@ -122,6 +122,64 @@ def test_callcenter_ring_all_queue(live):
     assert sorted(seen[4:]) == [("COMPLETED", "101", "Cancelled"), ("COMPLETED", "102", "Success"),
                                 ("COMPLETED", "103", "Cancelled")]
     assert 1 <= int(completed(live)["102"]["duration"]) <= 4
+    assert len({r["callid"] for r in events(live)}) == 1
+
+
+def answered_by_one_agent(env, did: str) -> str:
+    """A queue call with every phone answering: the one agent it was offered to
+    gets INCOMING, ACCEPTED, COMPLETED Success; no one else anything.  His ext."""
+    env.planfix.clear()
+    assert wait(did_call(env, did), 40) == 0
+    wait_calls_done(env, 1)
+    seen = brief(env)
+    ext = seen[0][1]
+    assert seen == [("INCOMING", ext, ""), ("ACCEPTED", ext, ""), ("COMPLETED", ext, "Success")]
+    assert 1 <= int(completed(env)[ext]["duration"]) <= 3
+    assert len({r["callid"] for r in events(env)}) == 1
+    # the queue frees the agent once his leg is gone: the next call must find him waiting
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "0 total" not in env.lab.cli("show calls count"):
+        time.sleep(0.2)
+    return ext
+
+
+def answering_phones(env) -> None:
+    for user in USERS:
+        phone(env, user, "uas-answer-send-bye", "-d", "1000")  # rings 1 s, talks 2 s, hangs up
+
+
+def test_callcenter_longest_idle_agent_offers_one_agent_and_then_another(live):
+    """Capture 28: one agent is offered the call; having just talked, he is not the longest idle next."""
+    answering_phones(live)
+    first = answered_by_one_agent(live, STRATEGY_DIDS["longest-idle-agent"])
+    second = answered_by_one_agent(live, STRATEGY_DIDS["longest-idle-agent"])
+    assert second != first
+
+
+def test_callcenter_round_robin_offers_the_next_agent(live):
+    """Capture 29: agents 101-103 at positions 1-3; each call goes to the one after the last offered."""
+    answering_phones(live)
+    first = answered_by_one_agent(live, STRATEGY_DIDS["round-robin"])
+    second = answered_by_one_agent(live, STRATEGY_DIDS["round-robin"])
+    assert second == USERS[(USERS.index(first) + 1) % len(USERS)]
+
+
+def test_callcenter_top_down_offers_the_first_agent(live):
+    """Capture 30: top-down starts at position 1 for every call."""
+    answering_phones(live)
+    assert answered_by_one_agent(live, STRATEGY_DIDS["top-down"]) == "101"
+
+
+def test_callcenter_agent_not_answering_is_passed_over_for_the_next(live):
+    """Capture 31: top-down, 101 rings AGENT_RING s unanswered, the queue moves on to 102, who talks."""
+    phone(live, "101", "uas-noanswer")
+    phone(live, "102", "uas-answer-send-bye", "-d", "1000")
+    phone(live, "103", "uas-answer-send-bye", "-d", "1000")
+    assert wait(did_call(live, STRATEGY_DIDS["top-down"]), 40 + AGENT_RING) == 0
+    wait_calls_done(live, 2)
+    assert brief(live) == [("INCOMING", "101", ""), ("COMPLETED", "101", "Cancelled"),
+                           ("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    assert 1 <= int(completed(live)["102"]["duration"]) <= 3
     assert len({r["callid"] for r in events(live)}) == 1
 
 
