@@ -74,6 +74,9 @@ class Service:
         self._storage_error = ""
         self._outbox_full: set[str] = set()  # tenants whose outbox is at [outbox] max_depth
         self._unrouted_logged: dict[str, float] = {}
+        # Tenants a reload removed whose calls were still up: delivered to
+        # until those calls end (their PlanFix sees them finish), then stopped.
+        self._retiring: dict[str, Account] = {}
         try:
             os.makedirs(cfg.storage.dir, exist_ok=True)
         except OSError as exc:
@@ -256,7 +259,7 @@ class Service:
         for command in commands:
             # getattr: a command type that forgot its tenant must be logged, not crash the flusher.
             name = getattr(command, "tenant", "") or ("" if self.multi_tenant else IMPLICIT_TENANT)
-            if name not in self.accounts:
+            if name not in self.accounts and name not in self._retiring:
                 self._unrouted(command, name)
                 continue
             by_tenant.setdefault(name, []).append(command)
@@ -264,7 +267,7 @@ class Service:
         stored: list = []
         for name, group in by_tenant.items():
             try:
-                self.accounts[name].outbox.put(group)
+                (self.accounts.get(name) or self._retiring[name]).outbox.put(group)
             except OutboxError as exc:
                 self._storage_failed(exc)
                 failed += group
@@ -360,15 +363,21 @@ class Service:
     def apply_tenants(self, new: Config) -> None:
         """Take a reloaded config's [tenant.*] sections: calls in progress stay up.
 
-        Added tenants get their account (outbox started); removed ones stop
-        delivering (their outbox stays on disk and is delivered if they come
-        back); changed ones take their new keys, domains, DIDs and
-        click-to-call settings.  Open calls keep the tenant they began with.
+        Added tenants get their account (outbox started); a removed one's
+        token stops working and new calls of its domains go nowhere, but its
+        calls in progress are still reported to its PlanFix until they end;
+        then it stops delivering (what it could not deliver stays on disk
+        and goes out if it is added back).  Changed ones take their new keys,
+        domains, DIDs and click-to-call settings.  Open calls keep the tenant
+        they began with.
         """
         old_names, new_names = set(self.accounts), {t.name for t in new.tenants}
         for tenant in new.tenants:
             if tenant.name in self.accounts:
                 self.accounts[tenant.name].update(tenant)
+            elif tenant.name in self._retiring:  # added back before its last call ended
+                account = self.accounts[tenant.name] = self._retiring.pop(tenant.name)
+                account.update(tenant)
             else:
                 account = self.accounts[tenant.name] = Account(new, tenant)
                 account.start()
@@ -378,14 +387,29 @@ class Service:
             node.tracker.set_tenants(self.tenants)
         self._tenant_webs = self._make_tenant_webs(self.cfg)
         for name in old_names - new_names:
-            account = self.accounts.pop(name)
-            pending = account.outbox.stats()["depth"]
-            account.stop(drain_timeout=2)
+            self._retiring[name] = self.accounts.pop(name)
             self._outbox_full.discard(name)
-            log.warning("reload: tenant %s removed; %d of its PlanFix requests stay in %s and are "
-                        "delivered if it is added back", name, pending, account.dir)
+        self.retire_finished()
+        for name in self._retiring:
+            log.info("tenant %s removed: its calls in progress are still reported until they end", name)
         if old_names != new_names or old_names:
             log.info("reload: tenants %s", ", ".join(sorted(new_names)))
+
+    def retire_finished(self) -> None:
+        """Stop the removed tenants none of whose calls is still up."""
+        if not self._retiring:
+            return
+        busy = {call.tenant for node in self.nodes for call in node.tracker.open_call_list()}
+        for name in [n for n in self._retiring if n not in busy]:
+            account = self._retiring.pop(name)
+            pending = account.outbox.stats()["depth"]
+            gevent.spawn(account.stop, 2)
+            log.warning("tenant %s removed: no call of it is up any more; %d of its PlanFix requests stay in %s "
+                        "and are delivered if it is added back", name, pending, account.dir)
+
+    def _retire_loop(self) -> None:
+        while not self._stopping.wait(5.0):
+            self.retire_finished()
 
     # -- health ----------------------------------------------------------------
 
@@ -469,6 +493,7 @@ class Service:
             node.esl.start()
         cleanup = gevent.spawn(self._cleanup_loop) if cfg.recordings.retention_days else None
         watchers = [gevent.spawn(node.watch_inherited, self._stopping) for node in self.nodes]
+        watchers.append(gevent.spawn(self._retire_loop))
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._stopping.set)
@@ -491,7 +516,7 @@ class Service:
         self._flush()
         if self._unsaved:
             log.error("%d PlanFix requests could not be stored before exit", len(self._unsaved))
-        stops = [gevent.spawn(account.stop, 5) for account in self.accounts.values()]
+        stops = [gevent.spawn(account.stop, 5) for account in [*self.accounts.values(), *self._retiring.values()]]
         gevent.joinall(stops)
         self.recordings.close()
         self.open_calls.close()

@@ -494,8 +494,10 @@ def delivered(planfix: FakePlanfix) -> list[dict]:
 def test_reload_adds_and_removes_tenants_while_calls_are_up(nodes, planfix_fakes, services):
     """SIGHUP with one tenant removed and one added while calls are up (the
     removed tenant's PlanFix is down meanwhile), then the removed one added
-    back: no restart, the unchanged tenant's call completes normally, the new
-    tenant works at once, the returning one gets what it held."""
+    back: no restart, the unchanged tenant's call completes normally, the
+    removed one's call in progress is still kept for its PlanFix to its end
+    (no pop-up left open), the new tenant works at once, the returning one
+    gets its whole call."""
     keep, gone, new = make_tenants(3)
     pf = {name: planfix_fakes() for name in ("keep", "gone", "new")}
     pf["gone"].failure = 503
@@ -515,7 +517,7 @@ def test_reload_adds_and_removes_tenants_while_calls_are_up(nodes, planfix_fakes
     service.write_tenants({name: sections[name] for name in ("keep", "new")})
     service.reload()
     log = wait_log(service, "reload: tenants keep, new")
-    assert f"reload: tenant gone removed; {gone_before} of its PlanFix requests stay" in log
+    assert "tenant gone removed: its calls in progress are still reported until they end" in log
     assert service.proc.poll() is None and service.proc.pid == pid  # no restart
 
     # The calls go on; the new tenant's call comes in on the other node.
@@ -525,8 +527,11 @@ def test_reload_adds_and_removes_tenants_while_calls_are_up(nodes, planfix_fakes
     wait_received(service, [(pf["keep"], want_keep), (pf["new"], want_new)])
     assert received(pf["keep"]) == want_keep  # completed normally across the reload
     assert received(pf["new"]) == want_new
-    # The removed tenant's call went on to nobody (not to the others, checked above).
-    assert "tenant gone (no longer configured)" in service.log()
+    # The removed tenant's call was kept for its own PlanFix to its end (never the others'),
+    # then the tenant stopped delivering.
+    gone_all = len(EXPECTED[single])
+    wait_log(service, f"tenant gone removed: no call of it is up any more; {gone_all} of its PlanFix requests stay")
+    assert "tenant gone (no longer configured)" not in service.log()
     assert service.wait_health(lambda h: h["open_calls"] == 0)["tenants"].keys() == {"keep", "new"}
 
     # The endpoint follows: the new tenant's key works, the removed one's is nobody's.
@@ -542,7 +547,7 @@ def test_reload_adds_and_removes_tenants_while_calls_are_up(nodes, planfix_fakes
     command = nodes["a"].wait_for_command("bgapi originate", timeout=10)
     assert f"}}user/101@{new.domain} " in command and originate_variables(command)["fsbridge_tenant"] == "new"
 
-    # Back again, its PlanFix up: what its outbox held when it was removed, nothing more.
+    # Back again, its PlanFix up: its whole call, held meanwhile.
     assert delivered(pf["gone"]) == []
     pf["gone"].failure = None
     service.write_tenants(sections)
@@ -551,7 +556,7 @@ def test_reload_adds_and_removes_tenants_while_calls_are_up(nodes, planfix_fakes
     service.wait_health(lambda h: h["tenants"]["gone"]["outbox"]["depth"] == 0)
     time.sleep(SETTLE)
     (gone_call, gone_events), = expected(single, gone).items()
-    assert delivered(pf["gone"]) == gone_events[:gone_before]
+    assert delivered(pf["gone"]) == gone_events
     assert service.proc.pid == pid
 
 
