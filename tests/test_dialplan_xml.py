@@ -69,21 +69,47 @@ def _without_comments(text: str) -> str:
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
 
 
-def _loaded(path: pathlib.Path) -> ET.Element:
-    """The file as FreeSWITCH sees it: `$${...}` substituted, X-PRE-PROCESS includes inlined."""
-    text = path.read_text(encoding="utf-8")
-    every = {**STOCK_GLOBALS, **VARS}
-    root = ET.fromstring(re.sub(r"\$\$\{(\w+)\}", lambda m: every[m.group(1)], text))
-    for parent in list(root.iter()):
-        for index, child in reversed(list(enumerate(parent))):
-            if child.tag == "X-PRE-PROCESS" and child.get("cmd") == "include":
-                data = child.get("data")
-                prefix = f"{STOCK_GLOBALS['conf_dir']}/{INCLUDE_DIR}/"
-                assert data.startswith(prefix), data
-                included = DIALPLAN / data.removeprefix(prefix)
-                parent.remove(child)
-                for offset, element in enumerate(_loaded(included)):
-                    parent.insert(index + offset, element)
+def _preprocess(text: str, variables: dict[str, str], files: dict[str, str]) -> list[str]:
+    """The lines FreeSWITCH's pre-processor makes of ``text``: read in order,
+    ``$${...}`` expanded with what was set so far, ``set`` and ``include`` run
+    where they stand (so one file included twice gets the values set before
+    each include, as a tenants file does)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        line = re.sub(r"\$\$\{(\w+)\}", lambda m: variables[m.group(1)], line)
+        directive = re.search(r'<X-PRE-PROCESS cmd="(\w+)" data="([^"]*)"/>', line)
+        if directive is None:
+            out.append(line)
+        elif directive.group(1) == "set":
+            name, _, value = directive.group(2).partition("=")
+            variables[name] = value
+        else:
+            assert directive.group(1) == "include"
+            prefix = f"{STOCK_GLOBALS['conf_dir']}/{INCLUDE_DIR}/"
+            assert directive.group(2).startswith(prefix), directive.group(2)
+            name = directive.group(2).removeprefix(prefix)
+            included = files[name] if name in files else (DIALPLAN / name).read_text(encoding="utf-8")
+            out += _preprocess(included, variables, files)
+    return out
+
+
+def _flatten(element: ET.Element) -> None:
+    # FreeSWITCH drops the <include> wrapper of an included file: its extensions join the context.
+    for index, child in reversed(list(enumerate(element))):
+        _flatten(child)
+        if child.tag == "include":
+            element.remove(child)
+            for offset, grandchild in enumerate(child):
+                element.insert(index + offset, grandchild)
+
+
+def _loaded(path: pathlib.Path, files: dict[str, str] | None = None, text: str | None = None) -> ET.Element:
+    """The file (or ``text``) as FreeSWITCH sees it after vars.xml and fsbridge-vars.xml:
+    pre-processed, includes inlined (``files``: generated files by name)."""
+    lines = _preprocess(path.read_text(encoding="utf-8") if text is None else text,
+                        {**STOCK_GLOBALS, **VARS}, files or {})
+    root = ET.fromstring("\n".join(lines))
+    _flatten(root)
     return root
 
 
@@ -201,7 +227,8 @@ def test_lookup_query_passes_every_value_through_url_encode():
     base, _, query = url.partition("?")
     assert base == VARS["fsbridge_lookup_url"]
     params = dict(pair.split("=", 1) for pair in query.split("&"))
-    assert set(params) == {"phone", "callid"}
+    # domain and did: which tenant's PlanFix a multi-tenant fsbridge asks (lookup.py's select)
+    assert set(params) == {"phone", "callid", "domain", "did"}
     for value in params.values():
         assert re.fullmatch(r"\$\{url_encode\(\$\{\w+\}\)\}", value), value
 
@@ -227,6 +254,12 @@ def _captures(template: str, match: re.Match) -> str:
     return re.sub(r"\$(\d)", lambda m: match.group(int(m.group(1))) or "", template)
 
 
+def _test(element: ET.Element, variables: dict[str, str]) -> re.Match | None:
+    field = element.get("field")
+    value = _expand(field, variables) if field.startswith("${") else variables.get(field, "")
+    return re.search(element.get("expression"), value)
+
+
 def hunt(root: ET.Element, variables: dict[str, str], curl) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Run the hunt over `root`'s extensions: (channel variables, queued actions)."""
     variables = dict(variables)
@@ -234,9 +267,11 @@ def hunt(root: ET.Element, variables: dict[str, str], curl) -> tuple[dict[str, s
     for extension in root.findall("extension"):
         match = None
         for condition in extension.findall("condition"):
-            field = condition.get("field")
-            value = _expand(field, variables) if field.startswith("${") else variables.get(field, "")
-            match = re.search(condition.get("expression"), value)
+            if condition.get("regex") == "any":  # one of its <regex field= expression=/> children
+                match = next(filter(None, (_test(r, variables) for r in condition.findall("regex"))), None)
+            else:
+                assert condition.get("regex") is None
+                match = _test(condition, variables)
             if not match:
                 break
         if not match:
@@ -298,7 +333,7 @@ def test_inbound_known_client_with_responsible_rings_the_manager_first():
     assert bridge == f"[leg_timeout={VARS['fsbridge_responsible_ring']}]user/103@{STOCK_GLOBALS['domain']}|{VARS['fsbridge_fallback']}"
     # a REFER from the manager's phone is routed among the phones, not in "public"
     assert ("set", "force_transfer_context=default") in queued
-    assert ("set", f"domain_name={STOCK_GLOBALS['domain']}") in queued
+    assert variables["domain_name"] == STOCK_GLOBALS["domain"]
     assert ("set", "hangup_after_bridge=true") in queued and ("set", "ignore_early_media=true") in queued
     assert queued[-1][0] == "bridge"
 
