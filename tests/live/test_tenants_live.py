@@ -275,6 +275,21 @@ def test_call_to_a_did_reaches_only_its_tenants_phones_and_planfix(live, tenant)
     assert not any(received_invite(p) for p in strangers)
 
 
+def test_unknown_caller_rings_its_tenants_own_fallback_group(live):
+    _, did, _, _ = TENANTS["beta"]
+    winner = phone(live, "beta", "101", "uas-answer-wait-bye")
+    phone(live, "beta", "102", "uas-noanswer")
+    strangers = [phone(live, "alpha", user, "uas-answer-wait-bye") for user in USERS]
+    assert carrier_call(live, did, live.client).wait(40) == 0
+    wait_done(live, "beta", 2)
+    assert received_invite(winner) and not any(received_invite(p) for p in strangers)
+    seen = brief(live, "beta")
+    assert sorted(seen[:2]) == [("INCOMING", "101", ""), ("INCOMING", "102", "")]
+    assert seen[2:] == [("ACCEPTED", "101", ""), ("COMPLETED", "102", "Cancelled"), ("COMPLETED", "101", "Success")]
+    assert [r["phone"] for r in live.planfix["beta"].requests if r.get("cmd") == "contact"] == [live.client]
+    assert live.planfix["alpha"].requests == []
+
+
 # ---- outbound and click-to-call: each tenant's own number -------------------------
 
 
