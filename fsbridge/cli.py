@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.set_defaults(func=lambda args: demo.main(keep=args.keep))
     dp = sub.add_parser("install-dialplan", help="install the dialplan into a FreeSWITCH conf dir")
     dp.add_argument("--conf-dir", required=True, metavar="DIR", help="FreeSWITCH's conf dir (holds vars.xml)")
-    dp.add_argument("-c", "--config", metavar="FILE", help="take the lookup URL (and the DID, [click_to_call] client_caller_id) from this fsbridge config")
+    dp.add_argument("-c", "--config", metavar="FILE", help="take the lookup URL (and the DID, [click_to_call] client_caller_id) from this fsbridge config; "
+                    "with [tenant.*] sections every tenant's routes (its DIDs, domains, fallback, context, caller ID)")
     dp.add_argument("--did", help="your DID, digits only, e.g. 74950000000")
     dp.add_argument("--gateway", help="the carrier's sofia gateway name")
     dp.add_argument("--fallback", help="ring group / hunt list dial string, e.g. user/101@$${domain},user/102@$${domain}")

@@ -238,6 +238,22 @@ def _caller_id_number(raw: str) -> str:
     return raw
 
 
+# A ring group / hunt list for the dialplan (install-dialplan's --fallback, a
+# tenant's fallback): it goes into an XML attribute and a bridge, so only the
+# characters of dial strings.  A channel variable (single $) in a pre-processor
+# value reaches the dialplan as %{...} and the leg fails: only $${...}.
+_FALLBACK = re.compile(r"[A-Za-z0-9_.@/:=\[\],|${}-]{1,1000}")
+
+
+def parse_fallback(raw: str) -> str:
+    """A fallback dial string, or "" (ValueError with the reason otherwise)."""
+    if raw and not _FALLBACK.fullmatch(raw):
+        raise ValueError(f"expected a dial string such as [leg_timeout=20]user/101,user/102|user/103, got {raw!r}")
+    if "${" in raw.replace("$${", ""):
+        raise ValueError(f"use $${{...}} (expanded when FreeSWITCH loads its XML), not ${{...}}: {raw!r}")
+    return raw
+
+
 def _safe_word(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", raw):
         raise ValueError(f"may only contain letters, digits, '_', '.', '-', got {raw!r}")
@@ -371,6 +387,12 @@ TENANT_KEYS: list[Key] = [
     Key("planfix_url", _url, ""),
     Key("planfix_token", _str, ""),
     Key("node", _str, ""),
+    # The ring group `fsbridge install-dialplan` writes into this tenant's
+    # inbound route (its DIDs): rung when the client has no responsible
+    # manager or the manager does not answer.  {domain}: the tenant's first
+    # domain; a bare user/101 gets @<first domain> (never FreeSWITCH's default
+    # domain, another tenant's phones).  Only the dialplan reads it.
+    Key("fallback", parse_fallback, ""),
 ]
 TENANT_OVERRIDES = {"calls": ("extension_pattern", "report_internal_calls")}
 
@@ -419,6 +441,7 @@ class TenantConfig:
     node: str
     calls: Section = field(repr=False)
     click_to_call: Section = field(repr=False)
+    fallback: str = ""  # install-dialplan's ring group of this tenant's DIDs
     implicit: bool = False  # the one tenant of a config without [tenant.*] sections
 
 
@@ -763,7 +786,7 @@ def _tenants(path: str, parsed: dict, sections: dict[str, Section], problems: li
         tenants.append(TenantConfig(
             name=name, token=token, domains=values["domains"], dids=values["dids"],
             planfix_url=values["planfix_url"], planfix_token=values["planfix_token"], node=values["node"],
-            calls=effective["calls"], click_to_call=effective["click_to_call"],
+            calls=effective["calls"], click_to_call=effective["click_to_call"], fallback=values["fallback"],
         ))
     if not named and "{domain}" in sections["click_to_call"].dial_string:
         problems.append(f"{path}: [click_to_call] dial_string: {{domain}} is filled in per tenant; "

@@ -13,6 +13,7 @@ Defaults come from fsbridge.lookup and are tied to fsbridge.config's schema
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 import urllib.parse
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from fsbridge import config
+from fsbridge import config, install_dialplan
+from fsbridge.install_dialplan import TenantRoute
 from fsbridge.lookup import (
     ANSWER_REGEX,
     CONTACT_PATH,
@@ -31,6 +33,7 @@ from fsbridge.lookup import (
     create_lookup_app,
 )
 from fsbridge.phone import dial_number
+from fsbridge.tenancy import TenantMap, TenantRules
 
 DIALPLAN = pathlib.Path(__file__).resolve().parent.parent / "dialplan"
 VARS_FILE = DIALPLAN / "fsbridge-vars.xml"
@@ -69,21 +72,47 @@ def _without_comments(text: str) -> str:
     return re.sub(r"<!--.*?-->", "", text, flags=re.S)
 
 
-def _loaded(path: pathlib.Path) -> ET.Element:
-    """The file as FreeSWITCH sees it: `$${...}` substituted, X-PRE-PROCESS includes inlined."""
-    text = path.read_text(encoding="utf-8")
-    every = {**STOCK_GLOBALS, **VARS}
-    root = ET.fromstring(re.sub(r"\$\$\{(\w+)\}", lambda m: every[m.group(1)], text))
-    for parent in list(root.iter()):
-        for index, child in reversed(list(enumerate(parent))):
-            if child.tag == "X-PRE-PROCESS" and child.get("cmd") == "include":
-                data = child.get("data")
-                prefix = f"{STOCK_GLOBALS['conf_dir']}/{INCLUDE_DIR}/"
-                assert data.startswith(prefix), data
-                included = DIALPLAN / data.removeprefix(prefix)
-                parent.remove(child)
-                for offset, element in enumerate(_loaded(included)):
-                    parent.insert(index + offset, element)
+def _preprocess(text: str, variables: dict[str, str], files: dict[str, str]) -> list[str]:
+    """The lines FreeSWITCH's pre-processor makes of ``text``: read in order,
+    ``$${...}`` expanded with what was set so far, ``set`` and ``include`` run
+    where they stand (so one file included twice gets the values set before
+    each include, as a tenants file does)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        line = re.sub(r"\$\$\{(\w+)\}", lambda m: variables[m.group(1)], line)
+        directive = re.search(r'<X-PRE-PROCESS cmd="(\w+)" data="([^"]*)"/>', line)
+        if directive is None:
+            out.append(line)
+        elif directive.group(1) == "set":
+            name, _, value = directive.group(2).partition("=")
+            variables[name] = value
+        else:
+            assert directive.group(1) == "include"
+            prefix = f"{STOCK_GLOBALS['conf_dir']}/{INCLUDE_DIR}/"
+            assert directive.group(2).startswith(prefix), directive.group(2)
+            name = directive.group(2).removeprefix(prefix)
+            included = files[name] if name in files else (DIALPLAN / name).read_text(encoding="utf-8")
+            out += _preprocess(included, variables, files)
+    return out
+
+
+def _flatten(element: ET.Element) -> None:
+    # FreeSWITCH drops the <include> wrapper of an included file: its extensions join the context.
+    for index, child in reversed(list(enumerate(element))):
+        _flatten(child)
+        if child.tag == "include":
+            element.remove(child)
+            for offset, grandchild in enumerate(child):
+                element.insert(index + offset, grandchild)
+
+
+def _loaded(path: pathlib.Path, files: dict[str, str] | None = None, text: str | None = None) -> ET.Element:
+    """The file (or ``text``) as FreeSWITCH sees it after vars.xml and fsbridge-vars.xml:
+    pre-processed, includes inlined (``files``: generated files by name)."""
+    lines = _preprocess(path.read_text(encoding="utf-8") if text is None else text,
+                        {**STOCK_GLOBALS, **VARS}, files or {})
+    root = ET.fromstring("\n".join(lines))
+    _flatten(root)
     return root
 
 
@@ -201,7 +230,8 @@ def test_lookup_query_passes_every_value_through_url_encode():
     base, _, query = url.partition("?")
     assert base == VARS["fsbridge_lookup_url"]
     params = dict(pair.split("=", 1) for pair in query.split("&"))
-    assert set(params) == {"phone", "callid"}
+    # domain and did: which tenant's PlanFix a multi-tenant fsbridge asks (lookup.py's select)
+    assert set(params) == {"phone", "callid", "domain", "did"}
     for value in params.values():
         assert re.fullmatch(r"\$\{url_encode\(\$\{\w+\}\)\}", value), value
 
@@ -227,6 +257,12 @@ def _captures(template: str, match: re.Match) -> str:
     return re.sub(r"\$(\d)", lambda m: match.group(int(m.group(1))) or "", template)
 
 
+def _test(element: ET.Element, variables: dict[str, str]) -> re.Match | None:
+    field = element.get("field")
+    value = _expand(field, variables) if field.startswith("${") else variables.get(field, "")
+    return re.search(element.get("expression"), value)
+
+
 def hunt(root: ET.Element, variables: dict[str, str], curl) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Run the hunt over `root`'s extensions: (channel variables, queued actions)."""
     variables = dict(variables)
@@ -234,9 +270,11 @@ def hunt(root: ET.Element, variables: dict[str, str], curl) -> tuple[dict[str, s
     for extension in root.findall("extension"):
         match = None
         for condition in extension.findall("condition"):
-            field = condition.get("field")
-            value = _expand(field, variables) if field.startswith("${") else variables.get(field, "")
-            match = re.search(condition.get("expression"), value)
+            if condition.get("regex") == "any":  # one of its <regex field= expression=/> children
+                match = next(filter(None, (_test(r, variables) for r in condition.findall("regex"))), None)
+            else:
+                assert condition.get("regex") is None
+                match = _test(condition, variables)
             if not match:
                 break
         if not match:
@@ -298,7 +336,7 @@ def test_inbound_known_client_with_responsible_rings_the_manager_first():
     assert bridge == f"[leg_timeout={VARS['fsbridge_responsible_ring']}]user/103@{STOCK_GLOBALS['domain']}|{VARS['fsbridge_fallback']}"
     # a REFER from the manager's phone is routed among the phones, not in "public"
     assert ("set", "force_transfer_context=default") in queued
-    assert ("set", f"domain_name={STOCK_GLOBALS['domain']}") in queued
+    assert variables["domain_name"] == STOCK_GLOBALS["domain"]
     assert ("set", "hangup_after_bridge=true") in queued and ("set", "ignore_early_media=true") in queued
     assert queued[-1][0] == "bridge"
 
@@ -418,3 +456,150 @@ def test_planfix_data_variables_use_the_prefix_the_events_read():
     analytics = [n for n in names if n.startswith(prefix)]
     assert analytics, "examples of planfix_data_* are part of the files"
     assert all(re.fullmatch(r"\w+", n[len(prefix):]) for n in analytics)
+
+
+# ---- cloud PBX: several tenants, each its own domains and DIDs ---------------
+# install-dialplan's generated files (tenants_text) pre-processed with the
+# packaged templates, then hunted like the one-DID files above.
+
+ALPHA = TenantRoute("alpha", ("alpha.example",), ("74950000010", "74950000011"),
+                    "[leg_timeout=5]user/101@alpha.example,user/102@alpha.example", "default", "74950000010")
+BETA = TenantRoute("beta", ("beta.example", "beta2.example"), ("74950000020",),
+                   "user/101@beta.example|user/102@beta.example", "beta", "74950000029")
+TENANTS = [ALPHA, BETA]
+
+
+def _tenants(context: str, routes: list[TenantRoute] = TENANTS) -> ET.Element:
+    return _loaded(DIALPLAN, text=install_dialplan.tenants_text(context, routes))
+
+
+def _tenant_lookup(contacts: dict[str, Contact]):
+    """The real lookup app with one ContactLookup per tenant, chosen as the service does
+    (TenantMap.find by domain, else DID); `asked` records whose PlanFix was asked."""
+    settings = LookupSettings()
+    asked: list[tuple[str, str]] = []
+
+    def lookup_of(name: str) -> ContactLookup:
+        def fetch(phone, callid, timeout):
+            asked.append((name, phone))
+            return contacts.get(name)
+        return ContactLookup(settings, fetch)
+
+    lookups = {route.name: lookup_of(route.name) for route in TENANTS}
+    owners = TenantMap([TenantRules(r.name, r.domains, r.dids) for r in TENANTS])
+    app = create_lookup_app(settings, lookup=lookups["alpha"],
+                            select=lambda domain, did: lookups.get(owners.find(domain=domain, did=did)))
+    return app.test_client(), asked
+
+
+def _tenant_call(destination: str, contacts: dict[str, Contact]):
+    client, asked = _tenant_lookup(contacts)
+    urls = []
+
+    def curl(url: str) -> str:
+        urls.append(url)
+        parts = urllib.parse.urlsplit(url)
+        assert f"{parts.scheme}://{parts.netloc}{parts.path}" == VARS["fsbridge_lookup_url"]
+        return client.get(f"{parts.path}?{parts.query}").get_data(as_text=True)
+
+    variables, queued = hunt(_tenants("public"), {**CALL, "destination_number": destination}, curl)
+    bridges = [data for application, data in queued if application == "bridge"]
+    return variables, queued, bridges, urls, asked
+
+
+@pytest.mark.parametrize("route,dialled", [(ALPHA, "74950000011"), (BETA, "+74950000020")], ids=["alpha", "beta"])
+def test_tenant_call_asks_its_own_planfix_and_rings_its_own_domain(route, dialled):
+    # The same responsible extension in both tenants: two different phones.
+    contacts = {"alpha": Contact("Alpha Client", "101"), "beta": Contact("Beta Client", "101")}
+    variables, queued, bridges, urls, asked = _tenant_call(dialled, contacts)
+    assert asked == [(route.name, "79101234567")]
+    (url,) = urls
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert query["domain"] == [route.domains[0]] and query["did"] == [dialled]
+    assert variables["domain_name"] == route.domains[0]
+    assert variables["effective_caller_id_name"] == contacts[route.name].name
+    ring = VARS["fsbridge_responsible_ring"]
+    assert bridges == [f"[leg_timeout={ring}]user/101@{route.domains[0]}|{route.fallback}"]
+    assert ("set", f"planfix_data_line={dialled.lstrip('+')}") in queued
+    assert ("set", f"force_transfer_context={route.context}") in queued
+    applications = [application for application, _ in queued]
+    assert applications.index("record_session") < applications.index("bridge")
+
+
+@pytest.mark.parametrize("contacts", [{}, {"beta": Contact("No Manager", None)}], ids=["not-found", "no-responsible"])
+def test_tenant_call_without_responsible_rings_its_own_fallback(contacts):
+    _, _, bridges, _, asked = _tenant_call("74950000020", contacts)
+    assert bridges == [BETA.fallback] and [name for name, _ in asked] == ["beta"]
+
+
+def test_tenant_call_when_the_lookup_fails_rings_its_own_fallback():
+    variables, queued = hunt(_tenants("public"), {**CALL, "destination_number": "74950000010"}, lambda url: "")
+    assert "fsbridge_responsible" not in variables
+    assert [data for application, data in queued if application == "bridge"] == [ALPHA.fallback]
+
+
+def test_number_of_no_tenant_is_left_alone():
+    variables, queued = hunt(_tenants("public"), {**CALL, "destination_number": "74950000099"},
+                             lambda url: pytest.fail("looked up"))
+    assert "fsbridge_lookup" not in variables
+    assert [application for application, _ in queued if application != "set"] == ["record_session"]
+
+
+def test_tenant_without_dids_has_no_inbound_route():
+    quiet = TenantRoute("quiet", ("quiet.example",), (), "", "default", "74950000077")
+    root = _tenants("public", [quiet])
+    assert [e.get("name") for e in root.iter("extension")] == ["fsbridge_record"]
+
+
+SHARED = [ALPHA, dataclasses.replace(BETA, context="default")]  # both tenants' phones in one context
+
+
+@pytest.mark.parametrize("variables,caller_id", [
+    ({"domain_name": "alpha.example"}, ALPHA.caller_id),
+    ({"domain_name": "beta2.example"}, BETA.caller_id),
+    # click-to-call: the originate's tag names the tenant, whatever the leg's domain
+    ({"fsbridge_tenant": "beta"}, BETA.caller_id),
+    ({"fsbridge_tenant": "alpha", "domain_name": "beta.example"}, ALPHA.caller_id),
+    ({"fsbridge_tenant": "beta", "domain_name": "alpha.example"}, BETA.caller_id),  # alpha's routes come first
+], ids=["alpha-phone", "beta-phone", "beta-click-to-call", "tag-wins", "tag-wins-over-an-earlier-tenant"])
+def test_shared_context_presents_the_callers_tenant_number(variables, caller_id):
+    _, queued = hunt(_tenants("default", SHARED), {"destination_number": "89101234567", **variables},
+                     lambda url: pytest.fail("curl"))
+    assert [data for application, data in queued if application == "bridge"] == [
+        f"sofia/gateway/{VARS['fsbridge_gateway']}/79101234567"]
+    assert ("set", f"effective_caller_id_number={caller_id}") in queued
+    assert ("set", f"planfix_data_line={caller_id}") in queued
+    applications = [application for application, _ in queued]
+    assert applications.index("record_session") < applications.index("bridge")
+
+
+@pytest.mark.parametrize("variables", [
+    {}, {"domain_name": "other.example"}, {"domain_name": "alpha.example.evil"},
+    {"fsbridge_tenant": "gamma", "domain_name": "alpha.example"},
+], ids=["no-domain", "other-domain", "domain-suffix", "other-tenants-click-to-call"])
+def test_call_no_tenant_of_the_context_claims_does_not_go_out(variables):
+    _, queued = hunt(_tenants("default", SHARED), {"destination_number": "79101234567", **variables},
+                     lambda url: pytest.fail("curl"))
+    assert "bridge" not in [application for application, _ in queued]
+
+
+def test_context_file_holds_only_its_own_tenants_routes():
+    names = [e.get("name") for e in _tenants("beta").iter("extension")]
+    assert names == ["fsbridge_record", "fsbridge_outbound_beta", "fsbridge_outbound_international_beta"]
+    _, queued = hunt(_tenants("beta"), {"destination_number": "+442079460958", "domain_name": "beta.example"},
+                     lambda url: pytest.fail("curl"))
+    prefix = VARS["fsbridge_international_prefix"]
+    assert ("bridge", f"sofia/gateway/{VARS['fsbridge_gateway']}/{prefix}442079460958") in queued
+    assert ("set", f"effective_caller_id_number={BETA.caller_id}") in queued
+
+
+def test_templates_use_only_what_the_generated_files_and_vars_file_set():
+    for template, context in ((DIALPLAN / install_dialplan.TENANT_INBOUND, "public"),
+                              (DIALPLAN / install_dialplan.TENANT_OUTBOUND, "beta")):
+        generated = install_dialplan.tenants_text(context, TENANTS)
+        tenant_vars = set(re.findall(r'cmd="set" data="(\w+)=', generated))
+        used = _uses(_without_comments(template.read_text(encoding="utf-8")))
+        assert used - VARS.keys() - STOCK_GLOBALS.keys() == tenant_vars, template.name
+        # a channel variable read with ${...} falls back to a global of that name: none may clash
+        read = set(re.findall(r"(?<!\$)\$\{(\w+)\}", template.read_text(encoding="utf-8")))
+        assert not read & tenant_vars

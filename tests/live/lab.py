@@ -7,6 +7,11 @@ saved one, else `$PREFIX/conf`.  The edits mirror ../shared/freeswitch/lab.sh
 gateway, users 101-103, a gateway `carrier` to a SIPp UAS) but on free ports:
 two labs can run on one machine at once.
 
+Cloud PBX labs add FreeSWITCH domains of their own (`add_domain`: users in
+``directory/<domain>.xml``, registrations kept in their own domain) and
+contexts (`add_context`), the way several PlanFix accounts share one
+FreeSWITCH.
+
 fsbridge's dialplan is installed by `fsbridge install-dialplan`, exactly as an
 admin would, and FreeSWITCH runs as `freeswitch -nf -nc -nonat -conf ... -log
 ... -db ... -run ... -recordings ...` in its own process group, so teardown
@@ -247,10 +252,63 @@ class Lab:
 </configuration>
 """)
 
-    def install_dialplan(self, fsbridge_config: Path, *, fallback: str, responsible_ring: int) -> str:
+    def add_domain(self, domain: str, users: tuple[str, ...], context: str) -> None:
+        """A FreeSWITCH domain with its own users (the same numbers may exist in
+        another domain: other phones), whose outbound calls run in ``context``."""
+        # vanilla forces every registration into $${domain}: user/101@<domain> would find no phone
+        for param in ("force-register-domain", "force-subscription-domain", "force-register-db-domain"):
+            _sub(self.conf / "sip_profiles/internal.xml", rf'\s*<param name="{param}" value="[^"]*"/>', "",
+                 required=False)
+        entries = "".join(f"""
+          <user id="{u}">
+            <params>
+              <param name="password" value="{USER_PASSWORD}"/>
+            </params>
+            <variables>
+              <variable name="user_context" value="{context}"/>
+              <variable name="effective_caller_id_name" value="{domain} {u}"/>
+              <variable name="effective_caller_id_number" value="{u}"/>
+            </variables>
+          </user>""" for u in users)
+        # the dial string of vanilla's default domain: sofia_contact finds the phone registered in this domain
+        (self.conf / f"directory/{domain}.xml").write_text(f"""<include>
+  <domain name="{domain}">
+    <params>
+      <param name="dial-string" value="{{^^:sip_invite_domain=${{dialed_domain}}:presence_id=${{dialed_user}}@${{dialed_domain}}}}${{sofia_contact(*/${{dialed_user}}@${{dialed_domain}})}}"/>
+    </params>
+    <groups>
+      <group name="default">
+        <users>{entries}
+        </users>
+      </group>
+    </groups>
+  </domain>
+</include>
+""")
+
+    def add_context(self, name: str, domain: str) -> None:
+        """A dialplan context of its own (``dialplan/<name>.xml``): transfers to
+        10x ring that extension of ``domain``; install-dialplan adds the rest."""
+        (self.conf / f"dialplan/{name}.xml").write_text(f"""<include>
+  <context name="{name}">
+    <extension name="{name}_local_10x">
+      <condition field="destination_number" expression="^(10[1-9])$">
+        <action application="set" data="call_timeout=15"/>
+        <action application="set" data="hangup_after_bridge=true"/>
+        <action application="bridge" data="user/$1@{domain}"/>
+      </condition>
+    </extension>
+  </context>
+</include>
+""")
+
+    def install_dialplan(self, fsbridge_config: Path, *, fallback: str | None, responsible_ring: int,
+                         did: str | None = DID) -> str:
+        """`fsbridge install-dialplan -c`; no did/fallback: the config's [tenant.*] give them."""
+        options = [*(("--did", did) if did else ()), *(("--fallback", fallback) if fallback else ())]
         out = subprocess.run(
             [sys.executable, "-m", "fsbridge", "install-dialplan", "--conf-dir", str(self.conf),
-             "-c", str(fsbridge_config), "--did", DID, "--gateway", "carrier", "--fallback", fallback],
+             "-c", str(fsbridge_config), "--gateway", "carrier", *options],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )
         if out.returncode != 0:
@@ -318,23 +376,25 @@ class Lab:
     # ---- SIPp ---------------------------------------------------------------
 
     def sipp(self, scenario: str, *args: str, port: int, target: str = "internal", cwd: Path | None = None,
-             timeout_s: int = 60) -> subprocess.Popen:
+             timeout_s: int = 60, domain: str = "127.0.0.1") -> subprocess.Popen:
+        """SIPp against a profile; ``domain``: [domain] of the scenario (a phone's SIP domain)."""
         remote = self.sip_port if target == "internal" else self.ext_port
         workdir = cwd or (self.root / "sipp" / f"{scenario}-{port}-{time.monotonic_ns()}")
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = ["sipp", f"127.0.0.1:{remote}", "-sf", str(SIPP_DIR / f"{scenario}.xml"), "-i", "127.0.0.1",
                "-p", str(port), "-nostdin", "-timeout", f"{timeout_s}", "-timeout_error", "-trace_msg",
-               "-trace_err", "-mp", str(free_udp_port()), *args]
+               "-trace_err", "-mp", str(free_udp_port()), "-key", "domain", domain, *args]
         proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         proc.workdir = workdir  # type: ignore[attr-defined]
         self.sipps.append(proc)
         return proc
 
-    def register(self, user: str, port: int) -> None:
-        proc = self.sipp("register", "-s", user, "-au", user, "-ap", USER_PASSWORD, "-m", "1", port=port, timeout_s=10)
+    def register(self, user: str, port: int, domain: str = "127.0.0.1") -> None:
+        proc = self.sipp("register", "-s", user, "-au", user, "-ap", USER_PASSWORD, "-m", "1", port=port, timeout_s=10,
+                         domain=domain)
         if proc.wait(15) != 0:
-            raise RuntimeError(f"REGISTER {user} from port {port} failed: {messages(proc)[-2000:]}")
+            raise RuntimeError(f"REGISTER {user}@{domain} from port {port} failed: {messages(proc)[-2000:]}")
 
 
 def messages(proc: subprocess.Popen) -> str:
