@@ -282,7 +282,10 @@ class DemoError(Exception):
 def main(out: TextIO = sys.stdout, keep: bool = False) -> int:
     """Run the demo; 0 when every call reached PlanFix, 1 otherwise."""
     # SIGTERM (e.g. a test's timeout) stops it like Ctrl-C: the finally below cleans up.
+    # SIGINT too, explicitly: a shell's background job starts with SIGINT ignored,
+    # and Python then keeps it ignored (the demo would run on and print nothing).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="fsbridge-demo-"))
     demo = Demo(workdir, out)
     code = 1
