@@ -293,17 +293,23 @@ def test_the_token_selects_the_tenant_and_acts_on_its_extensions_only(tmp_path):
     assert stores["beta"].load() is None  # another tenant's setup never touches it
 
 
-# -- the open-calls registry ---------------------------------------------------
+# -- files written before tenants -------------------------------------------------
+
+
+def old_database(path, *statements: str) -> None:
+    """A SQLite file as an fsbridge from before tenants left it."""
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
 
 
 def test_registry_from_before_tenants_gains_tenant_and_node_and_keeps_its_calls(tmp_path):
     path = tmp_path / "open-calls.sqlite3"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE open_legs (call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"
-               " accepted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (call_id, ext))")
-    db.execute("INSERT INTO open_legs VALUES ('old', '101', '{\"cmd\": \"event\", \"event\": \"INCOMING\"}', 0)")
-    db.commit()
-    db.close()
+    old_database(path, "CREATE TABLE open_legs (call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"
+                       " accepted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (call_id, ext))",
+                 "INSERT INTO open_legs VALUES ('old', '101', '{\"cmd\": \"event\", \"event\": \"INCOMING\"}', 0)")
     reg = OpenCalls(str(path))
     assert set(reg.inherited) == {"old"} and reg.owner("old") == ("", "")
     start = PlanfixCommand("new", {"cmd": "event", "event": "INCOMING", "ext": "102", "type": "in"},
@@ -352,12 +358,9 @@ def test_health_shows_tenants_on_loopback_only_and_a_name_like_monkey_survives_t
 
 def test_a_recordings_index_from_before_tenants_keeps_its_entries(tmp_path):
     path = tmp_path / "recordings.sqlite3"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE recordings (call_id TEXT PRIMARY KEY, wav_name TEXT, mp3_name TEXT,"
-               " state TEXT NOT NULL, recorded_at REAL NOT NULL)")
-    db.execute("INSERT INTO recordings VALUES ('old', 'old.wav', NULL, 'converting', 1.0)")
-    db.commit()
-    db.close()
+    old_database(path, "CREATE TABLE recordings (call_id TEXT PRIMARY KEY, wav_name TEXT, mp3_name TEXT,"
+                       " state TEXT NOT NULL, recorded_at REAL NOT NULL)",
+                 "INSERT INTO recordings VALUES ('old', 'old.wav', NULL, 'converting', 1.0)")
     index = RecordingIndex(str(path))
     assert index.get("old") == IndexEntry("old", "old.wav", None, "converting", 1.0, "")
     index.put(IndexEntry("new", "new.wav", None, "ready", 2.0, "beta"))

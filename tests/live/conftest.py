@@ -94,12 +94,13 @@ class Env:
         self.planfix.stop()
 
 
-@pytest.fixture(scope="session")
-def env():
+def started(make, prefix: str):
+    """A lab environment (``make(root)``) in its own temp dir, started; stopped and
+    removed (unless FSBRIDGE_LIVE_KEEP=1) after, pass or fail.  A generator for fixtures."""
     if lab_mod.missing():
         pytest.skip(lab_mod.missing())
-    root = Path(tempfile.mkdtemp(prefix="fsbridge-live-"))
-    environment = Env(root)
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    environment = make(root)
     try:
         environment.start()
         yield environment
@@ -107,6 +108,11 @@ def env():
         environment.stop()
         if os.environ.get("FSBRIDGE_LIVE_KEEP") != "1":
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def env():
+    yield from started(Env, "fsbridge-live-")
 
 
 @pytest.fixture

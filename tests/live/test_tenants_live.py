@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import http.server
 import itertools
-import os
 import random
 import re
-import shutil
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -31,6 +28,7 @@ import requests
 
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.live import lab as lab_mod
+from tests.live.conftest import started
 from tests.live.lab import free_udp_port, messages
 from tests.live.test_live import VANILLA_NOISE, invite_display_name, received_invite
 from tests.service_proc import ServiceProcess
@@ -151,17 +149,7 @@ class Cloud:
 
 @pytest.fixture(scope="module")
 def cloud():
-    if lab_mod.missing():
-        pytest.skip(lab_mod.missing())
-    root = Path(tempfile.mkdtemp(prefix="fsbridge-live-tenants-"))
-    environment = Cloud(root)
-    try:
-        environment.start()
-        yield environment
-    finally:
-        environment.stop()
-        if os.environ.get("FSBRIDGE_LIVE_KEEP") != "1":
-            shutil.rmtree(root, ignore_errors=True)
+    yield from started(Cloud, "fsbridge-live-tenants-")
 
 
 @pytest.fixture
