@@ -15,6 +15,7 @@ used as dictionary keys and the PlanFix ``callid``; they are bounded too.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ SUBSCRIBED_EVENTS: tuple[str, ...] = (
 CLICK_TO_CALL_VAR = "fsbridge_click_to_call"
 CLICK_TO_CALL_EXT_VAR = "fsbridge_ext"
 CLICK_TO_CALL_PHONE_VAR = "fsbridge_phone"
+# The extension a leg to elsewhere (a mobile) is a forward of, set by the
+# dialplan when it sends no Diversion header naming him (docs/event-mapping.md).
+FORWARDED_FROM_VAR = "fsbridge_forwarded_from"
 # The tenant a click-to-call originate was made for (cloud PBX, fsbridge.tenancy).
 TENANT_VAR = "fsbridge_tenant"
 # Dialplan-set variables planfix_data_<field> become PlanFix data_<field>.
@@ -117,6 +121,7 @@ class ChannelEvent:
     record_file_path: str = ""                # Record-File-Path (RECORD_STOP)
     record_ms: int = -1                       # variable_record_ms (-1 = not present)
     queue_member_uuid: str = ""               # variable_cc_member_session_uuid (mod_callcenter agent leg -> caller)
+    forwarded_from: str = ""                  # variable_fsbridge_forwarded_from, else the user of variable_sip_h_Diversion
     other_leg_destination: str = ""           # Other-Leg-Destination-Number (CHANNEL_BRIDGE)
     voicemail_path: str = ""                  # variable_voicemail_file_path (mod_voicemail: message left)
     voicemail_seconds: int = -1               # variable_voicemail_message_len "HH:MM:SS" (-1 = not present)
@@ -216,6 +221,7 @@ def _create_fields(headers: EventHeaders) -> dict:
     }
     if fields["direction"] == "outbound":
         fields["dialed_user"] = sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS)
+        fields["forwarded_from"] = _forwarded_from(headers)
         if fields["other_leg_uuid"]:
             fields["other_type"] = sanitize(get("Other-Type"), 16)
         else:
@@ -229,6 +235,23 @@ def _create_fields(headers: EventHeaders) -> dict:
     else:
         fields["user_name"] = sanitize(get("variable_user_name"), MAX_NUMBER_CHARS)
     return fields
+
+
+# The user part of a Diversion header value: `<sip:101@pbx>;reason=no-answer`, `"Ann" <tel:101>`.
+_DIVERSION_USER = re.compile(r"<?(?:sips?|tel):([^@;>]+)")
+
+
+def _forwarded_from(headers: EventHeaders) -> str:
+    """The extension a leg forwards: our tag, else the Diversion header it sends (RFC 5806)."""
+    tag = sanitize(headers.get("variable_" + FORWARDED_FROM_VAR), MAX_NUMBER_CHARS)
+    if tag:
+        return tag
+    diversion = headers.get("variable_sip_h_Diversion")
+    if not diversion:
+        return ""
+    # several diversions: the first one (left) is the latest, RFC 5806 4.
+    match = _DIVERSION_USER.search(diversion.split(",", 1)[0])
+    return sanitize(match.group(1), MAX_NUMBER_CHARS) if match else ""
 
 
 def _bridge_fields(headers: EventHeaders) -> dict:

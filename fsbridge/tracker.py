@@ -397,7 +397,7 @@ class CallTracker:
                 call.tenant, call.rules = tenant, self._rules_for(tenant)
             elif seen and not call.seen:
                 call.seen = seen
-        ext = self._leg_ext(call, ev)
+        ext, forward = self._leg_ext(call, ev)
         out: list[PlanfixCommand] = []
         slot: _Slot | None = None
         if call.click_to_call or (call.caller_ext and not ext):
@@ -405,7 +405,7 @@ class CallTracker:
             # (an extension dialling out): it decides the outgoing outcome.
             slot = self._outgoing_slot(call, ev, out)
         elif ext and (not call.caller_ext or call.rules.report_internal_calls):
-            slot = self._incoming_slot(call, ext, out)
+            slot = self._incoming_slot(call, ext, out, forward=forward)
         leg = _Leg(ev.uuid, slot)
         call.legs[ev.uuid] = leg
         self._owner[ev.uuid] = call
@@ -414,7 +414,15 @@ class CallTracker:
             slot.live_legs += 1
         return out
 
-    def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand]) -> _Slot:
+    def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand], forward: bool = False) -> _Slot:
+        if forward:
+            # His phone rang out and his forward (a mobile) rings on: the same
+            # part of his, not a new ring, unless he had talked already.
+            talker = call.winner.slot if call.winner is not None else None
+            for slot in call.slots.values():
+                if slot.type == TYPE_IN and slot.ext == ext and slot is not talker:
+                    self._close_ended_parts(call, out, keep=slot)
+                    return slot
         # Whoever's part is over gets COMPLETED before the next one is shown
         # ringing: a hunt moved on, or the talker left (a transfer).
         self._close_ended_parts(call, out)
@@ -443,10 +451,10 @@ class CallTracker:
         out.append(self._command(call, slot, "OUTGOING"))
         return slot
 
-    def _close_ended_parts(self, call: _Call, out: list[PlanfixCommand]) -> None:
+    def _close_ended_parts(self, call: _Call, out: list[PlanfixCommand], keep: _Slot | None = None) -> None:
         winner_slot = call.winner.slot if call.winner is not None else None
         for slot in list(call.slots.values()):
-            if not slot.passed_over:
+            if not slot.passed_over or slot is keep:
                 continue
             if slot is winner_slot:
                 # The talker hung up or was transferred away; the caller
@@ -687,13 +695,22 @@ class CallTracker:
         )
 
     @staticmethod
-    def _leg_ext(call: _Call, ev: ChannelEvent) -> str:
-        """The extension a B leg rings, or "" for a leg to the outside."""
+    def _leg_ext(call: _Call, ev: ChannelEvent) -> tuple[str, bool]:
+        """(the extension a B leg is for, whether it is his forward); "" for a leg to the outside.
+
+        A leg rung as ``user/<ext>`` is that user's, whatever his directory
+        dial-string sends it to (unconditional forwarding to a mobile).  A
+        leg to elsewhere that names the extension it forwards (our tag, or
+        the Diversion header it sends) is his, except on his own call (an
+        extension's outbound call may carry his Diversion to the carrier).
+        """
         if call.rules.is_ext(ev.dialed_user):
-            return ev.dialed_user
+            return ev.dialed_user, False
+        if call.rules.is_ext(ev.forwarded_from) and ev.forwarded_from != call.caller_ext:
+            return ev.forwarded_from, True
         if call.rules.is_ext(ev.destination_number):
-            return ev.destination_number
-        return ""
+            return ev.destination_number, False
+        return "", False
 
     def _phone(self, raw: str) -> str:
         if not raw:
