@@ -37,6 +37,15 @@ DID = "74950000000"
 QUEUE_DID = "74950000001"  # answer, callcenter sales@default (ring-all 101-103)
 VOICEMAIL_DID = "74950000003"  # group 101-103, then voicemail of 101
 GROUP_TIMEOUT = 4  # seconds the group rings before voicemail
+# Call flows of captures 40-43 (tests/data/esl/README.md); DIDs far from the others' so labs can grow
+FORWARD_USER = "104"  # a directory user without a phone: its dial-string forwards every call to a mobile
+FORWARD_MOBILE = "79160000104"  # 104's mobile, through the gateway `carrier`
+NOANSWER_FORWARD_DID = "74950000041"  # rings 101 NOANSWER_RING s, then 101's mobile (Diversion: 101)
+NOANSWER_MOBILE = "79160000101"
+NOANSWER_RING = 3
+GROUP_PICKUP_DID = "74950000042"  # group 101,102 of the call group "sales"; *80 picks it up
+GROUP_PICKUP_CODE = "*80"
+FIFO_DID = "74950000043"  # the caller waits in mod_fifo's 5900 (the vanilla "park"); an agent dials 5901
 
 
 def missing() -> str | None:
@@ -225,6 +234,75 @@ class Lab:
 {tiers}
   </tiers>
 </configuration>
+""")
+
+    def add_flows_40_43(self) -> None:
+        """Forwarding to a mobile, group pickup and mod_fifo (captures 40-43): a user, DIDs, a pickup code.
+
+        As an admin configures them: unconditional forwarding is the user's
+        own `dial-string` (every `user/104` is the mobile; FreeSWITCH still
+        tags the leg `dialed_user=104`); forwarding on no answer is a second
+        bridge that names the extension in the Diversion header the carrier
+        gets (RFC 5806); group pickup is the vanilla `*8` (intercept of the
+        call group's last call, `hash .../last_dial/<group>`) for the group
+        "sales"; the FIFO is the vanilla park/unpark pair 5900/5901.
+        """
+        c = self.conf
+        (c / f"directory/default/{FORWARD_USER}.xml").write_text(f"""<include>
+  <user id="{FORWARD_USER}">
+    <params>
+      <param name="password" value="{USER_PASSWORD}"/>
+      <!-- forwards every call: user/{FORWARD_USER} rings the mobile, never a phone -->
+      <param name="dial-string" value="sofia/gateway/carrier/{FORWARD_MOBILE}"/>
+    </params>
+    <variables>
+      <variable name="user_context" value="default"/>
+      <variable name="effective_caller_id_name" value="Manager {FORWARD_USER}"/>
+      <variable name="effective_caller_id_number" value="{FORWARD_USER}"/>
+    </variables>
+  </user>
+</include>
+""")
+        (c / "dialplan/public/zz_live_flows_40.xml").write_text(f"""<include>
+  <extension name="live_forward_on_no_answer">
+    <condition field="destination_number" expression="^{NOANSWER_FORWARD_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="continue_on_fail=true"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="bridge" data="[leg_timeout={NOANSWER_RING}]user/101@$${{domain}}"/>
+      <action application="bridge" data="{{sip_h_Diversion=&lt;sip:101@$${{domain}}&gt;;reason=no-answer}}sofia/gateway/carrier/{NOANSWER_MOBILE}"/>
+    </condition>
+  </extension>
+  <extension name="live_group_sales">
+    <condition field="destination_number" expression="^{GROUP_PICKUP_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="call_timeout=20"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <!-- what vanilla Local_Extension does for the callee's call group -->
+      <action application="hash" data="insert/$${{domain}}-last_dial/sales/${{uuid}}"/>
+      <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}}"/>
+    </condition>
+  </extension>
+  <extension name="live_fifo_park">
+    <condition field="destination_number" expression="^{FIFO_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <!-- the lab has no sound files -->
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="5900@$${{domain}} in"/>
+    </condition>
+  </extension>
+</include>
+""")
+        (c / "dialplan/default/00_live_local_40.xml").write_text("""<include>
+  <!-- vanilla group-intercept (*8) for the call group "sales" -->
+  <extension name="live_group_intercept_sales">
+    <condition field="destination_number" expression="^\\*80$">
+      <action application="answer"/>
+      <action application="intercept" data="${hash(select/$${domain}-last_dial/sales)}"/>
+      <action application="sleep" data="2000"/>
+    </condition>
+  </extension>
+</include>
 """)
 
     def install_dialplan(self, fsbridge_config: Path, *, fallback: str, responsible_ring: int) -> str:
