@@ -84,6 +84,13 @@ A22 = "0141140c-2718-4988-b42d-8faf7af49e95"
 A23 = "c06ece27-6211-492b-ba97-3271169b2ef0"
 A25 = "9b0f9a5f-4579-4317-9812-343545fe8c23"
 A27 = "5264cb9b-0ab5-4590-b481-e9c69a228883"
+# Captures 40-43: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
+# lab, whose FreeSWITCH records into the lab's temp dir.
+LAB_RECORDINGS = "/tmp/fsbridge-live-339abirj/fs/recordings/"
+A40 = "5eb5248f-cd3a-4b4b-95ad-e2d1fac09ccb"
+A41 = "509c59bf-212d-4a3c-83ec-b1a8f40ba79a"
+A42 = "3afb59cd-fa13-4c4c-a780-98c3b3fdb572"
+A43 = "526c0fb4-ea6b-436b-8754-c26d61a7f42d"
 
 
 # The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
@@ -206,6 +213,42 @@ EXPECTED = {
     ],
     # Blind transfer by the phone's REFER: the same facts as 20.
     "27-inbound-blind-transfer-sip-refer-with-force_transfer_context": transferred(A27, 1, 2),
+    # Unconditional forwarding (user 104's dial-string is his mobile): the
+    # gateway leg still carries dialed_user=104, so 104 is credited.
+    "40-inbound-forward-unconditional-104-to-mobile": [
+        (cmd("in", "INCOMING", "104", A40, "79101810773", DID), None),
+        (cmd("in", "ACCEPTED", "104", A40, "79101810773", DID), None),
+        (cmd("in", "COMPLETED", "104", A40, "79101810773", DID, **completed("Success", 2, 1), **LINE),
+         LAB_RECORDINGS + A40 + ".wav"),
+    ],
+    # Forward on no answer: 101's phone rang out (NO_ANSWER), the leg to his
+    # mobile names him in its Diversion header: the same part of 101's.
+    "41-inbound-forward-noanswer-101-to-mobile": [
+        (queued(A41, "101", "INCOMING", "74951810774", "74950000041"), None),
+        (queued(A41, "101", "ACCEPTED", "74951810774", "74950000041"), None),
+        (queued(A41, "101", "COMPLETED", "74951810774", "74950000041", **completed("Success", 2, 1)),
+         LAB_RECORDINGS + A41 + ".wav"),
+    ],
+    # Group pickup: 103's `intercept <caller>` (102 ends PICKED_OFF, 101
+    # ORIGINATOR_CANCEL); the bridge is on 103's own channel, as in 22.
+    "42-inbound-group-pickup-103-intercepts-101-102": [
+        (queued(A42, "101", "INCOMING", "74951810775", "74950000042"), None),
+        (queued(A42, "102", "INCOMING", "74951810775", "74950000042"), None),
+        (queued(A42, "101", "COMPLETED", "74951810775", "74950000042", **completed("Cancelled")), None),
+        (queued(A42, "102", "COMPLETED", "74951810775", "74950000042", **completed("Cancelled")), None),
+        (queued(A42, "103", "INCOMING", "74951810775", "74950000042"), None),
+        (queued(A42, "103", "ACCEPTED", "74951810775", "74950000042"), None),
+        (queued(A42, "103", "COMPLETED", "74951810775", "74950000042", **completed("Success", 3, 1)),
+         LAB_RECORDINGS + A42 + ".wav"),
+    ],
+    # mod_fifo: nobody rings while the caller waits (fifo answered him);
+    # agent 101's `fifo ... out` bridges his own channel to the caller.
+    "43-inbound-fifo-agent-101-dials-in": [
+        (queued(A43, "101", "INCOMING", "74951810776", "74950000043"), None),
+        (queued(A43, "101", "ACCEPTED", "74951810776", "74950000043"), None),
+        (queued(A43, "101", "COMPLETED", "74951810776", "74950000043", **completed("Success", 3, 1)),
+         LAB_RECORDINGS + A43 + ".wav"),
+    ],
     # Click-to-call: the caller ID shown to the client (diversion) is known
     # only once the client leg exists, after the manager answered.
     "06a-click-to-call-answer": [
