@@ -112,6 +112,7 @@ class ChannelEvent:
     bridge_a_uuid: str = ""                   # Bridge-A-Unique-ID (CHANNEL_BRIDGE)
     bridge_b_uuid: str = ""                   # Bridge-B-Unique-ID (CHANNEL_BRIDGE)
     other_leg_answered_us: int = 0            # Other-Leg-Channel-Answered-Time (on CHANNEL_BRIDGE)
+    answered_us: int = 0                      # Caller-Channel-Answered-Time (CHANNEL_BRIDGE: the bridging channel's own)
     hangup_cause: str = ""                    # Hangup-Cause
     originate_disposition: str = ""           # variable_originate_disposition
     sip_term_status: str = ""                 # variable_sip_term_status (SIP final code of a failed leg)
@@ -120,7 +121,9 @@ class ChannelEvent:
     timestamp_us: int = 0                     # Event-Date-Timestamp
     record_file_path: str = ""                # Record-File-Path (RECORD_STOP)
     record_ms: int = -1                       # variable_record_ms (-1 = not present)
-    queue_member_uuid: str = ""               # variable_cc_member_session_uuid (mod_callcenter agent leg -> caller)
+    # variable_cc_member_session_uuid (mod_callcenter agent leg -> caller), else
+    # variable_fifo_bridge_uuid (mod_fifo member rung for that caller, ringall)
+    queue_member_uuid: str = ""
     forwarded_from: str = ""                  # variable_fsbridge_forwarded_from, else the user of variable_sip_h_Diversion
     other_leg_destination: str = ""           # Other-Leg-Destination-Number (CHANNEL_BRIDGE)
     voicemail_path: str = ""                  # variable_voicemail_file_path (mod_voicemail: message left)
@@ -225,9 +228,11 @@ def _create_fields(headers: EventHeaders) -> dict:
         if fields["other_leg_uuid"]:
             fields["other_type"] = sanitize(get("Other-Type"), 16)
         else:
-            # An outbound channel nobody originated: a mod_callcenter agent
-            # leg (its only link to the caller), or an `originate`, maybe ours.
-            fields["queue_member_uuid"] = sanitize(get("variable_cc_member_session_uuid"), MAX_ID_CHARS)
+            # An outbound channel nobody originated: a queue's agent leg
+            # (mod_callcenter, mod_fifo ringall: its only link to the caller),
+            # or an `originate`, maybe ours.
+            fields["queue_member_uuid"] = sanitize(
+                get("variable_cc_member_session_uuid") or get("variable_fifo_bridge_uuid"), MAX_ID_CHARS)
             fields["click_to_call_id"] = sanitize(get("variable_" + CLICK_TO_CALL_VAR), MAX_ID_CHARS)
             if fields["click_to_call_id"]:
                 fields["click_to_call_ext"] = sanitize(get("variable_" + CLICK_TO_CALL_EXT_VAR), MAX_NUMBER_CHARS)
@@ -260,9 +265,13 @@ def _bridge_fields(headers: EventHeaders) -> dict:
         "bridge_a_uuid": sanitize(get("Bridge-A-Unique-ID"), MAX_ID_CHARS),
         "bridge_b_uuid": sanitize(get("Bridge-B-Unique-ID"), MAX_ID_CHARS),
         "other_leg_answered_us": _int(get("Other-Leg-Channel-Answered-Time")),
+        "answered_us": _int(get("Caller-Channel-Answered-Time")),
         # Names the extension of a leg bridged in from another call
         # (attended transfer), whose CHANNEL_CREATE belonged to that call.
         "other_leg_destination": sanitize(get("Other-Leg-Destination-Number"), MAX_NUMBER_CHARS),
+        # The bridging channel's own extension when it is one we did not follow
+        # (a mod_fifo member rung for no caller in particular).
+        "dialed_user": sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS),
         "planfix_data": _planfix_data(headers),
     }
 

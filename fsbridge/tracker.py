@@ -19,8 +19,13 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
   CHANNEL_ANSWER can name a loser).  A later CHANNEL_BRIDGE on the A leg is
   a transfer: the previous talker's part ends, the new one's begins.  A
   bridge on another call's A leg whose Bridge-B is our A leg is a pickup.
-* mod_callcenter agent legs carry no originator: they are attached by
-  ``variable_cc_member_session_uuid``.
+* Queue legs carry no originator: mod_callcenter agent legs are attached
+  by ``variable_cc_member_session_uuid``, mod_fifo members rung for a
+  caller by ``variable_fifo_bridge_uuid``.  A channel that bridges itself
+  to a caller (mod_fifo's ``fifo ... out``) is that caller's bridge to it.
+* A leg to a mobile is an extension's when it names the extension it
+  forwards (``user/<ext>``, our ``fsbridge_forwarded_from``, its Diversion
+  header); it continues his part when his phone rang before it.
 * Cloud PBX: a call belongs to the tenant its A leg names, or else the
   first of its legs that names one (``fsbridge.tenancy``); every command
   carries it, and that tenant's extension pattern and internal-call rule apply.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from fsbridge.events import ChannelEvent, sanitize
@@ -256,6 +261,10 @@ class CallTracker:
         call = self._owner.get(event.uuid)
         if call is not None:
             return self._on_b_leg_event(call, call.legs[event.uuid], event)
+        if name == "CHANNEL_BRIDGE":
+            call = self._calls.get(event.bridge_b_uuid)
+            if call is not None and event.bridge_a_uuid == event.uuid:
+                return self._on_joining_bridge(call, event)
         # BACKGROUND_JOB, HEARTBEAT, channels we do not track, late events
         # of calls already closed: nothing to say.
         return []
@@ -489,6 +498,12 @@ class CallTracker:
 
     def _on_b_leg_event(self, call: _Call, leg: _Leg, ev: ChannelEvent) -> list[PlanfixCommand]:
         name = ev.name
+        if name == "CHANNEL_BRIDGE" and ev.bridge_a_uuid == leg.uuid and ev.bridge_b_uuid == call.uuid:
+            # The leg bridged itself to the caller (a mod_fifo member runs
+            # `fifo ... out` on his own channel): the caller's bridge to it.
+            # Other-Leg-* here describe the caller; Caller-* the leg.
+            return self._on_bridge(call, replace(ev, bridge_a_uuid=call.uuid, bridge_b_uuid=leg.uuid,
+                                                 other_leg_answered_us=ev.answered_us, other_leg_destination=""))
         if name == "RECORD_STOP":
             self._on_record_stop(call, ev)
         elif name in _LEG_END_EVENTS and not leg.ended:
@@ -531,6 +546,19 @@ class CallTracker:
             leg.slot.legs.append(leg)
             leg.slot.live_legs += 1
         return out + self._take_over(call, leg, ev.other_leg_answered_us or ev.timestamp_us, ev.timestamp_us)
+
+    def _on_joining_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        """A channel we did not follow bridged itself to ``call``'s caller.
+
+        A mod_fifo member rung for the queue, not for a caller (strategy
+        enterprise): which caller he gets is decided when he answers, so he
+        takes part from this bridge on, as the extension his leg rang.
+        """
+        out: list[PlanfixCommand] = []
+        self._end_talker(call, None, ev.timestamp_us, out)
+        ext = ev.dialed_user if call.rules.is_ext(ev.dialed_user) else ""
+        leg = self._join(call, ev.uuid, ext, ev.timestamp_us, out)
+        return out + self._take_over(call, leg, ev.timestamp_us, ev.timestamp_us)
 
     def _end_talker(self, call: _Call, next_leg: _Leg | None, now_us: int, out: list[PlanfixCommand]) -> None:
         """The caller is bridged elsewhere: the current talker's part ends now."""
