@@ -46,6 +46,8 @@ NOANSWER_RING = 3
 GROUP_PICKUP_DID = "74950000042"  # group 101,102 of the call group "sales"; *80 picks it up
 GROUP_PICKUP_CODE = "*80"
 FIFO_DID = "74950000043"  # the caller waits in mod_fifo's 5900 (the vanilla "park"); an agent dials 5901
+FIFO_MEMBERS_DID = "74950000044"  # the caller waits in agents@<domain>; mod_fifo rings 102 and 103 for him (ringall)
+FIFO_ENTERPRISE_DID = "74950000045"  # ... in agents_e@<domain>: mod_fifo rings 102 and 103 for the queue (enterprise)
 
 
 def missing() -> str | None:
@@ -291,7 +293,41 @@ class Lab:
       <action application="fifo" data="5900@$${{domain}} in"/>
     </condition>
   </extension>
+  <extension name="live_fifo_members">
+    <condition field="destination_number" expression="^{FIFO_MEMBERS_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="agents@$${{domain}} in"/>
+    </condition>
+  </extension>
+  <extension name="live_fifo_members_enterprise">
+    <condition field="destination_number" expression="^{FIFO_ENTERPRISE_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="agents_e@$${{domain}} in"/>
+    </condition>
+  </extension>
 </include>
+""")
+        # FIFOs with outbound members: mod_fifo rings them while a caller waits; ringall
+        # picks the caller first (fifo_bridge_uuid), enterprise when a member answers
+        members = "\n".join(
+            f'      <member timeout="10" simo="1" lag="1">{{fifo_member_wait=nowait}}user/{u}@$${{domain}}</member>'
+            for u in ("102", "103"))
+        (c / "autoload_configs/fifo.conf.xml").write_text(f"""<configuration name="fifo.conf" description="FIFO Configuration">
+  <settings>
+    <param name="delete-all-outbound-member-on-startup" value="true"/>
+  </settings>
+  <fifos>
+    <fifo name="cool_fifo@$${{domain}}" importance="0"/>
+    <fifo name="agents@$${{domain}}" importance="0" outbound_strategy="ringall" outbound_per_cycle="2">
+{members}
+    </fifo>
+    <fifo name="agents_e@$${{domain}}" importance="0" outbound_strategy="enterprise" outbound_per_cycle_min="2">
+{members}
+    </fifo>
+  </fifos>
+</configuration>
 """)
         (c / "dialplan/default/00_live_local_40.xml").write_text("""<include>
   <!-- vanilla group-intercept (*8) for the call group "sales" -->

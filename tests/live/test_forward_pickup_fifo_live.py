@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from tests.live.lab import (
-    ESL_PASSWORD, FIFO_DID, FORWARD_MOBILE, FORWARD_USER, GROUP_PICKUP_CODE, GROUP_PICKUP_DID,
+    ESL_PASSWORD, FIFO_DID, FIFO_ENTERPRISE_DID, FIFO_MEMBERS_DID, FORWARD_MOBILE, FORWARD_USER, GROUP_PICKUP_CODE, GROUP_PICKUP_DID,
     NOANSWER_FORWARD_DID, NOANSWER_MOBILE, messages,
 )
 from tests.live.recorder import recording
@@ -93,3 +93,33 @@ def test_fifo_caller_taken_by_an_agent_who_dials_in(live):
     assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
     assert 2 <= int(completed(live)["101"]["duration"]) <= 4
     assert {(r["phone"], r["diversion"]) for r in events(live)} == {(live.other, FIFO_DID)}
+
+
+def test_fifo_members_rung_for_the_caller_ringall(live):
+    """Capture 44: the caller waits in agents@<domain> (ringall); mod_fifo rings its members
+    102 and 103 for him (fifo_bridge_uuid); 102 answers after 1 s and hangs up 2 s later."""
+    phone(live, "102", "uas-answer-send-bye", "-d", "1000")
+    phone(live, "103", "uas-noanswer")
+    with capture(live, "44-inbound-fifo-members-ringall-102-answers"):
+        call = did_call(live, FIFO_MEMBERS_DID)
+        assert wait(call, 40) == 0
+        wait_calls_done(live, 2)
+    seen = brief(live)
+    assert sorted(seen[:2]) == [("INCOMING", "102", ""), ("INCOMING", "103", "")]
+    assert seen[2] == ("ACCEPTED", "102", "")
+    assert sorted(seen[3:]) == [("COMPLETED", "102", "Success"), ("COMPLETED", "103", "Cancelled")]
+    assert 1 <= int(completed(live)["102"]["duration"]) <= 3
+
+
+def test_fifo_members_rung_for_the_queue_enterprise(live):
+    """Capture 45: the caller waits in agents_e@<domain> (enterprise): mod_fifo rings 102 and 103
+    for the queue, no caller chosen yet; 102 answers after 1 s, gets the caller, hangs up 2 s later.
+    Only the member who took the caller takes part in his call."""
+    phone(live, "102", "uas-answer-send-bye", "-d", "1000")
+    phone(live, "103", "uas-noanswer")
+    with capture(live, "45-inbound-fifo-members-enterprise-102-answers"):
+        call = did_call(live, FIFO_ENTERPRISE_DID)
+        assert wait(call, 40) == 0
+        wait_calls_done(live, 1)
+    assert brief(live) == [("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    assert 1 <= int(completed(live)["102"]["duration"]) <= 3
