@@ -84,13 +84,15 @@ A22 = "0141140c-2718-4988-b42d-8faf7af49e95"
 A23 = "c06ece27-6211-492b-ba97-3271169b2ef0"
 A25 = "9b0f9a5f-4579-4317-9812-343545fe8c23"
 A27 = "5264cb9b-0ab5-4590-b481-e9c69a228883"
-# Captures 40-43: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
+# Captures 40-45: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
 # lab, whose FreeSWITCH records into the lab's temp dir.
-LAB_RECORDINGS = "/tmp/fsbridge-live-339abirj/fs/recordings/"
-A40 = "5eb5248f-cd3a-4b4b-95ad-e2d1fac09ccb"
-A41 = "509c59bf-212d-4a3c-83ec-b1a8f40ba79a"
-A42 = "3afb59cd-fa13-4c4c-a780-98c3b3fdb572"
-A43 = "526c0fb4-ea6b-436b-8754-c26d61a7f42d"
+LAB_RECORDINGS = "/tmp/fsbridge-live-j1cvwhu1/fs/recordings/"
+A40 = "5f497a55-0908-4a9a-a339-313f5a2de8b1"
+A41 = "82571f5f-1de7-4f8c-8e18-eab1029329a0"
+A42 = "4a284944-a2ff-4346-ac50-4eefe96607c5"
+A43 = "4ea5a963-465f-4dcf-a0aa-b7196ed170f0"
+A44 = "4edf98ab-0abd-40e2-a3b4-19d848640c14"
+A45 = "7de79a3e-083e-4fac-9166-31b0d58232a2"
 
 
 # The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
@@ -100,6 +102,22 @@ LINE = {"data_line": DID}
 
 def queued(callid: str, ext: str, event: str, caller: str, did: str, **extra: str) -> dict:
     return cmd("in", event, ext, callid, caller, did, **extra)
+
+
+def lab_call(callid: str, caller: str, did: str, steps: list[tuple], data: dict | None = None) -> list:
+    """An inbound call of a lab capture: (ext, event[, status, duration]) per command.
+
+    Every COMPLETED carries the call's data_* fields; Success the recording."""
+    out = []
+    for ext, event, *end in steps:
+        if not end:
+            out.append((cmd("in", event, ext, callid, caller, did), None))
+            continue
+        status, duration = (end + [0])[:2]
+        success = status == "Success"
+        out.append((cmd("in", event, ext, callid, caller, did, **completed(status, duration, int(success)),
+                        **(data or {})), LAB_RECORDINGS + callid + ".wav" if success else None))
+    return out
 
 
 def transferred(callid: str, first_s: int, second_s: int) -> list:
@@ -215,40 +233,30 @@ EXPECTED = {
     "27-inbound-blind-transfer-sip-refer-with-force_transfer_context": transferred(A27, 1, 2),
     # Unconditional forwarding (user 104's dial-string is his mobile): the
     # gateway leg still carries dialed_user=104, so 104 is credited.
-    "40-inbound-forward-unconditional-104-to-mobile": [
-        (cmd("in", "INCOMING", "104", A40, "79101810773", DID), None),
-        (cmd("in", "ACCEPTED", "104", A40, "79101810773", DID), None),
-        (cmd("in", "COMPLETED", "104", A40, "79101810773", DID, **completed("Success", 2, 1), **LINE),
-         LAB_RECORDINGS + A40 + ".wav"),
-    ],
+    "40-inbound-forward-unconditional-104-to-mobile": lab_call(A40, "79105510375", DID, [
+        ("104", "INCOMING"), ("104", "ACCEPTED"), ("104", "COMPLETED", "Success", 2)], LINE),
     # Forward on no answer: 101's phone rang out (NO_ANSWER), the leg to his
     # mobile names him in its Diversion header: the same part of 101's.
-    "41-inbound-forward-noanswer-101-to-mobile": [
-        (queued(A41, "101", "INCOMING", "74951810774", "74950000041"), None),
-        (queued(A41, "101", "ACCEPTED", "74951810774", "74950000041"), None),
-        (queued(A41, "101", "COMPLETED", "74951810774", "74950000041", **completed("Success", 2, 1)),
-         LAB_RECORDINGS + A41 + ".wav"),
-    ],
+    "41-inbound-forward-noanswer-101-to-mobile": lab_call(A41, "74955510376", "74950000041", [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
     # Group pickup: 103's `intercept <caller>` (102 ends PICKED_OFF, 101
     # ORIGINATOR_CANCEL); the bridge is on 103's own channel, as in 22.
-    "42-inbound-group-pickup-103-intercepts-101-102": [
-        (queued(A42, "101", "INCOMING", "74951810775", "74950000042"), None),
-        (queued(A42, "102", "INCOMING", "74951810775", "74950000042"), None),
-        (queued(A42, "101", "COMPLETED", "74951810775", "74950000042", **completed("Cancelled")), None),
-        (queued(A42, "102", "COMPLETED", "74951810775", "74950000042", **completed("Cancelled")), None),
-        (queued(A42, "103", "INCOMING", "74951810775", "74950000042"), None),
-        (queued(A42, "103", "ACCEPTED", "74951810775", "74950000042"), None),
-        (queued(A42, "103", "COMPLETED", "74951810775", "74950000042", **completed("Success", 3, 1)),
-         LAB_RECORDINGS + A42 + ".wav"),
-    ],
-    # mod_fifo: nobody rings while the caller waits (fifo answered him);
-    # agent 101's `fifo ... out` bridges his own channel to the caller.
-    "43-inbound-fifo-agent-101-dials-in": [
-        (queued(A43, "101", "INCOMING", "74951810776", "74950000043"), None),
-        (queued(A43, "101", "ACCEPTED", "74951810776", "74950000043"), None),
-        (queued(A43, "101", "COMPLETED", "74951810776", "74950000043", **completed("Success", 3, 1)),
-         LAB_RECORDINGS + A43 + ".wav"),
-    ],
+    "42-inbound-group-pickup-103-intercepts-101-102": lab_call(A42, "74955510377", "74950000042", [
+        ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("102", "COMPLETED", "Cancelled"),
+        ("103", "INCOMING"), ("103", "ACCEPTED"), ("103", "COMPLETED", "Success", 3)]),
+    # mod_fifo, agent dials in: nobody rings while the caller waits (fifo
+    # answered him); 101's `fifo ... out` bridges his own channel to the caller.
+    "43-inbound-fifo-agent-101-dials-in": lab_call(A43, "74955510378", "74950000043", [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 3)]),
+    # mod_fifo ringall: members rung for this caller (fifo_bridge_uuid), in
+    # CHANNEL_CREATE order; 102's bridge is on his own leg; 103 LOSE_RACE.
+    "44-inbound-fifo-members-ringall-102-answers": lab_call(A44, "74955510379", "74950000044", [
+        ("103", "INCOMING"), ("102", "INCOMING"), ("102", "ACCEPTED"), ("103", "COMPLETED", "Cancelled"),
+        ("102", "COMPLETED", "Success", 2)]),
+    # mod_fifo enterprise: members rung for the queue, no caller named; 102
+    # takes part from his bridge to the caller, 103 (rung, cancelled) never.
+    "45-inbound-fifo-members-enterprise-102-answers": lab_call(A45, "74955510380", "74950000045", [
+        ("102", "INCOMING"), ("102", "ACCEPTED"), ("102", "COMPLETED", "Success", 2)]),
     # Click-to-call: the caller ID shown to the client (diversion) is known
     # only once the client leg exists, after the manager answered.
     "06a-click-to-call-answer": [
