@@ -479,10 +479,15 @@ class CallTracker:
         name = ev.name
         if name == "CHANNEL_BRIDGE":
             target = self._calls.get(ev.bridge_b_uuid)
-            if (target is not None and target is not call and call.caller_ext and not call.click_to_call
+            if (target is not None and target is not call and not call.click_to_call
                     and target.tenant == call.tenant):  # a phone picks up only its own tenant's calls
-                # An extension's own call bridged to another call's caller.
-                return self._on_pickup(target, call, ev)
+                if call.caller_ext:
+                    # An extension's own call bridged to another call's caller.
+                    return self._on_pickup(target, call, ev)
+                if target.caller_ext and not target.click_to_call:
+                    # The caller bridged to an extension's own call: mod_dptools
+                    # `pickup` swaps the picker's channel in for pickup/<group>.
+                    return self._on_pickup(call, target, ev)
             return self._on_bridge(call, ev)
         if name == "RECORD_STOP":
             self._on_record_stop(call, ev)
