@@ -45,8 +45,11 @@ NOANSWER_MOBILE = "79160000101"
 NOANSWER_RING = 3
 GROUP_PICKUP_DID = "74950000042"  # group 101,102 of the call group "sales"; *80 picks it up
 GROUP_PICKUP_CODE = "*80"
+PICKUP_GROUP_DID = "74950000047"  # group 101,102 plus pickup/sales (mod_dptools); `pickup sales` on *81 takes it
+PICKUP_CODE = "*81"
 FIFO_DID = "74950000043"  # the caller waits in mod_fifo's 5900 (the vanilla "park"); an agent dials 5901
 FIFO_MEMBERS_DID = "74950000044"  # the caller waits in agents@<domain>; mod_fifo rings 102 and 103 for him (ringall)
+LOOPBACK_FORWARD_DID = "74950000046"  # 101 forwarded through loopback/ (the mobile via the default context), tagged
 FIFO_ENTERPRISE_DID = "74950000045"  # ... in agents_e@<domain>: mod_fifo rings 102 and 103 for the queue (enterprise)
 
 
@@ -275,6 +278,16 @@ class Lab:
       <action application="bridge" data="{{sip_h_Diversion=&lt;sip:101@$${{domain}}&gt;;reason=no-answer}}sofia/gateway/carrier/{NOANSWER_MOBILE}"/>
     </condition>
   </extension>
+  <extension name="live_forward_loopback">
+    <condition field="destination_number" expression="^{LOOPBACK_FORWARD_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <!-- loopback/ legs bridge on early media otherwise (before the mobile answered) -->
+      <action application="set" data="ignore_early_media=true"/>
+      <!-- the mobile through the phones' outbound route; our tag names whose forward it is -->
+      <action application="bridge" data="{{fsbridge_forwarded_from=101}}loopback/{NOANSWER_MOBILE}/default"/>
+    </condition>
+  </extension>
   <extension name="live_group_sales">
     <condition field="destination_number" expression="^{GROUP_PICKUP_DID}$">
       <action application="set" data="domain_name=$${{domain}}"/>
@@ -283,6 +296,15 @@ class Lab:
       <!-- what vanilla Local_Extension does for the callee's call group -->
       <action application="hash" data="insert/$${{domain}}-last_dial/sales/${{uuid}}"/>
       <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}}"/>
+    </condition>
+  </extension>
+  <extension name="live_group_pickup_endpoint">
+    <condition field="destination_number" expression="^{PICKUP_GROUP_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="call_timeout=20"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="set" data="ignore_early_media=true"/>
+      <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}},pickup/sales@$${{domain}}"/>
     </condition>
   </extension>
   <extension name="live_fifo_park">
@@ -336,6 +358,12 @@ class Lab:
       <action application="answer"/>
       <action application="intercept" data="${hash(select/$${domain}-last_dial/sales)}"/>
       <action application="sleep" data="2000"/>
+    </condition>
+  </extension>
+  <!-- mod_dptools group pickup: takes the call ringing pickup/sales@<domain> -->
+  <extension name="live_pickup_sales">
+    <condition field="destination_number" expression="^\\*81$">
+      <action application="pickup" data="sales@$${domain}"/>
     </condition>
   </extension>
 </include>

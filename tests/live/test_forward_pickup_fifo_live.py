@@ -15,7 +15,7 @@ import time
 
 from tests.live.lab import (
     ESL_PASSWORD, FIFO_DID, FIFO_ENTERPRISE_DID, FIFO_MEMBERS_DID, FORWARD_MOBILE, FORWARD_USER, GROUP_PICKUP_CODE, GROUP_PICKUP_DID,
-    NOANSWER_FORWARD_DID, NOANSWER_MOBILE, messages,
+    LOOPBACK_FORWARD_DID, NOANSWER_FORWARD_DID, NOANSWER_MOBILE, PICKUP_CODE, PICKUP_GROUP_DID, messages,
 )
 from tests.live.recorder import recording
 from tests.live.test_flows_live import completed, did_call, leg_uuid
@@ -56,6 +56,19 @@ def test_forward_on_no_answer_to_a_mobile_credits_the_extension(live):
     assert 1 <= int(completed(live)["101"]["duration"]) <= 3
 
 
+def test_forward_through_loopback_tagged_with_the_extension(live):
+    """Capture 46: the DID forwards 101 with `{fsbridge_forwarded_from=101}loopback/<mobile>/default`
+    (the phones' outbound route dials the gateway); the mobile answers after 1 s, hangs up 2 s later."""
+    with capture(live, "46-inbound-forward-loopback-tagged-101-to-mobile"):
+        mobile = carrier_uas(live, "uas-answer-send-bye", "-d", "1000")
+        assert wait(did_call(live, LOOPBACK_FORWARD_DID, scenario="carrier-uac-inbound")) == 0
+        wait_calls_done(live, 1)
+    assert f"INVITE sip:{NOANSWER_MOBILE}@" in messages(mobile)
+    assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
+    assert 1 <= int(completed(live)["101"]["duration"]) <= 3
+    assert len({r["callid"] for r in events(live)}) == 1
+
+
 def test_group_pickup_by_a_third_phone(live):
     """Capture 42: the group 101,102 rings; 1 s later phone 103 dials *80 (vanilla group
     intercept of the group "sales"), talks 3 s and hangs up."""
@@ -70,12 +83,39 @@ def test_group_pickup_by_a_third_phone(live):
         assert wait(picker, 30) == 0
         assert wait(call, 30) == 0
         wait_calls_done(live, 3)
+    assert_picked_up_by_103(live)
+
+
+def assert_picked_up_by_103(live) -> None:
+    """The group's parts end Cancelled (before or right after 103's ACCEPTED, as FreeSWITCH ends
+    their legs), 103 gets his own part; one callid."""
     seen = brief(live)
     assert sorted(seen[:2]) == [("INCOMING", "101", ""), ("INCOMING", "102", "")]
-    assert sorted(seen[2:4]) == [("COMPLETED", "101", "Cancelled"), ("COMPLETED", "102", "Cancelled")]
-    assert seen[4:] == [("INCOMING", "103", ""), ("ACCEPTED", "103", ""), ("COMPLETED", "103", "Success")]
+    assert sorted(seen[2:]) == [("ACCEPTED", "103", ""), ("COMPLETED", "101", "Cancelled"),
+                                ("COMPLETED", "102", "Cancelled"), ("COMPLETED", "103", "Success"),
+                                ("INCOMING", "103", "")]
+    assert [e for e in seen if e[1] == "103"] == [("INCOMING", "103", ""), ("ACCEPTED", "103", ""),
+                                                  ("COMPLETED", "103", "Success")]
+    assert seen[-1] == ("COMPLETED", "103", "Success")
     assert 2 <= int(completed(live)["103"]["duration"]) <= 4
     assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_group_pickup_with_the_pickup_application(live):
+    """Capture 47: the group 101,102 and `pickup/sales@<domain>` rings; 1 s later phone 103 dials
+    *81 (`pickup sales@<domain>`), talks 3 s and hangs up."""
+    phone(live, "101", "uas-noanswer")
+    phone(live, "102", "uas-noanswer")
+    with capture(live, "47-inbound-group-pickup-app-103-picks-101-102"):
+        call = did_call(live, PICKUP_GROUP_DID)
+        leg_uuid(live, "101")
+        leg_uuid(live, "102")
+        time.sleep(1.0)
+        picker = phone_dials(live, "103", PICKUP_CODE)
+        assert wait(picker, 30) == 0
+        assert wait(call, 30) == 0
+        wait_calls_done(live, 3)
+    assert_picked_up_by_103(live)
 
 
 def test_fifo_caller_taken_by_an_agent_who_dials_in(live):
