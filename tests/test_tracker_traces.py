@@ -84,15 +84,17 @@ A22 = "0141140c-2718-4988-b42d-8faf7af49e95"
 A23 = "c06ece27-6211-492b-ba97-3271169b2ef0"
 A25 = "9b0f9a5f-4579-4317-9812-343545fe8c23"
 A27 = "5264cb9b-0ab5-4590-b481-e9c69a228883"
-# Captures 40-45: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
+# Captures 40-47: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
 # lab, whose FreeSWITCH records into the lab's temp dir.
-LAB_RECORDINGS = "/tmp/fsbridge-live-j1cvwhu1/fs/recordings/"
-A40 = "5f497a55-0908-4a9a-a339-313f5a2de8b1"
-A41 = "82571f5f-1de7-4f8c-8e18-eab1029329a0"
-A42 = "4a284944-a2ff-4346-ac50-4eefe96607c5"
-A43 = "4ea5a963-465f-4dcf-a0aa-b7196ed170f0"
-A44 = "4edf98ab-0abd-40e2-a3b4-19d848640c14"
-A45 = "7de79a3e-083e-4fac-9166-31b0d58232a2"
+LAB_RECORDINGS = "/tmp/fsbridge-live-x_2qes8n/fs/recordings/"
+A40 = "beb81499-0a2b-495f-a846-b8e013d2afe3"
+A41 = "0ba08d34-fdaf-451a-ae2e-6efcb11b6383"
+A42 = "531e0c79-0af6-4034-90c8-f183f8410c1c"
+A43 = "000bcb1f-fff7-4e8d-a9c4-e9e429e0fb2f"
+A44 = "f95ca517-702f-4355-9f4d-3b31c00e566b"
+A45 = "10855d26-b58f-491e-8f6a-d11ffa7dd5a0"
+A46 = "4dc4fc4d-e5d9-4c37-89f8-5b34b068e720"
+A47 = "f1d51b91-08e2-4930-9307-e616f0243027"
 
 
 # The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
@@ -233,29 +235,38 @@ EXPECTED = {
     "27-inbound-blind-transfer-sip-refer-with-force_transfer_context": transferred(A27, 1, 2),
     # Unconditional forwarding (user 104's dial-string is his mobile): the
     # gateway leg still carries dialed_user=104, so 104 is credited.
-    "40-inbound-forward-unconditional-104-to-mobile": lab_call(A40, "79105510375", DID, [
+    "40-inbound-forward-unconditional-104-to-mobile": lab_call(A40, "79104635603", DID, [
         ("104", "INCOMING"), ("104", "ACCEPTED"), ("104", "COMPLETED", "Success", 2)], LINE),
     # Forward on no answer: 101's phone rang out (NO_ANSWER), the leg to his
     # mobile names him in its Diversion header: the same part of 101's.
-    "41-inbound-forward-noanswer-101-to-mobile": lab_call(A41, "74955510376", "74950000041", [
+    "41-inbound-forward-noanswer-101-to-mobile": lab_call(A41, "74954635604", "74950000041", [
         ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
-    # Group pickup: 103's `intercept <caller>` (102 ends PICKED_OFF, 101
+    # Forward through loopback/, tagged fsbridge_forwarded_from=101 (the
+    # loopback's far half is a call of its own, from outside to outside).
+    "46-inbound-forward-loopback-tagged-101-to-mobile": lab_call(A46, "74954635605", "74950000046", [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
+    # Group pickup: 103's `intercept <caller>` (the rung legs end PICKED_OFF /
     # ORIGINATOR_CANCEL); the bridge is on 103's own channel, as in 22.
-    "42-inbound-group-pickup-103-intercepts-101-102": lab_call(A42, "74955510377", "74950000042", [
+    "42-inbound-group-pickup-103-intercepts-101-102": lab_call(A42, "74954635606", "74950000042", [
         ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("102", "COMPLETED", "Cancelled"),
         ("103", "INCOMING"), ("103", "ACCEPTED"), ("103", "COMPLETED", "Success", 3)]),
+    # Group pickup by mod_dptools `pickup`: the caller's bridge names 103's own
+    # channel (swapped in for pickup/sales); 102 had ended LOSE_RACE by then.
+    "47-inbound-group-pickup-app-103-picks-101-102": lab_call(A47, "74954635607", "74950000047", [
+        ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("103", "INCOMING"),
+        ("103", "ACCEPTED"), ("102", "COMPLETED", "Cancelled"), ("103", "COMPLETED", "Success", 3)]),
     # mod_fifo, agent dials in: nobody rings while the caller waits (fifo
     # answered him); 101's `fifo ... out` bridges his own channel to the caller.
-    "43-inbound-fifo-agent-101-dials-in": lab_call(A43, "74955510378", "74950000043", [
+    "43-inbound-fifo-agent-101-dials-in": lab_call(A43, "74954635608", "74950000043", [
         ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 3)]),
     # mod_fifo ringall: members rung for this caller (fifo_bridge_uuid), in
     # CHANNEL_CREATE order; 102's bridge is on his own leg; 103 LOSE_RACE.
-    "44-inbound-fifo-members-ringall-102-answers": lab_call(A44, "74955510379", "74950000044", [
-        ("103", "INCOMING"), ("102", "INCOMING"), ("102", "ACCEPTED"), ("103", "COMPLETED", "Cancelled"),
+    "44-inbound-fifo-members-ringall-102-answers": lab_call(A44, "74954635609", "74950000044", [
+        ("102", "INCOMING"), ("103", "INCOMING"), ("102", "ACCEPTED"), ("103", "COMPLETED", "Cancelled"),
         ("102", "COMPLETED", "Success", 2)]),
     # mod_fifo enterprise: members rung for the queue, no caller named; 102
     # takes part from his bridge to the caller, 103 (rung, cancelled) never.
-    "45-inbound-fifo-members-enterprise-102-answers": lab_call(A45, "74955510380", "74950000045", [
+    "45-inbound-fifo-members-enterprise-102-answers": lab_call(A45, "74954635610", "74950000045", [
         ("102", "INCOMING"), ("102", "ACCEPTED"), ("102", "COMPLETED", "Success", 2)]),
     # Click-to-call: the caller ID shown to the client (diversion) is known
     # only once the client leg exists, after the manager answered.
