@@ -125,6 +125,7 @@ class ChannelEvent:
     # variable_fifo_bridge_uuid (mod_fifo member rung for that caller, ringall)
     queue_member_uuid: str = ""
     forwarded_from: str = ""                  # variable_fsbridge_forwarded_from, else the user of variable_sip_h_Diversion
+    redirect_to: str = ""                     # variable_sip_redirect_contact_user_0 of a leg the phone redirected (302)
     other_leg_destination: str = ""           # Other-Leg-Destination-Number (CHANNEL_BRIDGE)
     voicemail_path: str = ""                  # variable_voicemail_file_path (mod_voicemail: message left)
     voicemail_seconds: int = -1               # variable_voicemail_message_len "HH:MM:SS" (-1 = not present)
@@ -286,6 +287,10 @@ def _leg_end_fields(headers: EventHeaders) -> dict:
         "hangup_us": _int(get("Caller-Channel-Hangup-Time")),
         "planfix_data": _planfix_data(headers),
     }
+    if fields["hangup_cause"] == "REDIRECTION_TO_NEW_DESTINATION":
+        # The phone answered 302 (its own call forwarding): mod_sofia sends
+        # the caller on to the Contact's user (a transfer of the A leg).
+        fields["redirect_to"] = sanitize(get("variable_sip_redirect_contact_user_0"), MAX_NUMBER_CHARS)
     if get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
         fields["record_ms"] = _record_ms(headers)
         # mod_voicemail sets these on the caller's channel once it saved a

@@ -156,11 +156,13 @@ class _Leg:
     call up.  Those are *joined* legs: they count talk time from the join.
     """
 
-    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us")
+    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us",
+                 "number")
 
-    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0) -> None:
+    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0, number: str = "") -> None:
         self.uuid = uuid
         self.slot = slot
+        self.number = number         # a leg to the outside: the number it rings (normalized)
         self.ended = False
         self.billsec = -1            # -1: leg not ended (or ended without billsec)
         self.cause = ""
@@ -174,6 +176,7 @@ class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
         "winner", "recording_path", "record_ms", "data", "voicemail_path", "tenant", "seen", "rules",
+        "redirects",
     )
 
     def __init__(self, uuid: str, rules: "_Rules") -> None:
@@ -192,6 +195,7 @@ class _Call:
         self.record_ms = -1          # -1: unknown
         self.data: dict[str, str] = {}
         self.voicemail_path = ""     # the message the caller left, if any
+        self.redirects: dict[str, _Slot] = {}  # number a phone redirected to (302) -> that extension's part
 
 
 class CallTracker:
@@ -407,6 +411,10 @@ class CallTracker:
             elif seen and not call.seen:
                 call.seen = seen
         ext, forward = self._leg_ext(call, ev)
+        number = "" if ext else self._phone(ev.destination_number)
+        redirected = call.redirects.get(number) if number else None
+        if redirected is not None:
+            ext, forward = redirected.ext, True  # the number his phone forwarded to
         out: list[PlanfixCommand] = []
         slot: _Slot | None = None
         if call.click_to_call or (call.caller_ext and not ext):
@@ -415,7 +423,7 @@ class CallTracker:
             slot = self._outgoing_slot(call, ev, out)
         elif ext and (not call.caller_ext or call.rules.report_internal_calls):
             slot = self._incoming_slot(call, ext, out, forward=forward)
-        leg = _Leg(ev.uuid, slot)
+        leg = _Leg(ev.uuid, slot, number=number)
         call.legs[ev.uuid] = leg
         self._owner[ev.uuid] = call
         if slot is not None:
@@ -522,6 +530,9 @@ class CallTracker:
                 slot.live_legs -= 1
                 if leg is not call.winner:
                     slot.last_failed_leg = leg
+                target = self._phone(ev.redirect_to) if slot.type == TYPE_IN else ""
+                if target:
+                    call.redirects[target] = slot
         return []
 
     def _on_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
@@ -538,6 +549,13 @@ class CallTracker:
         leg = call.legs.get(other)
         if leg is None and call.winner is None and other not in self._owner:
             return []  # bridged to a channel we did not see originate
+        if leg is not None and leg.slot is None and leg.number and leg.number in call.redirects:
+            # Rung before the redirecting leg's end arrived: his forward after all.
+            slot = call.redirects[leg.number]
+            if id(slot) in call.slots:
+                leg.slot = slot
+                slot.legs.append(leg)
+                slot.live_legs += 1
         self._end_talker(call, leg, ev.timestamp_us, out)
         if leg is None:
             joined_ext = ev.other_leg_destination if call.rules.is_ext(ev.other_leg_destination) else ""

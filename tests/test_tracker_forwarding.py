@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from fsbridge.phone import normalize_phone
 from fsbridge.tracker import CallTracker, TrackerSettings
 from tests.test_tracker_edges import T0, Call, event, feed_all, summary
 
@@ -147,3 +148,58 @@ def test_a_colleagues_call_forwarded_to_a_mobile_is_internal(report):
             ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "7"),
         ]
         assert {c.fields["phone"] for c in commands} == {"102"}
+
+
+def redirected_leg_end(call: Call, b: str, t: float, target: str):
+    """The phone answered 302 (its own forwarding): mod_sofia ends the leg so."""
+    return call.leg_end(b, t, cause="REDIRECTION_TO_NEW_DESTINATION",
+                        variable_sip_redirect_contact_user_0=target)
+
+
+def test_phone_redirect_to_a_mobile_is_his_forward():
+    """Matched as the service normalizes numbers: the phone's 8 916... is the route's 7 916..."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(TrackerSettings(normalize_phone=normalize_phone)), [
+        call.create(0), call.leg("b1", "101", 0.1), redirected_leg_end(call, "b1", 0.6, "89160000101"),
+        # the caller's transfer to the number; the outbound route dials it as 7916...
+        call.outside_leg("m1", "79160000101", t=0.7), call.bridge("m1", 3),
+        call.leg_end("m1", 6, billsec=3), call.end(6),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "3"),
+    ]
+
+
+def test_phone_redirect_known_only_after_the_new_leg_rang_is_taken_at_the_bridge():
+    """The redirected leg's HANGUP_COMPLETE may come after the next leg's CHANNEL_CREATE."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), call.outside_leg("m1", "79160000101", t=0.6),
+        redirected_leg_end(call, "b1", 0.6, "79160000101"), call.bridge("m1", 3),
+        call.leg_end("m1", 6, billsec=3), call.end(6),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "ACCEPTED", "", ""), ("101", "COMPLETED", "Success", "3"),
+    ]
+
+
+def test_phone_redirect_to_a_colleague_is_his_call():
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), redirected_leg_end(call, "b1", 0.6, "102"),
+        call.leg("b2", "102", 0.7), call.bridge("b2", 3), call.leg_end("b2", 6, billsec=3), call.end(6),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("101", "COMPLETED", "Cancelled", "0"),
+        ("102", "INCOMING", "", ""), ("102", "ACCEPTED", "", ""), ("102", "COMPLETED", "Success", "3"),
+    ]
+
+
+def test_an_outside_leg_to_another_number_after_a_redirect_is_nobodys():
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 0.1), redirected_leg_end(call, "b1", 0.6, "79160000101"),
+        call.outside_leg("m1", "79990000000", t=0.7), call.bridge("m1", 3),
+        call.leg_end("m1", 6, billsec=3), call.end(6),
+    ])
+    assert summary(commands) == [("101", "INCOMING", "", ""), ("101", "COMPLETED", "Missed", "0")]
