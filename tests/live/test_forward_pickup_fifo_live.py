@@ -163,3 +163,19 @@ def test_fifo_members_rung_for_the_queue_enterprise(live):
         wait_calls_done(live, 1)
     assert brief(live) == [("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
     assert 1 <= int(completed(live)["102"]["duration"]) <= 3
+
+
+def test_forward_by_the_phone_with_302(live):
+    """Capture 48: the client's responsible 101 forwards on his phone: it answers the INVITE with
+    `302 Moved Temporarily` (Contact: his mobile); mod_sofia transfers the caller to that number,
+    in `default` (fsbridge's force_transfer_context), whose outbound route dials the gateway."""
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    phone(live, "101", "uas-redirect-302", "-key", "target", NOANSWER_MOBILE, "-key", "ext", "101")
+    with capture(live, "48-inbound-forward-phone-302-101-to-mobile"):
+        mobile = carrier_uas(live, "uas-answer-send-bye", "-d", "1000")
+        assert wait(carrier_call(live, live.client)) == 0
+        wait_calls_done(live, 1)
+    assert f"INVITE sip:{NOANSWER_MOBILE}@" in messages(mobile)
+    assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
+    assert 1 <= int(completed(live)["101"]["duration"]) <= 3
+    assert len({r["callid"] for r in events(live)}) == 1
