@@ -25,7 +25,8 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
   to a caller (mod_fifo's ``fifo ... out``) is that caller's bridge to it.
 * A leg to a mobile is an extension's when it names the extension it
   forwards (``user/<ext>``, our ``fsbridge_forwarded_from``, its Diversion
-  header); it continues his part when his phone rang before it.
+  header) or rings the number his phone redirected the caller to (302); it
+  continues his part when his phone rang before it.
 * Cloud PBX: a call belongs to the tenant its A leg names, or else the
   first of its legs that names one (``fsbridge.tenancy``); every command
   carries it, and that tenant's extension pattern and internal-call rule apply.
@@ -162,7 +163,7 @@ class _Leg:
     def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0, number: str = "") -> None:
         self.uuid = uuid
         self.slot = slot
-        self.number = number         # a leg to the outside: the number it rings (normalized)
+        self.number = number         # a leg to the outside: the number it rings
         self.ended = False
         self.billsec = -1            # -1: leg not ended (or ended without billsec)
         self.cause = ""
@@ -411,8 +412,8 @@ class CallTracker:
             elif seen and not call.seen:
                 call.seen = seen
         ext, forward = self._leg_ext(call, ev)
-        number = "" if ext else self._phone(ev.destination_number)
-        redirected = call.redirects.get(number) if number else None
+        number = "" if ext else ev.destination_number
+        redirected = self._redirected_to(call, number)
         if redirected is not None:
             ext, forward = redirected.ext, True  # the number his phone forwarded to
         out: list[PlanfixCommand] = []
@@ -549,13 +550,12 @@ class CallTracker:
         leg = call.legs.get(other)
         if leg is None and call.winner is None and other not in self._owner:
             return []  # bridged to a channel we did not see originate
-        if leg is not None and leg.slot is None and leg.number and leg.number in call.redirects:
+        redirected = self._redirected_to(call, leg.number) if leg is not None and leg.slot is None else None
+        if redirected is not None and id(redirected) in call.slots:
             # Rung before the redirecting leg's end arrived: his forward after all.
-            slot = call.redirects[leg.number]
-            if id(slot) in call.slots:
-                leg.slot = slot
-                slot.legs.append(leg)
-                slot.live_legs += 1
+            leg.slot = redirected
+            redirected.legs.append(leg)
+            redirected.live_legs += 1
         self._end_talker(call, leg, ev.timestamp_us, out)
         if leg is None:
             joined_ext = ev.other_leg_destination if call.rules.is_ext(ev.other_leg_destination) else ""
@@ -570,12 +570,20 @@ class CallTracker:
             leg.slot.live_legs += 1
         return out + self._take_over(call, leg, ev.other_leg_answered_us or ev.timestamp_us, ev.timestamp_us)
 
+    def _redirected_to(self, call: _Call, number: str) -> _Slot | None:
+        """The part of the extension whose phone redirected the caller (302) to ``number``."""
+        if not call.redirects or not number:
+            return None  # normalizing costs: only once a phone redirected
+        return call.redirects.get(self._phone(number))
+
     def _on_joining_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
         """A channel we did not follow bridged itself to ``call``'s caller.
 
         A mod_fifo member rung for the queue, not for a caller (strategy
         enterprise): which caller he gets is decided when he answers, so he
-        takes part from this bridge on, as the extension his leg rang.
+        takes part from this bridge on, as the extension his leg rang.  Any
+        other channel that bridges itself to the caller (``uuid_bridge <it>
+        <caller>``) joins the same way.
         """
         out: list[PlanfixCommand] = []
         self._end_talker(call, None, ev.timestamp_us, out)

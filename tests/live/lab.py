@@ -37,7 +37,7 @@ DID = "74950000000"
 QUEUE_DID = "74950000001"  # answer, callcenter sales@default (ring-all 101-103)
 VOICEMAIL_DID = "74950000003"  # group 101-103, then voicemail of 101
 GROUP_TIMEOUT = 4  # seconds the group rings before voicemail
-# Call flows of captures 40-43 (tests/data/esl/README.md); DIDs far from the others' so labs can grow
+# Call flows of captures 40-48 (tests/data/esl/README.md); DIDs far from the others' so labs can grow
 FORWARD_USER = "104"  # a directory user without a phone: its dial-string forwards every call to a mobile
 FORWARD_MOBILE = "79160000104"  # 104's mobile, through the gateway `carrier`
 NOANSWER_FORWARD_DID = "74950000041"  # rings 101 NOANSWER_RING s, then 101's mobile (Diversion: 101)
@@ -241,16 +241,19 @@ class Lab:
 </configuration>
 """)
 
-    def add_flows_40_43(self) -> None:
-        """Forwarding to a mobile, group pickup and mod_fifo (captures 40-43): a user, DIDs, a pickup code.
+    def add_forward_pickup_fifo_flows(self) -> None:
+        """Forwarding to a mobile, group pickup and mod_fifo (captures 40-48): a user, DIDs, codes, FIFOs.
 
         As an admin configures them: unconditional forwarding is the user's
         own `dial-string` (every `user/104` is the mobile; FreeSWITCH still
         tags the leg `dialed_user=104`); forwarding on no answer is a second
         bridge that names the extension in the Diversion header the carrier
-        gets (RFC 5806); group pickup is the vanilla `*8` (intercept of the
-        call group's last call, `hash .../last_dial/<group>`) for the group
-        "sales"; the FIFO is the vanilla park/unpark pair 5900/5901.
+        gets (RFC 5806), or our tag on a `loopback/` leg; group pickup is the
+        vanilla `*8` (intercept of the call group's last call,
+        `hash .../last_dial/<group>`) for the group "sales", or mod_dptools
+        `pickup` of `pickup/sales`; the FIFOs are the vanilla park/unpark
+        pair 5900/5901 and two with outbound members (ringall, enterprise).
+        A phone's own forwarding (302, capture 48) needs nothing here.
         """
         c = self.conf
         (c / f"directory/default/{FORWARD_USER}.xml").write_text(f"""<include>
