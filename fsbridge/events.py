@@ -225,7 +225,10 @@ def _create_fields(headers: EventHeaders) -> dict:
     }
     if fields["direction"] == "outbound":
         fields["dialed_user"] = sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS)
-        fields["forwarded_from"] = _forwarded_from(headers)
+        if not fields["dialed_user"]:
+            # A user/<ext> leg is his whatever it rings; only other legs can
+            # be a forward (two lookups saved on every ordinary ring).
+            fields["forwarded_from"] = _forwarded_from(headers)
         if fields["other_leg_uuid"]:
             fields["other_type"] = sanitize(get("Other-Type"), 16)
         else:
