@@ -25,6 +25,7 @@ class EslRecorder:
         self.path = Path(path)
         self._sent = bytearray()
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._sock.settimeout(None)  # a bridged call may send nothing for many seconds
         self._out = open(self.path, "wb")
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
