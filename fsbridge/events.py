@@ -274,8 +274,10 @@ def _bridge_fields(headers: EventHeaders) -> dict:
         # (attended transfer), whose CHANNEL_CREATE belonged to that call.
         "other_leg_destination": sanitize(get("Other-Leg-Destination-Number"), MAX_NUMBER_CHARS),
         # The bridging channel's own extension when it is one we did not follow
-        # (a mod_fifo member rung for no caller in particular).
+        # (a mod_fifo member rung for no caller in particular; a phone whose
+        # call serves caller after caller, `fifo ... out wait`).
         "dialed_user": sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS),
+        "user_name": sanitize(get("variable_user_name"), MAX_NUMBER_CHARS),
         "planfix_data": _planfix_data(headers),
     }
 

@@ -581,13 +581,15 @@ class CallTracker:
 
         A mod_fifo member rung for the queue, not for a caller (strategy
         enterprise): which caller he gets is decided when he answers, so he
-        takes part from this bridge on, as the extension his leg rang.  Any
-        other channel that bridges itself to the caller (``uuid_bridge <it>
-        <caller>``) joins the same way.
+        takes part from this bridge on, as the extension his leg rang.  A
+        consumer waiting off-hook (``fifo ... out wait``) likewise for every
+        caller after the first (whose call his own dissolved into): his phone
+        is the extension.  Any other channel that bridges itself to the
+        caller (``uuid_bridge <it> <caller>``) joins the same way.
         """
         out: list[PlanfixCommand] = []
         self._end_talker(call, None, ev.timestamp_us, out)
-        ext = ev.dialed_user if call.rules.is_ext(ev.dialed_user) else ""
+        ext = next((x for x in (ev.dialed_user, ev.user_name) if call.rules.is_ext(x)), "")
         leg = self._join(call, ev.uuid, ext, ev.timestamp_us, out)
         return out + self._take_over(call, leg, ev.timestamp_us, ev.timestamp_us)
 

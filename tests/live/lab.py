@@ -363,6 +363,14 @@ class Lab:
       <action application="sleep" data="2000"/>
     </condition>
   </extension>
+  <!-- a FIFO consumer off-hook: his one call serves caller after caller of 5900 -->
+  <extension name="live_fifo_consumer_wait">
+    <condition field="destination_number" expression="^5902$">
+      <action application="answer"/>
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="5900@$${domain} out wait"/>
+    </condition>
+  </extension>
   <!-- mod_dptools group pickup: takes the call ringing pickup/sales@<domain> -->
   <extension name="live_pickup_sales">
     <condition field="destination_number" expression="^\\*81$">

@@ -19,6 +19,7 @@ from tests.live.lab import (
 )
 from tests.live.recorder import recording
 from tests.live.test_flows_live import completed, did_call, leg_uuid
+from tests.live.lab import free_udp_port
 from tests.live.test_live import CLIENT_NAME, brief, carrier_call, carrier_uas, events, phone, phone_dials, wait, wait_calls_done
 
 
@@ -179,3 +180,26 @@ def test_forward_by_the_phone_with_302(live):
     assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
     assert 1 <= int(completed(live)["101"]["duration"]) <= 3
     assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_fifo_consumer_off_hook_serves_two_callers(live):
+    """Capture 49: phone 101 dials 5902 (`fifo 5900@... out wait`) and stays on the line; two
+    callers come one after the other: the first talks 3 s with 101; the second waits out 101's
+    wrap-up (mod_fifo's default, about 5 s) and hangs up 15 s after the FIFO answered him."""
+    with capture(live, "49-inbound-fifo-consumer-101-waits-two-callers"):
+        consumer = live.lab.sipp("phone-uac-consult", "-s", "5902", "-key", "ext", "101", "-au", "101",
+                                 "-ap", "1234", "-m", "1", port=free_udp_port())
+        agent = leg_uuid(live, "", answered=True, prefix="sofia/internal/101@")
+        assert wait(did_call(live, FIFO_DID, scenario="carrier-uac-inbound"), 30) == 0
+        assert wait(did_call(live, FIFO_DID, scenario="carrier-uac-inbound-long"), 40) == 0
+        assert "+OK" in live.lab.cli(f"uuid_kill {agent}")
+        assert wait(consumer, 20) == 0
+        wait_calls_done(live, 2)
+    seen = events(live)
+    callids = list(dict.fromkeys(r["callid"] for r in seen))
+    assert len(callids) == 2
+    for callid in callids:
+        mine = [(r["event"], r["ext"], r.get("status", "")) for r in seen if r["callid"] == callid]
+        assert mine == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
+    first, second = (int(r["duration"]) for r in seen if r["event"] == "COMPLETED")
+    assert 2 <= first <= 4 and 5 <= second <= 15
