@@ -84,18 +84,20 @@ A22 = "0141140c-2718-4988-b42d-8faf7af49e95"
 A23 = "c06ece27-6211-492b-ba97-3271169b2ef0"
 A25 = "9b0f9a5f-4579-4317-9812-343545fe8c23"
 A27 = "5264cb9b-0ab5-4590-b481-e9c69a228883"
-# Captures 40-48: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
+# Captures 40-49: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
 # lab, whose FreeSWITCH records into the lab's temp dir.
-LAB_RECORDINGS = "/tmp/fsbridge-live-no6o76eo/fs/recordings/"
-A40 = "ba8d0c2f-9f65-4ed9-a384-88eba52cdc5b"
-A41 = "eb5af222-6cf2-481f-a530-f1ad05ecc254"
-A42 = "b5bf14fb-2894-434f-92a9-4ead56e42244"
-A43 = "a6a748f0-fc77-4f7f-b4b6-de57e11a3e4b"
-A44 = "28ad68e2-1a6e-45f4-be77-4d346aa8272f"
-A45 = "93dade9f-bc16-4e75-b40d-c6230b7d1063"
-A46 = "71f72a05-2dfb-419c-ad0d-74a207283179"
-A47 = "a5b71bf6-b23e-431d-98ea-f180975986b6"
-A48 = "b0822a31-ecbe-4327-a8b7-d03490fd03d9"
+LAB_RECORDINGS = "/tmp/fsbridge-live-bzwszar6/fs/recordings/"
+A40 = "9c1ae6ed-8ac5-4efe-95ac-441419f2835c"
+A41 = "04729cb1-ca09-4df8-9ca0-c3d101f372b6"
+A42 = "ebb2ba12-9a85-4798-8b04-8168ce8f7ab7"
+A43 = "ee5ce434-94d1-47ce-bc96-33d5aa4a2554"
+A44 = "d80cbd2c-b053-4d54-bb9b-8aa6ca6ead28"
+A45 = "a2d007d8-03e9-4e4b-9cef-30f1304c3fbb"
+A46 = "895daf65-f71c-451c-9c42-6438d4c0ceb8"
+A47 = "472bca86-9c2f-443e-8abd-aab4f4963eda"
+A48 = "d7b0506c-2799-4718-add2-95ebe277130b"
+A49 = "727d2b99-c347-4e0e-a679-cc1118e15b68"  # the first caller; the second:
+A49B = "db26e26c-3470-4618-a262-7c2afb2f6841"
 
 
 # The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
@@ -236,43 +238,52 @@ EXPECTED = {
     "27-inbound-blind-transfer-sip-refer-with-force_transfer_context": transferred(A27, 1, 2),
     # Unconditional forwarding (user 104's dial-string is his mobile): the
     # gateway leg still carries dialed_user=104, so 104 is credited.
-    "40-inbound-forward-unconditional-104-to-mobile": lab_call(A40, "79105931651", DID, [
+    "40-inbound-forward-unconditional-104-to-mobile": lab_call(A40, "79104468642", DID, [
         ("104", "INCOMING"), ("104", "ACCEPTED"), ("104", "COMPLETED", "Success", 2)], LINE),
     # Forward on no answer: 101's phone rang out (NO_ANSWER), the leg to his
     # mobile names him in its Diversion header: the same part of 101's.
-    "41-inbound-forward-noanswer-101-to-mobile": lab_call(A41, "74955931652", "74950000041", [
+    "41-inbound-forward-noanswer-101-to-mobile": lab_call(A41, "74954468643", "74950000041", [
         ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
     # Forward through loopback/, tagged fsbridge_forwarded_from=101 (the
     # loopback's far half is a call of its own, from outside to outside).
-    "46-inbound-forward-loopback-tagged-101-to-mobile": lab_call(A46, "74955931653", "74950000046", [
+    "46-inbound-forward-loopback-tagged-101-to-mobile": lab_call(A46, "74954468644", "74950000046", [
         ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
     # The phone's own forwarding: 101 answered 302 to his mobile; his leg ends
     # REDIRECTION_TO_NEW_DESTINATION (sip_redirect_contact_user_0), the caller
     # is transferred to that number and rings it: his forward.
-    "48-inbound-forward-phone-302-101-to-mobile": lab_call(A48, "79105931659", DID, [
+    "48-inbound-forward-phone-302-101-to-mobile": lab_call(A48, "79104468650", DID, [
         ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)], LINE),
     # Group pickup: 103's `intercept <caller>` (the rung legs end PICKED_OFF /
     # ORIGINATOR_CANCEL); the bridge is on 103's own channel, as in 22.
-    "42-inbound-group-pickup-103-intercepts-101-102": lab_call(A42, "74955931654", "74950000042", [
+    "42-inbound-group-pickup-103-intercepts-101-102": lab_call(A42, "74954468645", "74950000042", [
         ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("102", "COMPLETED", "Cancelled"),
         ("103", "INCOMING"), ("103", "ACCEPTED"), ("103", "COMPLETED", "Success", 3)]),
     # Group pickup by mod_dptools `pickup`: the caller's bridge names 103's own
     # channel (swapped in for pickup/sales); 102 had ended LOSE_RACE by then.
-    "47-inbound-group-pickup-app-103-picks-101-102": lab_call(A47, "74955931655", "74950000047", [
+    "47-inbound-group-pickup-app-103-picks-101-102": lab_call(A47, "74954468646", "74950000047", [
         ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("103", "INCOMING"),
         ("103", "ACCEPTED"), ("102", "COMPLETED", "Cancelled"), ("103", "COMPLETED", "Success", 3)]),
     # mod_fifo, agent dials in: nobody rings while the caller waits (fifo
     # answered him); 101's `fifo ... out` bridges his own channel to the caller.
-    "43-inbound-fifo-agent-101-dials-in": lab_call(A43, "74955931656", "74950000043", [
+    "43-inbound-fifo-agent-101-dials-in": lab_call(A43, "74954468647", "74950000043", [
         ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 3)]),
+    # mod_fifo consumer off-hook (`out wait`): the first caller's bridge
+    # dissolves 101's call into his; the second caller gets 101's channel
+    # bridged to him (no leg of ours any more): 101 joins that call too.
+    "49-inbound-fifo-consumer-101-waits-two-callers": [
+        *lab_call(A49, "74954468651", "74950000043", [
+            ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 3)]),
+        *lab_call(A49B, "74954468651", "74950000043", [
+            ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 11)]),
+    ],
     # mod_fifo ringall: members rung for this caller (fifo_bridge_uuid), in
     # CHANNEL_CREATE order; 102's bridge is on his own leg; 103 LOSE_RACE.
-    "44-inbound-fifo-members-ringall-102-answers": lab_call(A44, "74955931657", "74950000044", [
+    "44-inbound-fifo-members-ringall-102-answers": lab_call(A44, "74954468648", "74950000044", [
         ("102", "INCOMING"), ("103", "INCOMING"), ("102", "ACCEPTED"), ("103", "COMPLETED", "Cancelled"),
         ("102", "COMPLETED", "Success", 2)]),
     # mod_fifo enterprise: members rung for the queue, no caller named; 102
     # takes part from his bridge to the caller, 103 (rung, cancelled) never.
-    "45-inbound-fifo-members-enterprise-102-answers": lab_call(A45, "74955931658", "74950000045", [
+    "45-inbound-fifo-members-enterprise-102-answers": lab_call(A45, "74954468649", "74950000045", [
         ("102", "INCOMING"), ("102", "ACCEPTED"), ("102", "COMPLETED", "Success", 2)]),
     # Click-to-call: the caller ID shown to the client (diversion) is known
     # only once the client leg exists, after the manager answered.
