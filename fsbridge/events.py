@@ -15,6 +15,7 @@ used as dictionary keys and the PlanFix ``callid``; they are bounded too.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ SUBSCRIBED_EVENTS: tuple[str, ...] = (
 CLICK_TO_CALL_VAR = "fsbridge_click_to_call"
 CLICK_TO_CALL_EXT_VAR = "fsbridge_ext"
 CLICK_TO_CALL_PHONE_VAR = "fsbridge_phone"
+# The extension a leg to elsewhere (a mobile) is a forward of, set by the
+# dialplan when it sends no Diversion header naming him (docs/event-mapping.md).
+FORWARDED_FROM_VAR = "fsbridge_forwarded_from"
 # The tenant a click-to-call originate was made for (cloud PBX, fsbridge.tenancy).
 TENANT_VAR = "fsbridge_tenant"
 # Dialplan-set variables planfix_data_<field> become PlanFix data_<field>.
@@ -108,6 +112,7 @@ class ChannelEvent:
     bridge_a_uuid: str = ""                   # Bridge-A-Unique-ID (CHANNEL_BRIDGE)
     bridge_b_uuid: str = ""                   # Bridge-B-Unique-ID (CHANNEL_BRIDGE)
     other_leg_answered_us: int = 0            # Other-Leg-Channel-Answered-Time (on CHANNEL_BRIDGE)
+    answered_us: int = 0                      # Caller-Channel-Answered-Time (CHANNEL_BRIDGE: the bridging channel's own)
     hangup_cause: str = ""                    # Hangup-Cause
     originate_disposition: str = ""           # variable_originate_disposition
     sip_term_status: str = ""                 # variable_sip_term_status (SIP final code of a failed leg)
@@ -116,7 +121,11 @@ class ChannelEvent:
     timestamp_us: int = 0                     # Event-Date-Timestamp
     record_file_path: str = ""                # Record-File-Path (RECORD_STOP)
     record_ms: int = -1                       # variable_record_ms (-1 = not present)
-    queue_member_uuid: str = ""               # variable_cc_member_session_uuid (mod_callcenter agent leg -> caller)
+    # variable_cc_member_session_uuid (mod_callcenter agent leg -> caller), else
+    # variable_fifo_bridge_uuid (mod_fifo member rung for that caller, ringall)
+    queue_member_uuid: str = ""
+    forwarded_from: str = ""                  # variable_fsbridge_forwarded_from, else the user of variable_sip_h_Diversion
+    redirect_to: str = ""                     # variable_sip_redirect_contact_user_0 of a leg the phone redirected (302)
     other_leg_destination: str = ""           # Other-Leg-Destination-Number (CHANNEL_BRIDGE)
     voicemail_path: str = ""                  # variable_voicemail_file_path (mod_voicemail: message left)
     voicemail_seconds: int = -1               # variable_voicemail_message_len "HH:MM:SS" (-1 = not present)
@@ -216,12 +225,18 @@ def _create_fields(headers: EventHeaders) -> dict:
     }
     if fields["direction"] == "outbound":
         fields["dialed_user"] = sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS)
+        if not fields["dialed_user"]:
+            # A user/<ext> leg is his whatever it rings; only other legs can
+            # be a forward (two lookups saved on every ordinary ring).
+            fields["forwarded_from"] = _forwarded_from(headers)
         if fields["other_leg_uuid"]:
             fields["other_type"] = sanitize(get("Other-Type"), 16)
         else:
-            # An outbound channel nobody originated: a mod_callcenter agent
-            # leg (its only link to the caller), or an `originate`, maybe ours.
-            fields["queue_member_uuid"] = sanitize(get("variable_cc_member_session_uuid"), MAX_ID_CHARS)
+            # An outbound channel nobody originated: a queue's agent leg
+            # (mod_callcenter, mod_fifo ringall: its only link to the caller),
+            # or an `originate`, maybe ours.
+            fields["queue_member_uuid"] = sanitize(
+                get("variable_cc_member_session_uuid") or get("variable_fifo_bridge_uuid"), MAX_ID_CHARS)
             fields["click_to_call_id"] = sanitize(get("variable_" + CLICK_TO_CALL_VAR), MAX_ID_CHARS)
             if fields["click_to_call_id"]:
                 fields["click_to_call_ext"] = sanitize(get("variable_" + CLICK_TO_CALL_EXT_VAR), MAX_NUMBER_CHARS)
@@ -231,15 +246,38 @@ def _create_fields(headers: EventHeaders) -> dict:
     return fields
 
 
+# The user part of a Diversion header value: `<sip:101@pbx>;reason=no-answer`, `"Ann" <tel:101>`.
+_DIVERSION_USER = re.compile(r"<?(?:sips?|tel):([^@;>]+)")
+
+
+def _forwarded_from(headers: EventHeaders) -> str:
+    """The extension a leg forwards: our tag, else the Diversion header it sends (RFC 5806)."""
+    tag = sanitize(headers.get("variable_" + FORWARDED_FROM_VAR), MAX_NUMBER_CHARS)
+    if tag:
+        return tag
+    diversion = headers.get("variable_sip_h_Diversion")
+    if not diversion:
+        return ""
+    # several diversions: the first one (left) is the latest, RFC 5806 4.
+    match = _DIVERSION_USER.search(diversion.split(",", 1)[0])
+    return sanitize(match.group(1), MAX_NUMBER_CHARS) if match else ""
+
+
 def _bridge_fields(headers: EventHeaders) -> dict:
     get = headers.get
     return {
         "bridge_a_uuid": sanitize(get("Bridge-A-Unique-ID"), MAX_ID_CHARS),
         "bridge_b_uuid": sanitize(get("Bridge-B-Unique-ID"), MAX_ID_CHARS),
         "other_leg_answered_us": _int(get("Other-Leg-Channel-Answered-Time")),
+        "answered_us": _int(get("Caller-Channel-Answered-Time")),
         # Names the extension of a leg bridged in from another call
         # (attended transfer), whose CHANNEL_CREATE belonged to that call.
         "other_leg_destination": sanitize(get("Other-Leg-Destination-Number"), MAX_NUMBER_CHARS),
+        # The bridging channel's own extension when it is one we did not follow
+        # (a mod_fifo member rung for no caller in particular; a phone whose
+        # call serves caller after caller, `fifo ... out wait`).
+        "dialed_user": sanitize(get("variable_dialed_user"), MAX_NUMBER_CHARS),
+        "user_name": sanitize(get("variable_user_name"), MAX_NUMBER_CHARS),
         "planfix_data": _planfix_data(headers),
     }
 
@@ -254,6 +292,10 @@ def _leg_end_fields(headers: EventHeaders) -> dict:
         "hangup_us": _int(get("Caller-Channel-Hangup-Time")),
         "planfix_data": _planfix_data(headers),
     }
+    if fields["hangup_cause"] == "REDIRECTION_TO_NEW_DESTINATION":
+        # The phone answered 302 (its own call forwarding): mod_sofia sends
+        # the caller on to the Contact's user (a transfer of the A leg).
+        fields["redirect_to"] = sanitize(get("variable_sip_redirect_contact_user_0"), MAX_NUMBER_CHARS)
     if get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
         fields["record_ms"] = _record_ms(headers)
         # mod_voicemail sets these on the caller's channel once it saved a

@@ -19,8 +19,14 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
   CHANNEL_ANSWER can name a loser).  A later CHANNEL_BRIDGE on the A leg is
   a transfer: the previous talker's part ends, the new one's begins.  A
   bridge on another call's A leg whose Bridge-B is our A leg is a pickup.
-* mod_callcenter agent legs carry no originator: they are attached by
-  ``variable_cc_member_session_uuid``.
+* Queue legs carry no originator: mod_callcenter agent legs are attached
+  by ``variable_cc_member_session_uuid``, mod_fifo members rung for a
+  caller by ``variable_fifo_bridge_uuid``.  A channel that bridges itself
+  to a caller (mod_fifo's ``fifo ... out``) is that caller's bridge to it.
+* A leg to a mobile is an extension's when it names the extension it
+  forwards (``user/<ext>``, our ``fsbridge_forwarded_from``, its Diversion
+  header) or rings the number his phone redirected the caller to (302); it
+  continues his part when his phone rang before it.
 * Cloud PBX: a call belongs to the tenant its A leg names, or else the
   first of its legs that names one (``fsbridge.tenancy``); every command
   carries it, and that tenant's extension pattern and internal-call rule apply.
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from fsbridge.events import ChannelEvent, sanitize
@@ -151,11 +157,13 @@ class _Leg:
     call up.  Those are *joined* legs: they count talk time from the join.
     """
 
-    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us")
+    __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us",
+                 "number")
 
-    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0) -> None:
+    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0, number: str = "") -> None:
         self.uuid = uuid
         self.slot = slot
+        self.number = number         # a leg to the outside: the number it rings
         self.ended = False
         self.billsec = -1            # -1: leg not ended (or ended without billsec)
         self.cause = ""
@@ -169,6 +177,7 @@ class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
         "winner", "recording_path", "record_ms", "data", "voicemail_path", "tenant", "seen", "rules",
+        "redirects",
     )
 
     def __init__(self, uuid: str, rules: "_Rules") -> None:
@@ -187,6 +196,7 @@ class _Call:
         self.record_ms = -1          # -1: unknown
         self.data: dict[str, str] = {}
         self.voicemail_path = ""     # the message the caller left, if any
+        self.redirects: dict[str, _Slot] = {}  # number a phone redirected to (302) -> that extension's part
 
 
 class CallTracker:
@@ -256,6 +266,10 @@ class CallTracker:
         call = self._owner.get(event.uuid)
         if call is not None:
             return self._on_b_leg_event(call, call.legs[event.uuid], event)
+        if name == "CHANNEL_BRIDGE":
+            call = self._calls.get(event.bridge_b_uuid)
+            if call is not None and event.bridge_a_uuid == event.uuid:
+                return self._on_joining_bridge(call, event)
         # BACKGROUND_JOB, HEARTBEAT, channels we do not track, late events
         # of calls already closed: nothing to say.
         return []
@@ -397,7 +411,11 @@ class CallTracker:
                 call.tenant, call.rules = tenant, self._rules_for(tenant)
             elif seen and not call.seen:
                 call.seen = seen
-        ext = self._leg_ext(call, ev)
+        ext, forward = self._leg_ext(call, ev)
+        number = "" if ext else ev.destination_number
+        redirected = self._redirected_to(call, number)
+        if redirected is not None:
+            ext, forward = redirected.ext, True  # the number his phone forwarded to
         out: list[PlanfixCommand] = []
         slot: _Slot | None = None
         if call.click_to_call or (call.caller_ext and not ext):
@@ -405,8 +423,8 @@ class CallTracker:
             # (an extension dialling out): it decides the outgoing outcome.
             slot = self._outgoing_slot(call, ev, out)
         elif ext and (not call.caller_ext or call.rules.report_internal_calls):
-            slot = self._incoming_slot(call, ext, out)
-        leg = _Leg(ev.uuid, slot)
+            slot = self._incoming_slot(call, ext, out, forward=forward)
+        leg = _Leg(ev.uuid, slot, number=number)
         call.legs[ev.uuid] = leg
         self._owner[ev.uuid] = call
         if slot is not None:
@@ -414,7 +432,15 @@ class CallTracker:
             slot.live_legs += 1
         return out
 
-    def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand]) -> _Slot:
+    def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand], forward: bool = False) -> _Slot:
+        if forward:
+            # His phone rang out and his forward (a mobile) rings on: the same
+            # part of his, not a new ring, unless he had talked already.
+            talker = call.winner.slot if call.winner is not None else None
+            for slot in call.slots.values():
+                if slot.type == TYPE_IN and slot.ext == ext and slot is not talker:
+                    self._close_ended_parts(call, out, keep=slot)
+                    return slot
         # Whoever's part is over gets COMPLETED before the next one is shown
         # ringing: a hunt moved on, or the talker left (a transfer).
         self._close_ended_parts(call, out)
@@ -443,10 +469,10 @@ class CallTracker:
         out.append(self._command(call, slot, "OUTGOING"))
         return slot
 
-    def _close_ended_parts(self, call: _Call, out: list[PlanfixCommand]) -> None:
+    def _close_ended_parts(self, call: _Call, out: list[PlanfixCommand], keep: _Slot | None = None) -> None:
         winner_slot = call.winner.slot if call.winner is not None else None
         for slot in list(call.slots.values()):
-            if not slot.passed_over:
+            if not slot.passed_over or slot is keep:
                 continue
             if slot is winner_slot:
                 # The talker hung up or was transferred away; the caller
@@ -462,10 +488,15 @@ class CallTracker:
         name = ev.name
         if name == "CHANNEL_BRIDGE":
             target = self._calls.get(ev.bridge_b_uuid)
-            if (target is not None and target is not call and call.caller_ext and not call.click_to_call
+            if (target is not None and target is not call and not call.click_to_call
                     and target.tenant == call.tenant):  # a phone picks up only its own tenant's calls
-                # An extension's own call bridged to another call's caller.
-                return self._on_pickup(target, call, ev)
+                if call.caller_ext:
+                    # An extension's own call bridged to another call's caller.
+                    return self._on_pickup(target, call, ev)
+                if target.caller_ext and not target.click_to_call:
+                    # The caller bridged to an extension's own call: mod_dptools
+                    # `pickup` swaps the picker's channel in for pickup/<group>.
+                    return self._on_pickup(call, target, ev)
             return self._on_bridge(call, ev)
         if name == "RECORD_STOP":
             self._on_record_stop(call, ev)
@@ -481,6 +512,12 @@ class CallTracker:
 
     def _on_b_leg_event(self, call: _Call, leg: _Leg, ev: ChannelEvent) -> list[PlanfixCommand]:
         name = ev.name
+        if name == "CHANNEL_BRIDGE" and ev.bridge_a_uuid == leg.uuid and ev.bridge_b_uuid == call.uuid:
+            # The leg bridged itself to the caller (a mod_fifo member runs
+            # `fifo ... out` on his own channel): the caller's bridge to it.
+            # Other-Leg-* here describe the caller; Caller-* the leg.
+            return self._on_bridge(call, replace(ev, bridge_a_uuid=call.uuid, bridge_b_uuid=leg.uuid,
+                                                 other_leg_answered_us=ev.answered_us, other_leg_destination=""))
         if name == "RECORD_STOP":
             self._on_record_stop(call, ev)
         elif name in _LEG_END_EVENTS and not leg.ended:
@@ -494,6 +531,9 @@ class CallTracker:
                 slot.live_legs -= 1
                 if leg is not call.winner:
                     slot.last_failed_leg = leg
+                target = self._phone(ev.redirect_to) if slot.type == TYPE_IN else ""
+                if target:
+                    call.redirects[target] = slot
         return []
 
     def _on_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
@@ -510,6 +550,12 @@ class CallTracker:
         leg = call.legs.get(other)
         if leg is None and call.winner is None and other not in self._owner:
             return []  # bridged to a channel we did not see originate
+        redirected = self._redirected_to(call, leg.number) if leg is not None and leg.slot is None else None
+        if redirected is not None and id(redirected) in call.slots:
+            # Rung before the redirecting leg's end arrived: his forward after all.
+            leg.slot = redirected
+            redirected.legs.append(leg)
+            redirected.live_legs += 1
         self._end_talker(call, leg, ev.timestamp_us, out)
         if leg is None:
             joined_ext = ev.other_leg_destination if call.rules.is_ext(ev.other_leg_destination) else ""
@@ -523,6 +569,29 @@ class CallTracker:
             leg.slot.legs.append(leg)
             leg.slot.live_legs += 1
         return out + self._take_over(call, leg, ev.other_leg_answered_us or ev.timestamp_us, ev.timestamp_us)
+
+    def _redirected_to(self, call: _Call, number: str) -> _Slot | None:
+        """The part of the extension whose phone redirected the caller (302) to ``number``."""
+        if not call.redirects or not number:
+            return None  # normalizing costs: only once a phone redirected
+        return call.redirects.get(self._phone(number))
+
+    def _on_joining_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
+        """A channel we did not follow bridged itself to ``call``'s caller.
+
+        A mod_fifo member rung for the queue, not for a caller (strategy
+        enterprise): which caller he gets is decided when he answers, so he
+        takes part from this bridge on, as the extension his leg rang.  A
+        consumer waiting off-hook (``fifo ... out wait``) likewise for every
+        caller after the first (whose call his own dissolved into): his phone
+        is the extension.  Any other channel that bridges itself to the
+        caller (``uuid_bridge <it> <caller>``) joins the same way.
+        """
+        out: list[PlanfixCommand] = []
+        self._end_talker(call, None, ev.timestamp_us, out)
+        ext = next((x for x in (ev.dialed_user, ev.user_name) if call.rules.is_ext(x)), "")
+        leg = self._join(call, ev.uuid, ext, ev.timestamp_us, out)
+        return out + self._take_over(call, leg, ev.timestamp_us, ev.timestamp_us)
 
     def _end_talker(self, call: _Call, next_leg: _Leg | None, now_us: int, out: list[PlanfixCommand]) -> None:
         """The caller is bridged elsewhere: the current talker's part ends now."""
@@ -687,13 +756,22 @@ class CallTracker:
         )
 
     @staticmethod
-    def _leg_ext(call: _Call, ev: ChannelEvent) -> str:
-        """The extension a B leg rings, or "" for a leg to the outside."""
+    def _leg_ext(call: _Call, ev: ChannelEvent) -> tuple[str, bool]:
+        """(the extension a B leg is for, whether it is his forward); "" for a leg to the outside.
+
+        A leg rung as ``user/<ext>`` is that user's, whatever his directory
+        dial-string sends it to (unconditional forwarding to a mobile).  A
+        leg to elsewhere that names the extension it forwards (our tag, or
+        the Diversion header it sends) is his, except on his own call (an
+        extension's outbound call may carry his Diversion to the carrier).
+        """
         if call.rules.is_ext(ev.dialed_user):
-            return ev.dialed_user
+            return ev.dialed_user, False
+        if call.rules.is_ext(ev.forwarded_from) and ev.forwarded_from != call.caller_ext:
+            return ev.forwarded_from, True
         if call.rules.is_ext(ev.destination_number):
-            return ev.destination_number
-        return ""
+            return ev.destination_number, False
+        return "", False
 
     def _phone(self, raw: str) -> str:
         if not raw:

@@ -200,7 +200,10 @@ def multi_tracker(tenants: list[Tenant], **rules) -> CallTracker:
 @pytest.mark.parametrize("capture", ["01-inbound-single-answer", "02-inbound-ring-group", "05a-outbound-answer",
                                      "20-inbound-blind-transfer-uuid_transfer-101-to-102",
                                      "22-inbound-pickup-102-intercepts-101",
-                                     "23-inbound-callcenter-queue-ring-all"])
+                                     "23-inbound-callcenter-queue-ring-all",
+                                     "41-inbound-forward-noanswer-101-to-mobile",
+                                     "44-inbound-fifo-members-ringall-102-answers",
+                                     "47-inbound-group-pickup-app-103-picks-101-102"])
 def test_each_tenant_gets_exactly_its_own_calls(capture):
     tenants = make_tenants(50)
     tracker = multi_tracker(tenants)

@@ -164,3 +164,49 @@ def test_adoption_skips_legs_it_cannot_place():
     reply["rows"][1]["call_uuid"] = reply["rows"][1]["uuid"]   # e.g. a queue agent leg: no link in the listing
     assert CallTracker().adopt(json.dumps(reply), T0) == []
     assert adoption_events('{"row_count":0}', T0) == []
+
+
+def fifo_member_leg(call: Call | None, b: str, ext: str, t: float):
+    """A mod_fifo member leg: no originator; ringall names the caller in fifo_bridge_uuid."""
+    linked = {"variable_fifo_bridge_uuid": call.a} if call is not None else {}
+    return event("CHANNEL_CREATE", b, Channel__Call__UUID=b, Call__Direction="outbound",
+                 Caller__Destination__Number=ext, variable_dialed_user=ext,
+                 Event__Date__Timestamp=str(T0 + int(t * 1e6)), **linked)
+
+
+def member_bridge(call: Call, b: str, ext: str, t: float, answered: float):
+    """mod_fifo's bridge: on the member's own channel, Bridge-B the caller."""
+    return event("CHANNEL_BRIDGE", b, Channel__Call__UUID=b, Call__Direction="outbound",
+                 Other__Leg__Unique__ID=call.a, Other__Type="originatee",
+                 Bridge__A__Unique__ID=b, Bridge__B__Unique__ID=call.a, variable_dialed_user=ext,
+                 Caller__Channel__Answered__Time=str(T0 + int(answered * 1e6)),
+                 Event__Date__Timestamp=str(T0 + int(t * 1e6)))
+
+
+def test_fifo_member_answer_time_is_his_own_when_his_end_comes_late():
+    """The caller's leg ends first: 102's talk time runs from his answer, not the caller's."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), fifo_member_leg(call, "m1", "102", 1), member_bridge(call, "m1", "102", 3.1, answered=3),
+        call.end(8), call.leg_end("m1", 8, billsec=5),
+    ])
+    assert summary(commands) == [("102", "INCOMING", "", ""), ("102", "ACCEPTED", "", ""),
+                                 ("102", "COMPLETED", "Success", "5")]
+
+
+def test_fifo_member_bridge_delivered_twice_changes_nothing():
+    call = Call("a1")
+    tracker = CallTracker()
+    feed_all(tracker, [call.create(0), fifo_member_leg(None, "m1", "102", 1)])
+    first = tracker.feed(member_bridge(call, "m1", "102", 3, answered=3))
+    assert summary(first) == [("102", "INCOMING", "", ""), ("102", "ACCEPTED", "", "")]
+    assert tracker.feed(member_bridge(call, "m1", "102", 3, answered=3)) == []
+
+
+def test_a_channel_naming_no_extension_bridged_to_the_caller_is_nobody():
+    """E.g. a leg `originate`d to an outside number and bridged in by the FIFO: no slot, no events."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), member_bridge(call, "x1", "79160000000", 2, answered=2), call.end(6),
+    ])
+    assert commands == []

@@ -88,6 +88,20 @@ A28 = "b527f2c2-75d9-4d73-8df6-4dd1b6a85696"
 A29 = "987739d9-5dd8-43a2-b546-b313a57f50ce"
 A30 = "d4893db2-6310-43a0-8981-b545346b14d9"
 A31 = "46c09194-7930-4b31-ae04-99694bae1146"
+# Captures 40-49: recorded by tests/live (FSBRIDGE_LIVE_CAPTURE) in its private
+# lab, whose FreeSWITCH records into the lab's temp dir.
+LAB_RECORDINGS = "/tmp/fsbridge-live-bzwszar6/fs/recordings/"
+A40 = "9c1ae6ed-8ac5-4efe-95ac-441419f2835c"
+A41 = "04729cb1-ca09-4df8-9ca0-c3d101f372b6"
+A42 = "ebb2ba12-9a85-4798-8b04-8168ce8f7ab7"
+A43 = "ee5ce434-94d1-47ce-bc96-33d5aa4a2554"
+A44 = "d80cbd2c-b053-4d54-bb9b-8aa6ca6ead28"
+A45 = "a2d007d8-03e9-4e4b-9cef-30f1304c3fbb"
+A46 = "895daf65-f71c-451c-9c42-6438d4c0ceb8"
+A47 = "472bca86-9c2f-443e-8abd-aab4f4963eda"
+A48 = "d7b0506c-2799-4718-add2-95ebe277130b"
+A49 = "727d2b99-c347-4e0e-a679-cc1118e15b68"  # the first caller; the second:
+A49B = "db26e26c-3470-4618-a262-7c2afb2f6841"
 
 
 # The 2x captures ran fsbridge's dialplan, which sets planfix_data_line (the
@@ -106,6 +120,22 @@ def one_agent(callid: str, ext: str, caller: str, did: str, talk_s: int = 2) -> 
         (queued(callid, ext, "ACCEPTED", caller, did), None),
         (queued(callid, ext, "COMPLETED", caller, did, **completed("Success", talk_s, 1)), RECORDINGS + callid + ".wav"),
     ]
+
+
+def lab_call(callid: str, caller: str, did: str, steps: list[tuple], data: dict | None = None) -> list:
+    """An inbound call of a lab capture: (ext, event[, status, duration]) per command.
+
+    Every COMPLETED carries the call's data_* fields; Success the recording."""
+    out = []
+    for ext, event, *end in steps:
+        if not end:
+            out.append((cmd("in", event, ext, callid, caller, did), None))
+            continue
+        status, duration = (end + [0])[:2]
+        success = status == "Success"
+        out.append((cmd("in", event, ext, callid, caller, did, **completed(status, duration, int(success)),
+                        **(data or {})), LAB_RECORDINGS + callid + ".wav" if success else None))
+    return out
 
 
 def transferred(callid: str, first_s: int, second_s: int) -> list:
@@ -233,6 +263,55 @@ EXPECTED = {
     ],
     # Blind transfer by the phone's REFER: the same facts as 20.
     "27-inbound-blind-transfer-sip-refer-with-force_transfer_context": transferred(A27, 1, 2),
+    # Unconditional forwarding (user 104's dial-string is his mobile): the
+    # gateway leg still carries dialed_user=104, so 104 is credited.
+    "40-inbound-forward-unconditional-104-to-mobile": lab_call(A40, "79104468642", DID, [
+        ("104", "INCOMING"), ("104", "ACCEPTED"), ("104", "COMPLETED", "Success", 2)], LINE),
+    # Forward on no answer: 101's phone rang out (NO_ANSWER), the leg to his
+    # mobile names him in its Diversion header: the same part of 101's.
+    "41-inbound-forward-noanswer-101-to-mobile": lab_call(A41, "74954468643", "74950000041", [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
+    # Forward through loopback/, tagged fsbridge_forwarded_from=101 (the
+    # loopback's far half is a call of its own, from outside to outside).
+    "46-inbound-forward-loopback-tagged-101-to-mobile": lab_call(A46, "74954468644", "74950000046", [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)]),
+    # The phone's own forwarding: 101 answered 302 to his mobile; his leg ends
+    # REDIRECTION_TO_NEW_DESTINATION (sip_redirect_contact_user_0), the caller
+    # is transferred to that number and rings it: his forward.
+    "48-inbound-forward-phone-302-101-to-mobile": lab_call(A48, "79104468650", DID, [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 2)], LINE),
+    # Group pickup: 103's `intercept <caller>` (the rung legs end PICKED_OFF /
+    # ORIGINATOR_CANCEL); the bridge is on 103's own channel, as in 22.
+    "42-inbound-group-pickup-103-intercepts-101-102": lab_call(A42, "74954468645", "74950000042", [
+        ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("102", "COMPLETED", "Cancelled"),
+        ("103", "INCOMING"), ("103", "ACCEPTED"), ("103", "COMPLETED", "Success", 3)]),
+    # Group pickup by mod_dptools `pickup`: the caller's bridge names 103's own
+    # channel (swapped in for pickup/sales); 102 had ended LOSE_RACE by then.
+    "47-inbound-group-pickup-app-103-picks-101-102": lab_call(A47, "74954468646", "74950000047", [
+        ("101", "INCOMING"), ("102", "INCOMING"), ("101", "COMPLETED", "Cancelled"), ("103", "INCOMING"),
+        ("103", "ACCEPTED"), ("102", "COMPLETED", "Cancelled"), ("103", "COMPLETED", "Success", 3)]),
+    # mod_fifo, agent dials in: nobody rings while the caller waits (fifo
+    # answered him); 101's `fifo ... out` bridges his own channel to the caller.
+    "43-inbound-fifo-agent-101-dials-in": lab_call(A43, "74954468647", "74950000043", [
+        ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 3)]),
+    # mod_fifo consumer off-hook (`out wait`): the first caller's bridge
+    # dissolves 101's call into his; the second caller gets 101's channel
+    # bridged to him (no leg of ours any more): 101 joins that call too.
+    "49-inbound-fifo-consumer-101-waits-two-callers": [
+        *lab_call(A49, "74954468651", "74950000043", [
+            ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 3)]),
+        *lab_call(A49B, "74954468651", "74950000043", [
+            ("101", "INCOMING"), ("101", "ACCEPTED"), ("101", "COMPLETED", "Success", 11)]),
+    ],
+    # mod_fifo ringall: members rung for this caller (fifo_bridge_uuid), in
+    # CHANNEL_CREATE order; 102's bridge is on his own leg; 103 LOSE_RACE.
+    "44-inbound-fifo-members-ringall-102-answers": lab_call(A44, "74954468648", "74950000044", [
+        ("102", "INCOMING"), ("103", "INCOMING"), ("102", "ACCEPTED"), ("103", "COMPLETED", "Cancelled"),
+        ("102", "COMPLETED", "Success", 2)]),
+    # mod_fifo enterprise: members rung for the queue, no caller named; 102
+    # takes part from his bridge to the caller, 103 (rung, cancelled) never.
+    "45-inbound-fifo-members-enterprise-102-answers": lab_call(A45, "74954468649", "74950000045", [
+        ("102", "INCOMING"), ("102", "ACCEPTED"), ("102", "COMPLETED", "Success", 2)]),
     # Click-to-call: the caller ID shown to the client (diversion) is known
     # only once the client leg exists, after the manager answered.
     "06a-click-to-call-answer": [

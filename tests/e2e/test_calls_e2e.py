@@ -25,7 +25,7 @@ import requests
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
-from tests.test_tracker_traces import CALLER, EXPECTED, MANAGER_UUID, RECORDINGS
+from tests.test_tracker_traces import CALLER, EXPECTED, LAB_RECORDINGS, MANAGER_UUID, RECORDINGS
 from tests.traces import read_trace, rewrite_click_to_call
 
 FS_RECORDINGS = RECORDINGS.rstrip("/")
@@ -42,6 +42,16 @@ def make_wav(path, seconds: float = 0.2) -> bytes:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    yield from _stack(tmp_path_factory, FS_RECORDINGS)
+
+
+@pytest.fixture(scope="module")
+def lab_stack(tmp_path_factory):
+    """For the captures of tests/live's lab, whose FreeSWITCH recorded into its temp dir."""
+    yield from _stack(tmp_path_factory, LAB_RECORDINGS.rstrip("/"))
+
+
+def _stack(tmp_path_factory, fs_recordings: str):
     work = tmp_path_factory.mktemp("e2e")
     recordings = work / "recordings"
     recordings.mkdir()
@@ -51,7 +61,7 @@ def stack(tmp_path_factory):
             fs_port=fs.port,
             planfix_url=planfix.url,
             planfix_token=planfix.token,
-            settings={"recordings": {"dir": str(recordings), "freeswitch_dir": FS_RECORDINGS}},
+            settings={"recordings": {"dir": str(recordings), "freeswitch_dir": fs_recordings}},
         )
         with service:
             service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
@@ -97,12 +107,26 @@ def check(service, planfix, recordings, callid, expected, files: dict[str, bytes
     planfix.assert_no_violations()
 
 
-INBOUND_OUTBOUND = sorted(name for name in EXPECTED if not name.startswith("06"))
+def recorded_in_lab(name: str) -> bool:
+    return any(path and path.startswith(LAB_RECORDINGS) for _, path in EXPECTED[name])
+
+
+INBOUND_OUTBOUND = sorted(name for name in EXPECTED if not name.startswith("06") and not recorded_in_lab(name))
+LAB_CAPTURES = sorted(name for name in EXPECTED if recorded_in_lab(name))
 CLICK_TO_CALL = sorted(name for name in EXPECTED if name.startswith("06"))
 
 
 @pytest.mark.parametrize("name", INBOUND_OUTBOUND)
 def test_call_capture_through_the_service(stack, traces_dir, name):
+    replay_and_check(stack, traces_dir, name)
+
+
+@pytest.mark.parametrize("name", LAB_CAPTURES)
+def test_lab_capture_through_the_service(lab_stack, traces_dir, name):
+    replay_and_check(lab_stack, traces_dir, name)
+
+
+def replay_and_check(stack, traces_dir, name: str) -> None:
     service, fs, planfix, recordings = stack
     expected = EXPECTED[name]
     files = {}
@@ -110,8 +134,8 @@ def test_call_capture_through_the_service(stack, traces_dir, name):
         if recording_path:
             files[recording_path] = make_wav(recordings / recording_path.rsplit("/", 1)[1])
     fs.replay(str(traces_dir / f"{name}.plain.txt")).wait(10)
-    callid = expected[0][0]["callid"]
-    check(service, planfix, recordings, callid, expected, files)
+    for callid in dict.fromkeys(fields["callid"] for fields, _ in expected):  # a capture may hold several calls
+        check(service, planfix, recordings, callid, [e for e in expected if e[0]["callid"] == callid], files)
 
 
 @pytest.mark.parametrize("name", CLICK_TO_CALL)

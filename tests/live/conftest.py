@@ -66,6 +66,7 @@ class Env:
     def start(self) -> None:
         self.planfix.start()
         self.lab.build_conf()
+        self.lab.add_forward_pickup_fifo_flows()
         self.service = ServiceProcess(
             self.root / "svc",
             fs_port=self.lab.esl_port,

@@ -49,6 +49,20 @@ STRATEGY_DIDS = {
 AGENT_RING = 5  # seconds an agent rings before the queue moves on (leg_timeout of its contact)
 VOICEMAIL_DID = "74950000003"  # group 101-103, then voicemail of 101
 GROUP_TIMEOUT = 4  # seconds the group rings before voicemail
+# Call flows of captures 40-48 (tests/data/esl/README.md); DIDs far from the others' so labs can grow
+FORWARD_USER = "104"  # a directory user without a phone: its dial-string forwards every call to a mobile
+FORWARD_MOBILE = "79160000104"  # 104's mobile, through the gateway `carrier`
+NOANSWER_FORWARD_DID = "74950000041"  # rings 101 NOANSWER_RING s, then 101's mobile (Diversion: 101)
+NOANSWER_MOBILE = "79160000101"
+NOANSWER_RING = 3
+GROUP_PICKUP_DID = "74950000042"  # group 101,102 of the call group "sales"; *80 picks it up
+GROUP_PICKUP_CODE = "*80"
+PICKUP_GROUP_DID = "74950000047"  # group 101,102 plus pickup/sales (mod_dptools); `pickup sales` on *81 takes it
+PICKUP_CODE = "*81"
+FIFO_DID = "74950000043"  # the caller waits in mod_fifo's 5900 (the vanilla "park"); an agent dials 5901
+FIFO_MEMBERS_DID = "74950000044"  # the caller waits in agents@<domain>; mod_fifo rings 102 and 103 for him (ringall)
+LOOPBACK_FORWARD_DID = "74950000046"  # 101 forwarded through loopback/ (the mobile via the default context), tagged
+FIFO_ENTERPRISE_DID = "74950000045"  # ... in agents_e@<domain>: mod_fifo rings 102 and 103 for the queue (enterprise)
 
 
 def missing() -> str | None:
@@ -250,6 +264,145 @@ class Lab:
 {tiers}
   </tiers>
 </configuration>
+""")
+
+    def add_forward_pickup_fifo_flows(self) -> None:
+        """Forwarding to a mobile, group pickup and mod_fifo (captures 40-48): a user, DIDs, codes, FIFOs.
+
+        As an admin configures them: unconditional forwarding is the user's
+        own `dial-string` (every `user/104` is the mobile; FreeSWITCH still
+        tags the leg `dialed_user=104`); forwarding on no answer is a second
+        bridge that names the extension in the Diversion header the carrier
+        gets (RFC 5806), or our tag on a `loopback/` leg; group pickup is the
+        vanilla `*8` (intercept of the call group's last call,
+        `hash .../last_dial/<group>`) for the group "sales", or mod_dptools
+        `pickup` of `pickup/sales`; the FIFOs are the vanilla park/unpark
+        pair 5900/5901 and two with outbound members (ringall, enterprise).
+        A phone's own forwarding (302, capture 48) needs nothing here.
+        """
+        c = self.conf
+        (c / f"directory/default/{FORWARD_USER}.xml").write_text(f"""<include>
+  <user id="{FORWARD_USER}">
+    <params>
+      <param name="password" value="{USER_PASSWORD}"/>
+      <!-- forwards every call: user/{FORWARD_USER} rings the mobile, never a phone -->
+      <param name="dial-string" value="sofia/gateway/carrier/{FORWARD_MOBILE}"/>
+    </params>
+    <variables>
+      <variable name="user_context" value="default"/>
+      <variable name="effective_caller_id_name" value="Manager {FORWARD_USER}"/>
+      <variable name="effective_caller_id_number" value="{FORWARD_USER}"/>
+    </variables>
+  </user>
+</include>
+""")
+        (c / "dialplan/public/zz_live_flows_40.xml").write_text(f"""<include>
+  <extension name="live_forward_on_no_answer">
+    <condition field="destination_number" expression="^{NOANSWER_FORWARD_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="continue_on_fail=true"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="bridge" data="[leg_timeout={NOANSWER_RING}]user/101@$${{domain}}"/>
+      <action application="bridge" data="{{sip_h_Diversion=&lt;sip:101@$${{domain}}&gt;;reason=no-answer}}sofia/gateway/carrier/{NOANSWER_MOBILE}"/>
+    </condition>
+  </extension>
+  <extension name="live_forward_loopback">
+    <condition field="destination_number" expression="^{LOOPBACK_FORWARD_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <!-- loopback/ legs bridge on early media otherwise (before the mobile answered) -->
+      <action application="set" data="ignore_early_media=true"/>
+      <!-- the mobile through the phones' outbound route; our tag names whose forward it is -->
+      <action application="bridge" data="{{fsbridge_forwarded_from=101}}loopback/{NOANSWER_MOBILE}/default"/>
+    </condition>
+  </extension>
+  <extension name="live_group_sales">
+    <condition field="destination_number" expression="^{GROUP_PICKUP_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="call_timeout=20"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <!-- what vanilla Local_Extension does for the callee's call group -->
+      <action application="hash" data="insert/$${{domain}}-last_dial/sales/${{uuid}}"/>
+      <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}}"/>
+    </condition>
+  </extension>
+  <extension name="live_group_pickup_endpoint">
+    <condition field="destination_number" expression="^{PICKUP_GROUP_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="call_timeout=20"/>
+      <action application="set" data="hangup_after_bridge=true"/>
+      <action application="set" data="ignore_early_media=true"/>
+      <action application="bridge" data="user/101@$${{domain}},user/102@$${{domain}},pickup/sales@$${{domain}}"/>
+    </condition>
+  </extension>
+  <extension name="live_fifo_park">
+    <condition field="destination_number" expression="^{FIFO_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <!-- the lab has no sound files -->
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="5900@$${{domain}} in"/>
+    </condition>
+  </extension>
+  <extension name="live_fifo_members">
+    <condition field="destination_number" expression="^{FIFO_MEMBERS_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="agents@$${{domain}} in"/>
+    </condition>
+  </extension>
+  <extension name="live_fifo_members_enterprise">
+    <condition field="destination_number" expression="^{FIFO_ENTERPRISE_DID}$">
+      <action application="set" data="domain_name=$${{domain}}"/>
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="agents_e@$${{domain}} in"/>
+    </condition>
+  </extension>
+</include>
+""")
+        # FIFOs with outbound members: mod_fifo rings them while a caller waits; ringall
+        # picks the caller first (fifo_bridge_uuid), enterprise when a member answers
+        members = "\n".join(
+            f'      <member timeout="10" simo="1" lag="1">{{fifo_member_wait=nowait}}user/{u}@$${{domain}}</member>'
+            for u in ("102", "103"))
+        (c / "autoload_configs/fifo.conf.xml").write_text(f"""<configuration name="fifo.conf" description="FIFO Configuration">
+  <settings>
+    <param name="delete-all-outbound-member-on-startup" value="true"/>
+  </settings>
+  <fifos>
+    <fifo name="cool_fifo@$${{domain}}" importance="0"/>
+    <fifo name="agents@$${{domain}}" importance="0" outbound_strategy="ringall" outbound_per_cycle="2">
+{members}
+    </fifo>
+    <fifo name="agents_e@$${{domain}}" importance="0" outbound_strategy="enterprise" outbound_per_cycle_min="2">
+{members}
+    </fifo>
+  </fifos>
+</configuration>
+""")
+        (c / "dialplan/default/00_live_local_40.xml").write_text("""<include>
+  <!-- vanilla group-intercept (*8) for the call group "sales" -->
+  <extension name="live_group_intercept_sales">
+    <condition field="destination_number" expression="^\\*80$">
+      <action application="answer"/>
+      <action application="intercept" data="${hash(select/$${domain}-last_dial/sales)}"/>
+      <action application="sleep" data="2000"/>
+    </condition>
+  </extension>
+  <!-- a FIFO consumer off-hook: his one call serves caller after caller of 5900 -->
+  <extension name="live_fifo_consumer_wait">
+    <condition field="destination_number" expression="^5902$">
+      <action application="answer"/>
+      <action application="set" data="fifo_music=silence_stream://-1"/>
+      <action application="fifo" data="5900@$${domain} out wait"/>
+    </condition>
+  </extension>
+  <!-- mod_dptools group pickup: takes the call ringing pickup/sales@<domain> -->
+  <extension name="live_pickup_sales">
+    <condition field="destination_number" expression="^\\*81$">
+      <action application="pickup" data="sales@$${domain}"/>
+    </condition>
+  </extension>
+</include>
 """)
 
     def add_domain(self, domain: str, users: tuple[str, ...], context: str) -> None:
