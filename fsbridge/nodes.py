@@ -146,7 +146,7 @@ class Node:
         started; those are then reported from FreeSWITCH's own events to
         their real end.  Returns False when FreeSWITCH could not be asked."""
         try:
-            listing = self.esl.api("show channels as json")
+            listing = self._without_hung_up(self.esl.api("show channels as json"))
             live = tracker.live_uuids_from_show_json(listing)
         except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
             log.warning("could not reconcile open calls with FreeSWITCH %s: %s", self.name, exc)
@@ -183,6 +183,15 @@ class Node:
         if commands:
             self._emit(commands)
         return True
+
+    def _without_hung_up(self, listing: str) -> str:
+        """The listing without channels that have hung up and are only still
+        being reported (a CDR post being retried): ``uuid_exists`` says false."""
+        gone = {uuid for uuid in tracker.listed_channels(listing)
+                if self.esl.api(f"uuid_exists {uuid}").strip() == "false"}
+        if gone:
+            log.info("reconcile: %d listed channels have hung up (their CDRs are being posted)", len(gone))
+        return tracker.without_channels(listing, gone)
 
     def inherited_command(self, call_id: str, fields: dict, path: str | None = None) -> tracker.PlanfixCommand:
         """A command finishing a call an earlier process reported: to its own tenant."""

@@ -798,6 +798,26 @@ def _show_rows(text: str) -> list[dict]:
     return rows
 
 
+def listed_channels(show_channels_json: str) -> list[str]:
+    """The channel UUIDs of a ``show channels as json`` listing, in its order.
+
+    A hung-up channel stays listed, with its last state and callstate
+    (``CS_EXECUTE``, ``ACTIVE``), until its reporting is done: mod_json_cdr
+    holds it there while it retries the CDR's post (for the whole retries x
+    delay while fsbridge is down).  The caller asks ``uuid_exists`` of each
+    (``false`` for such a channel) and passes those to ``without_channels``.
+    Raises ValueError as ``live_uuids_from_show_json``."""
+    return [u for u in (_row_str(row, "uuid") for row in _show_rows(show_channels_json)) if u]
+
+
+def without_channels(show_channels_json: str, gone: set[str]) -> str:
+    """The listing without the rows of the ``gone`` channels (see ``listed_channels``)."""
+    if not gone:
+        return show_channels_json
+    rows = [row for row in _show_rows(show_channels_json) if _row_str(row, "uuid") not in gone]
+    return json.dumps({"row_count": len(rows), "rows": rows})
+
+
 def _row_str(row: dict, key: str, limit: int = 64) -> str:
     value = row.get(key)
     return sanitize(value, limit) if isinstance(value, str) else ""
@@ -865,6 +885,7 @@ def live_uuids_from_show_json(text: str) -> set[str]:
     Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
     idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
     Raises ValueError when the text is not such a reply (``-ERR ...``).
+    A hung-up channel may still be listed: see ``listed_channels``.
     """
     live: set[str] = set()
     for row in _show_rows(text):
