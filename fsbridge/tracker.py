@@ -242,6 +242,19 @@ class CallTracker:
         self._rules = {name: _Rules(rule.extension_pattern, rule.report_internal_calls)
                        for name, rule in tenants.rules.items()}
 
+    def replay(self, events: list[ChannelEvent]) -> list[PlanfixCommand]:
+        """The commands one call this tracker never saw would have given, from
+        its events rebuilt afterwards (cdr.call_events).  Followed by a tracker
+        of its own with these settings and tenants: the open calls here are
+        not touched, and a call this tracker follows is never among them."""
+        other = CallTracker(self._settings)
+        if self._tenants is not None:
+            other.set_tenants(self._tenants)
+        out: list[PlanfixCommand] = []
+        for event in events:
+            out += other.feed(event)
+        return out
+
     def open_call_list(self) -> list[_Call]:
         """The open calls, oldest first, for read-only views (fsbridge.calls)."""
         return list(self._calls.values())

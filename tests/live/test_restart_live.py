@@ -19,8 +19,11 @@ import time
 
 import requests
 
-from tests.live.lab import DID, free_udp_port
-from tests.live.test_live import CLIENT_NAME, brief, carrier_call, events, phone, wait, wait_calls_done
+from tests.live import lab as lab_mod
+from tests.live.lab import DID
+from tests.live.test_live import (
+    CLIENT_NAME, brief, carrier_call, carrier_uas, events, phone, phone_dials, wait, wait_calls_done,
+)
 
 ANSWERED = [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
 TALK = 15  # carrier-uac-inbound-long hangs up this long after the answer
@@ -233,3 +236,87 @@ def test_event_socket_dropped_while_the_call_ends_its_cdr_finishes_it(live):
         esl_port(service, proxy.port, live.lab.esl_port)
         proxy.close()
         start_again(live)
+
+
+# ---- calls that begin and end while fsbridge is down: reported from their CDRs ----
+
+
+def wait_cdrs(env, count: int, timeout: float = 20) -> dict[str, dict]:
+    """The CDRs written so far, once there are ``count``."""
+    deadline = time.monotonic() + timeout
+    while len(got := env.lab.cdrs()) < count:
+        assert time.monotonic() < deadline, f"{len(got)} CDRs, not {count}"
+        time.sleep(0.2)
+    return got
+
+
+def end_phones(env) -> None:
+    for proc in env.lab.sipps:
+        lab_mod._end(proc)
+    env.lab.sipps.clear()
+
+
+def test_calls_wholly_inside_the_outage_are_reported_from_their_cdrs(live):
+    """fsbridge is down for three calls (the dialplan's lookup fails: the fallback
+    group 101, 103 rings): one answered by 101, one nobody answers, one 102 dials
+    out.  Started again within mod_json_cdr's retries, fsbridge reports each from
+    its legs' CDRs as the tracker reports them live; nothing for the calls it saw."""
+    before = len(live.lab.cdrs())
+    log_start = len(live.service.log())
+    live.service.kill()
+    phone(live, "101", "uas-answer-send-bye", "-d", "1000")  # rings 1 s, talks 2 s
+    phone(live, "103", "uas-noanswer")
+    assert wait(carrier_call(live, live.client), 40) == 0
+    wait_cdrs(live, before + 3)
+    end_phones(live)
+    for user in ("101", "103"):
+        phone(live, user, "uas-noanswer")
+    assert wait(carrier_call(live, live.other), 40) == 0
+    wait_cdrs(live, before + 6)
+    end_phones(live)
+    carrier_uas(live, "uas-answer-wait-bye")
+    assert wait(phone_dials(live, "102", "8" + live.client[1:]), 40) == 0
+    wait_cdrs(live, before + 8)
+    cdrs = live.lab.cdrs()
+    start_again(live)
+    wait_calls_done(live, 5, timeout=40)
+    by_call: dict[str, list[dict[str, str]]] = {}
+    for row in events(live):
+        by_call.setdefault(row["callid"], []).append(row)
+    assert len(by_call) == 3
+    # in the order and with the statuses test_live.py's live calls get
+    answered, missed, outbound = sorted(by_call.values(), key=lambda rows: cdrs[rows[0]["callid"]]["variables"]
+                                        ["start_uepoch"])
+    seen = [(r["event"], r["ext"], r.get("status", "")) for r in answered]
+    assert sorted(seen[:2]) == [("INCOMING", "101", ""), ("INCOMING", "103", "")]  # rung at once
+    assert seen[2:] == [("ACCEPTED", "101", ""), ("COMPLETED", "103", "Cancelled"), ("COMPLETED", "101", "Success")]
+    assert {r["phone"] for r in answered} == {live.client} and {r["diversion"] for r in answered} == {DID}
+    talk = answered[-1]
+    assert talk["duration"] == cdrs[talk["callid"]]["variables"]["billsec"] and 1 <= int(talk["duration"]) <= 3
+    assert talk["data_line"] == DID and talk["is_recorded"] == "1"
+    wav = requests.get(talk["record_link"], timeout=10)
+    assert wav.status_code == 200 and wav.content[:4] == b"RIFF"
+    assert sorted((r["event"], r["ext"], r.get("status", "")) for r in missed) == [
+        ("COMPLETED", "101", "Missed"), ("COMPLETED", "103", "Missed"), ("INCOMING", "101", ""), ("INCOMING", "103", "")]
+    assert {r["phone"] for r in missed} == {live.other}
+    assert [(r["event"], r["ext"], r.get("status", "")) for r in outbound] == [
+        ("OUTGOING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    assert {r["phone"] for r in outbound} == {live.client} and {r["diversion"] for r in outbound} == {DID}
+    assert outbound[-1]["is_recorded"] == "1"
+    assert live.service.log()[log_start:].count("began and ended while fsbridge could not see it") == 3
+
+
+def test_calls_seen_live_are_never_reported_again_from_their_cdrs(live):
+    """Every CDR of a call fsbridge followed is answered "ignored" and PlanFix gets
+    the call once, also after a restart (the CDRs of the calls before it)."""
+    log_start = len(live.service.log())
+    known_client = phone(live, "101", "uas-answer-send-bye", "-d", "1000")
+    assert wait(carrier_call(live, live.client), 40) == 0
+    wait_calls_done(live, 1)
+    lab_mod._end(known_client)
+    seen = list(events(live))
+    live.service.stop()
+    start_again(live)
+    time.sleep(3)
+    assert events(live) == seen
+    assert "began and ended while fsbridge could not see it" not in live.service.log()[log_start:]
