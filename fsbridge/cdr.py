@@ -334,7 +334,9 @@ def call_events(a: CdrFacts, legs: list[CdrFacts]) -> list[ChannelEvent]:
     CHANNEL_HANGUP_COMPLETE at its end (rung legs before the A leg's).  Fed
     to a tracker, they give the PlanFix events the live call would have.
     Tenant facts are always read (the tracker ignores them without tenants)."""
-    legs = [leg for leg in legs if leg.uuid != a.uuid]
+    order = {leg: n for n, leg in enumerate(a.rung_legs)}  # the dial string's order, for legs created at once
+    legs = sorted((leg for leg in legs if leg.uuid != a.uuid),
+                  key=lambda leg: (leg.created_us, order.get(leg.uuid, len(order))))
     by_uuid = {leg.uuid: leg for leg in legs}
     if a.bridge_us and a.last_bridge_to and a.last_bridge_to not in by_uuid and a.bridged_ext:
         legs.append(_answered_leg(a))
@@ -418,9 +420,7 @@ class UnseenCalls:
                 del self._a[uuid]
                 taken = self._legs.pop(uuid, {})
                 self._count -= 1 + len(taken)
-                order = {leg: n for n, leg in enumerate(a.rung_legs)}  # the dial string's order: same start
-                out.append((a, sorted((facts for facts, _ in taken.values()),
-                                      key=lambda leg: (leg.created_us, order.get(leg.uuid, len(order))))))
+                out.append((a, [facts for facts, _ in taken.values()]))
         for uuid, legs in list(self._legs.items()):
             if uuid not in self._a and all(now - at >= self.keep_s for _, at in legs.values()):
                 self._count -= len(self._legs.pop(uuid))
