@@ -361,7 +361,7 @@ class Service:
         or hold it (and its legs') to report a call nobody saw."""
         if facts.parent_uuid:  # a leg a call rang
             if any(node.follows(facts.parent_uuid) for node in self.nodes):
-                return "ignored: a leg of a call followed live"
+                return "ignored: a leg of a call fsbridge follows"
             node = self._cdr_node(facts)
             return node.unseen_cdr(facts, time.time()) if node is not None else "ignored: no open call"
         if facts.is_b_leg or facts.call_uuid != facts.uuid:
