@@ -418,6 +418,7 @@ class CallTracker:
             # (an extension dialling out): it decides the outgoing outcome.
             slot = self._outgoing_slot(call, ev, out)
         elif ext and (not call.caller_ext or call.rules.report_internal_calls):
+            self._talker_left(call, ext, ev.timestamp_us, out)
             slot = self._incoming_slot(call, ext, out)
         leg = _Leg(ev.uuid, slot)
         call.legs[ev.uuid] = leg
@@ -426,6 +427,16 @@ class CallTracker:
             slot.legs.append(leg)
             slot.live_legs += 1
         return out
+
+    def _talker_left(self, call: _Call, ext: str, now_us: int, out: list[PlanfixCommand]) -> None:
+        """The caller's leg rings someone new while a talker had it: FreeSWITCH
+        does that only once their bridge is over (a blind transfer), so his
+        part ends now, even if his leg's CHANNEL_HANGUP_COMPLETE is still to
+        come (a CDR module posting in the reporting state delays it)."""
+        talker = call.winner
+        if (talker is not None and not talker.ended and talker.slot is not None
+                and id(talker.slot) in call.slots and talker.slot.ext != ext):
+            out.append(self._completed_success(call, talker.slot, talker, now_us, final=False))
 
     def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand]) -> _Slot:
         # Whoever's part is over gets COMPLETED before the next one is shown
