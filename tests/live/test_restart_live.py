@@ -8,11 +8,15 @@ test (the responsible 101 answers, the call is recorded, the dialplan sets
 ``planfix_data_line``) and breaks fsbridge in the middle of it: PlanFix must
 get what it gets without the break (INCOMING, ACCEPTED, COMPLETED Success
 with the real talk time, the recording link and ``data_line``), requests
-the stopped process had delivered may come twice.
+the stopped process had delivered may come twice.  Calls that begin and end
+while fsbridge is down or cut off are reported from their legs' CDRs; calls
+it saw are never reported again from theirs.  The lab keeps a disk copy of
+every CDR (``lab.cdrs()``), which the tests read the real figures from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -209,15 +213,28 @@ def esl_port(service, old: int, new: int) -> None:
     service.config_path.write_text(text.replace(f"\nport = {old}\n", f"\nport = {new}\n", 1))
 
 
+@contextlib.contextmanager
+def through_proxy(env):
+    """The service restarted to reach FreeSWITCH's Event Socket through a CuttableProxy."""
+    service = env.service
+    proxy = CuttableProxy(env.lab.esl_port)
+    service.stop()
+    esl_port(service, env.lab.esl_port, proxy.port)
+    try:
+        start_again(env)
+        yield proxy
+    finally:
+        service.stop()
+        esl_port(service, proxy.port, env.lab.esl_port)
+        proxy.close()
+        start_again(env)
+
+
 def test_event_socket_dropped_while_the_call_ends_its_cdr_finishes_it(live):
     """The TCP connection to FreeSWITCH's Event Socket breaks mid-call and stays
     down until after the hangup; the call is finished from its CDR, not blind."""
-    service = live.service
-    proxy = CuttableProxy(live.lab.esl_port)
-    service.stop()
-    esl_port(service, live.lab.esl_port, proxy.port)
-    try:
-        start_again(live)
+    with through_proxy(live) as proxy:
+        service = live.service
         call = known_client_call(live)
         wait_delivered(live, ("ACCEPTED", "101", ""))
         callid = a_leg_of(live)
@@ -231,11 +248,26 @@ def test_event_socket_dropped_while_the_call_ends_its_cdr_finishes_it(live):
         wait_calls_done(live, 1, timeout=30)
         assert_reported_as_without_the_break(live, a_leg)
         assert f"call {callid} finished from its CDR" in service.log()
-    finally:
-        service.stop()
-        esl_port(service, proxy.port, live.lab.esl_port)
-        proxy.close()
-        start_again(live)
+
+
+def test_call_wholly_inside_an_event_socket_drop_is_reported_from_its_cdrs(live):
+    """fsbridge runs (the dialplan's lookup works: the responsible 101 rings) but
+    its Event Socket connection is down for the whole call."""
+    with through_proxy(live) as proxy:
+        service = live.service
+        log_start = len(service.log())
+        proxy.cut()
+        service.wait_health(lambda h: h["freeswitch"]["state"] != "connected", timeout=10)
+        live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+        phone(live, "101", "uas-answer-wait-bye")
+        assert wait(carrier_call(live, live.client), 40) == 0
+        proxy.resume()
+        service.wait_health(lambda h: h["freeswitch"]["state"] == "connected", timeout=20)
+        wait_calls_done(live, 1, timeout=30)
+        assert brief(live) == ANSWERED
+        done = events(live)[-1]
+        assert 1 <= int(done["duration"]) <= 4 and done["data_line"] == DID and done["is_recorded"] == "1"
+        assert "began and ended while fsbridge could not see it" in service.log()[log_start:]
 
 
 # ---- calls that begin and end while fsbridge is down: reported from their CDRs ----
