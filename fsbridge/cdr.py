@@ -41,7 +41,7 @@ from fsbridge.events import (
 from fsbridge.wire import EventHeaders
 from fsbridge.tracker import CANCELLED, MISSED, SUCCESS, TYPE_IN, outgoing_status
 
-__all__ = ["CdrError", "CdrFacts", "CdrRetry", "parse_body", "facts", "completions", "call_events", "UnseenCalls", "register_route"]
+__all__ = ["CdrError", "CdrFacts", "CdrRetry", "parse_body", "facts", "completions", "call_events", "leg_events", "UnseenCalls", "register_route"]
 
 DATA_PREFIX = "planfix_data_"
 RECORD_VAR = "fsbridge_record_file"   # set by dialplan/fsbridge-record.xml
@@ -326,6 +326,14 @@ def _answered_leg(a: CdrFacts) -> CdrFacts:
     )
 
 
+def leg_events(leg: CdrFacts) -> tuple[ChannelEvent | None, ChannelEvent | None]:
+    """A rung leg's CHANNEL_CREATE and CHANNEL_HANGUP_COMPLETE, from its CDR."""
+    end = leg.end_us or leg.created_us
+    return (_event("CHANNEL_CREATE", leg, leg.created_us),
+            _event("CHANNEL_HANGUP_COMPLETE", leg, end, f"Hangup-Cause: {leg.hangup_cause}",
+                   f"Caller-Channel-Hangup-Time: {end}"))
+
+
 def call_events(a: CdrFacts, legs: list[CdrFacts]) -> list[ChannelEvent]:
     """The events FreeSWITCH sent for a call fsbridge never saw, rebuilt from
     its legs' CDRs (``a`` its A leg, ``legs`` the legs it rang), in their
@@ -344,10 +352,9 @@ def call_events(a: CdrFacts, legs: list[CdrFacts]) -> list[ChannelEvent]:
     # (time, rank, order): creates first, then bridge, record stop, hangups; A before B, then B before A
     timed: list[tuple[int, int, int, ChannelEvent | None]] = [(a.created_us, 0, 0, _event("CHANNEL_CREATE", a, a.created_us))]
     for n, leg in enumerate(legs, 1):
-        timed.append((leg.created_us, 0, n, _event("CHANNEL_CREATE", leg, leg.created_us)))
-        end = leg.end_us or leg.created_us
-        timed.append((end, 3, n, _event("CHANNEL_HANGUP_COMPLETE", leg, end, f"Hangup-Cause: {leg.hangup_cause}",
-                                        f"Caller-Channel-Hangup-Time: {end}")))
+        create, hangup = leg_events(leg)
+        timed.append((leg.created_us, 0, n, create))
+        timed.append((leg.end_us or leg.created_us, 3, n, hangup))
     other = by_uuid.get(a.last_bridge_to)
     if a.bridge_us and other is not None:
         timed.append((a.bridge_us, 1, 0, _event(
@@ -409,6 +416,12 @@ class UnseenCalls:
         elif oldest_a is not None:
             del self._a[oldest_a]
             self._count -= 1
+
+    def pop_legs(self, call_id: str) -> list[CdrFacts]:
+        """The rung legs held for a call that turned out to be live (adopted)."""
+        legs = self._legs.pop(call_id, {})
+        self._count -= len(legs)
+        return [facts for facts, _ in legs.values()]
 
     def ready(self, now: float) -> list[tuple[CdrFacts, list[CdrFacts]]]:
         """The calls whose CDRs are in (A leg, its legs), taken out."""

@@ -207,6 +207,12 @@ class Node:
                 self.open_calls.forget_inherited({c.call_id for c in adopted})
                 log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
             commands += adopted
+            for call_id in {c.call_id for c in adopted}:
+                # legs that rang and ended in the gap, whose CDRs came before the connect
+                for leg in self.unseen.pop_legs(call_id):
+                    create, hangup = cdr.leg_events(leg)
+                    if create and hangup and not leg.answer_us:
+                        commands += self.tracker.late_leg(create, hangup)
         if commands:
             self._emit(commands)
         return True
@@ -273,6 +279,25 @@ class Node:
             return "ignored: no open call"  # seen live (and finished), or before fsbridge ran
         self.unseen.add(facts, now)
         return "held: the call began and ended unseen; reported once its legs' CDRs are in"
+
+    def late_leg_cdr(self, facts: cdr.CdrFacts, now: float) -> str:
+        """The CDR of a leg a call followed here rang: a leg that rang and
+        ended unseen (during the gap before the call was adopted) gets its
+        part now; any other is ignored (its events were seen)."""
+        try:
+            unseen = self.gaps is not None and not facts.answer_us and self.gaps.in_gap(
+                self.key, facts.created_us / 1e6, facts.end_us / 1e6, self.esl.state == "connected", now)
+        except GapsError as exc:
+            raise cdr.CdrRetry(str(exc)) from None
+        create, hangup = cdr.leg_events(facts)
+        commands = self.tracker.late_leg(create, hangup) if unseen and create and hangup else []
+        if not commands:
+            return "ignored: a leg of a call fsbridge follows"
+        log.info("cdr: call %s: leg %s rang and ended while fsbridge could not see it (%s)", facts.parent_uuid,
+                 facts.uuid, ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"])
+                                       for c in commands))
+        self._emit(commands)
+        return "completed: a leg rung unseen"
 
     def report_unseen(self, now: float) -> int:
         """Report the unseen calls whose CDRs are in; how many."""

@@ -360,6 +360,9 @@ class Service:
         """A CDR from mod_json_cdr: finish the inherited call it is the A leg of,
         or hold it (and its legs') to report a call nobody saw."""
         if facts.parent_uuid:  # a leg a call rang
+            for node in self.nodes:
+                if node.tracker.tracks(facts.parent_uuid):
+                    return node.late_leg_cdr(facts, time.time())
             if any(node.follows(facts.parent_uuid) for node in self.nodes):
                 return "ignored: a leg of a call fsbridge follows"
             node = self._cdr_node(facts)

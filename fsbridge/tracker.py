@@ -255,6 +255,41 @@ class CallTracker:
             out += other.feed(event)
         return out
 
+    def late_leg(self, create: ChannelEvent, hangup: ChannelEvent) -> list[PlanfixCommand]:
+        """A leg a followed call rang and that ended unseen, known afterwards
+        (its CDR: ``create``/``hangup`` rebuilt by cdr.leg_events).
+
+        The call was taken up at a reconnect (adopted), and the listing no
+        longer had this leg: a group member who stopped ringing during the
+        gap.  An extension with no part in the call yet gets it now, as it
+        would have live: INCOMING, then COMPLETED ``Cancelled`` if someone
+        answered; else its part stays open and ends by the usual rules
+        (``Missed`` when nobody answers).  Nothing for a leg that answered,
+        is known already, or belongs to no followed call."""
+        parent = self._parent_uuid(create)
+        call = self._calls.get(parent) or self._owner.get(parent)
+        if call is None or create.uuid in self._owner or create.uuid in call.legs or call.click_to_call:
+            return []
+        ext = self._leg_ext(call, create)
+        if not ext or (call.caller_ext and not call.rules.report_internal_calls):
+            return []
+        if any(slot.ext == ext for slot in call.slots.values()):
+            return []
+        out: list[PlanfixCommand] = []
+        phone, diversion = (call.caller_ext, "") if call.caller_ext else (call.phone, call.diversion)
+        slot = self._open_slot(call, TYPE_IN, ext, phone, diversion)
+        out.append(self._command(call, slot, "INCOMING"))
+        leg = _Leg(create.uuid, slot)
+        leg.ended, leg.billsec, leg.cause = True, hangup.billsec, hangup.hangup_cause
+        leg.end_us = hangup.hangup_us or hangup.timestamp_us
+        slot.legs.append(leg)
+        slot.last_failed_leg = leg
+        call.legs[create.uuid] = leg
+        self._owner[create.uuid] = call
+        if call.winner is not None:
+            out.append(self._completed(call, slot, CANCELLED))
+        return out
+
     def open_call_list(self) -> list[_Call]:
         """The open calls, oldest first, for read-only views (fsbridge.calls)."""
         return list(self._calls.values())

@@ -297,3 +297,31 @@ def test_unseen_calls_are_bounded():
         unseen.add(down(call, leg), now=n)
     assert len(unseen) == 2 and unseen.holds(down("outbound", "a").uuid)  # the oldest went
     assert [a.uuid for a, legs in unseen.ready(now=100)] == [down("outbound", "a").uuid]
+
+
+def test_a_leg_rung_and_ended_before_the_call_was_adopted_gets_its_part():
+    """The group call: fsbridge takes it up while 101 talks (the listing has no 103
+    leg any more); 103's CDR then says it rang: INCOMING and Cancelled."""
+    a, b101, b103 = down("answered", "a"), down("answered", "b101"), down("answered", "b103")
+    tracker = CallTracker()
+    events = cdr.call_events(a, [b101])
+    talking = [ev for ev in events if ev.name in ("CHANNEL_CREATE", "CHANNEL_BRIDGE")]
+    assert [(c.fields["event"], c.fields["ext"]) for ev in talking for c in tracker.feed(ev)] == [
+        ("INCOMING", "101"), ("ACCEPTED", "101")]
+    late = tracker.late_leg(*cdr.leg_events(b103))
+    assert [(c.fields["event"], c.fields["ext"], c.fields.get("status", "")) for c in late] == [
+        ("INCOMING", "103", ""), ("COMPLETED", "103", "Cancelled")]
+    assert {c.call_id for c in late} == {a.uuid}
+    assert tracker.late_leg(*cdr.leg_events(b103)) == []  # posted again
+    assert tracker.late_leg(*cdr.leg_events(b101)) == []  # a leg it follows
+    assert CallTracker().late_leg(*cdr.leg_events(b103)) == []  # no such call followed
+
+
+def test_legs_held_for_a_call_then_adopted_are_handed_back():
+    """Posted before the reconnect, the rung legs wait for an A leg; the call is
+    adopted instead (still up): the node takes its legs back for late_leg."""
+    a, b103 = down("answered", "a"), down("answered", "b103")
+    unseen = cdr.UnseenCalls()
+    unseen.add(b103, now=0)
+    assert unseen.pop_legs(a.uuid) == [b103] and len(unseen) == 0
+    assert unseen.pop_legs(a.uuid) == []
