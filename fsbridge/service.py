@@ -552,6 +552,8 @@ class Service:
         gevent.joinall(stops)
         self.recordings.close()
         self.open_calls.close()
+        if self.gaps is not None:
+            self.gaps.close()
         log.info("stopped")
         return 0
 
