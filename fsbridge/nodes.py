@@ -21,6 +21,7 @@ import gevent
 from fsbridge import cdr, events, metrics, tracker
 from fsbridge.config import Config, NodeConfig
 from fsbridge.esl import EslCommandError, EslConnection
+from fsbridge.gaps import Gaps, GapsError
 from fsbridge.opencalls import OpenCalls
 from fsbridge.tenancy import TenantMap
 
@@ -55,13 +56,19 @@ class Node:
     """One FreeSWITCH: its Event Socket, its calls, its reconciliation."""
 
     def __init__(self, cfg: Config, node: NodeConfig, tenants: TenantMap, normalize: Callable[[str], str],
-                 open_calls: OpenCalls, emit: Callable[[list], None], flush: Callable[[], None]) -> None:
+                 open_calls: OpenCalls, emit: Callable[[list], None], flush: Callable[[], None],
+                 gaps: Gaps | None = None) -> None:
         self.cfg = cfg
         self.name = node.name
         # What the registry and the commands call this node ("" for the one
         # [freeswitch]: registries written before nodes existed say so too).
         self.key = "" if node.implicit else node.name
         self.open_calls = open_calls
+        # When this node was out of sight, and calls it had then (fsbridge/gaps.py).
+        self.gaps = gaps
+        self.unseen = cdr.UnseenCalls()
+        self.core_uuid = ""
+        self._was_connected = False
         self._emit = emit
         self._flush = flush
         self._multi_tenant = tenants.single is None
@@ -127,6 +134,9 @@ class Node:
     # -- connection life -------------------------------------------------------
 
     def _on_esl_state(self, state: str, detail: str) -> None:
+        if self._was_connected and state != "connected":
+            self._note_gap("alive")  # the last moment this node was seen
+        self._was_connected = state == "connected"
         # esl.py logs connects and every failed attempt; here the one hint
         # that names the admin's config file.
         if state == "auth_failed":
@@ -134,7 +144,24 @@ class Node:
 
     def _on_connected(self, core_uuid: str) -> None:
         """After every (re)connect: close calls that ended while we were away."""
+        self.core_uuid = core_uuid
+        self._was_connected = True
+        self._note_gap("connected")
         self.reconcile()
+
+    def _note_gap(self, what: str) -> None:
+        if self.gaps is None:
+            return
+        try:
+            if what == "connected":
+                gap = self.gaps.connected(self.key, time.time())
+                if gap:
+                    log.info("FreeSWITCH %s was out of sight for %.1fs: calls that began and ended meanwhile "
+                             "are reported from their CDRs", self.name, gap[1] - gap[0])
+            else:
+                self.gaps.alive(self.key, time.time())
+        except GapsError as exc:
+            log.warning("%s", exc)
 
     def reconcile(self, adopt: bool = True) -> bool:
         """Square the calls we know on this node with its list of live channels.
@@ -146,7 +173,7 @@ class Node:
         started; those are then reported from FreeSWITCH's own events to
         their real end.  Returns False when FreeSWITCH could not be asked."""
         try:
-            listing = self.esl.api("show channels as json")
+            listing = self._without_hung_up(self.esl.api("show channels as json"))
             live = tracker.live_uuids_from_show_json(listing)
         except Exception as exc:  # noqa: BLE001 - logged; retried at the next connect
             log.warning("could not reconcile open calls with FreeSWITCH %s: %s", self.name, exc)
@@ -180,9 +207,24 @@ class Node:
                 self.open_calls.forget_inherited({c.call_id for c in adopted})
                 log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
             commands += adopted
+            for call_id in {c.call_id for c in adopted}:
+                # legs that rang and ended in the gap, whose CDRs came before the connect
+                for leg in self.unseen.pop_legs(call_id):
+                    create, hangup = cdr.leg_events(leg)
+                    if create and hangup and not leg.answer_us:
+                        commands += self.tracker.late_leg(create, hangup)
         if commands:
             self._emit(commands)
         return True
+
+    def _without_hung_up(self, listing: str) -> str:
+        """The listing without channels that have hung up and are only still
+        being reported (a CDR post being retried): ``uuid_exists`` says false."""
+        gone = {uuid for uuid in tracker.listed_channels(listing)
+                if self.esl.api(f"uuid_exists {uuid}").strip() == "false"}
+        if gone:
+            log.info("reconcile: %d listed channels have hung up (their CDRs are being posted)", len(gone))
+        return tracker.without_channels(listing, gone)
 
     def inherited_command(self, call_id: str, fields: dict, path: str | None = None) -> tracker.PlanfixCommand:
         """A command finishing a call an earlier process reported: to its own tenant."""
@@ -214,6 +256,76 @@ class Node:
                  ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"]) for c in commands))
         self._emit(commands)
         return "completed"
+
+    def follows(self, call_id: str) -> bool:
+        """The call is followed live here, or an earlier process's left to finish."""
+        return self.tracker.tracks(call_id) or (call_id in self.open_calls.inherited and self.owns(call_id))
+
+    def unseen_cdr(self, facts: cdr.CdrFacts, now: float) -> str:
+        """A CDR of a call neither followed nor inherited: held to be reported
+        if the call lies wholly in a gap of this node's (nobody saw it), else
+        ignored (it was seen live, or predates fsbridge)."""
+        call_id = facts.parent_uuid or facts.uuid
+        if self.gaps is None:
+            return "ignored: no open call"
+        try:
+            if self.gaps.reported(call_id):
+                return "ignored: reported from its CDRs already"
+            seen = not self.gaps.in_gap(self.key, facts.created_us / 1e6, facts.end_us / 1e6,
+                                        self.esl.state == "connected", now)
+        except GapsError as exc:
+            raise cdr.CdrRetry(str(exc)) from None
+        if seen and not (facts.parent_uuid and self.unseen.holds(call_id)):
+            return "ignored: no open call"  # seen live (and finished), or before fsbridge ran
+        self.unseen.add(facts, now)
+        return "held: the call began and ended unseen; reported once its legs' CDRs are in"
+
+    def late_leg_cdr(self, facts: cdr.CdrFacts, now: float) -> str:
+        """The CDR of a leg a call followed here rang: a leg that rang and
+        ended unseen (during the gap before the call was adopted) gets its
+        part now; any other is ignored (its events were seen)."""
+        try:
+            unseen = self.gaps is not None and not facts.answer_us and self.gaps.in_gap(
+                self.key, facts.created_us / 1e6, facts.end_us / 1e6, self.esl.state == "connected", now)
+        except GapsError as exc:
+            raise cdr.CdrRetry(str(exc)) from None
+        create, hangup = cdr.leg_events(facts)
+        commands = self.tracker.late_leg(create, hangup) if unseen and create and hangup else []
+        if not commands:
+            return "ignored: a leg of a call fsbridge follows"
+        log.info("cdr: call %s: leg %s rang and ended while fsbridge could not see it (%s)", facts.parent_uuid,
+                 facts.uuid, ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"])
+                                       for c in commands))
+        self._emit(commands)
+        return "completed: a leg rung unseen"
+
+    def report_unseen(self, now: float) -> int:
+        """Report the unseen calls whose CDRs are in; how many."""
+        ready = self.unseen.ready(now)
+        for a, legs in ready:
+            commands = [tracker.PlanfixCommand(c.call_id, c.fields, c.recording_path, tenant=c.tenant,
+                                               node=self.key, unmatched=c.unmatched)
+                        for c in self.tracker.replay(cdr.call_events(a, legs))]
+            log.info("cdr: call %s began and ended while fsbridge could not see it: reported from %d CDRs (%s)",
+                     a.uuid, 1 + len(legs),
+                     ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"]) for c in commands)
+                     or "nothing to report")
+            try:
+                if self.gaps is not None:
+                    self.gaps.mark_reported(a.uuid, now)
+            except GapsError as exc:
+                log.warning("%s", exc)
+            if commands:
+                self._emit(commands)
+        return len(ready)
+
+    def watch_gaps(self, stopping) -> None:
+        """Once a second: note this node seen while connected; report the unseen calls whose CDRs are in."""
+        while not stopping.wait(1.0):
+            if self.esl.state == "connected":
+                self._note_gap("alive")
+            if len(self.unseen):
+                self.report_unseen(time.time())
 
     # -- click-to-call ---------------------------------------------------------
 

@@ -30,6 +30,7 @@ from fsbridge import __version__, calls, cdr, metrics, phone, recordings, reload
 from fsbridge.accounts import Account, account_dir, make_client, settings_store
 from fsbridge.config import Config, TenantConfig, tenant_view
 from fsbridge.esl import EslNotConnected, EslTimeout
+from fsbridge.gaps import Gaps, GapsError
 from fsbridge.httpguard import GuardSettings, GuardedWSGIServer, raise_nofile_limit
 from fsbridge.lookup import create_lookup_app
 from fsbridge.nodes import Node, pick_node, registration_problem, sofia_contact_query
@@ -109,7 +110,14 @@ class Service:
         if self.open_calls.inherited:
             log.info("%d calls were open when the service last stopped; they are closed "
                      "once FreeSWITCH confirms they ended", len(self.open_calls.inherited))
-        self.nodes = [Node(cfg, node, self.tenants, self._normalize, self.open_calls, self._emit, self._flush)
+        self.gaps = None
+        if cfg.cdr.secret:
+            try:
+                self.gaps = Gaps(os.path.join(cfg.storage.dir, "esl-gaps.sqlite3"))
+            except GapsError as exc:
+                raise ServiceError(f"{cfg.path}: [storage] dir: {exc}") from None
+        self.nodes = [Node(cfg, node, self.tenants, self._normalize, self.open_calls, self._emit, self._flush,
+                           gaps=self.gaps)
                       for node in cfg.nodes]
         self.nodes[0].other_keys = frozenset(n.key for n in self.nodes)
         self._nodes_by_name = {n.name: n for n in self.nodes}
@@ -349,14 +357,37 @@ class Service:
         return {entry.call_id for account in self.accounts.values() for entry in account.outbox.list_entries()}
 
     def _on_cdr(self, facts: cdr.CdrFacts) -> str:
-        """A CDR from mod_json_cdr: finish the inherited call it is the A leg of."""
+        """A CDR from mod_json_cdr: finish the inherited call it is the A leg of,
+        or hold it (and its legs') to report a call nobody saw."""
+        if facts.parent_uuid:  # a leg a call rang
+            for node in self.nodes:
+                if node.tracker.tracks(facts.parent_uuid):
+                    return node.late_leg_cdr(facts, time.time())
+            if any(node.follows(facts.parent_uuid) for node in self.nodes):
+                return "ignored: a leg of a call fsbridge follows"
+            node = self._cdr_node(facts)
+            return node.unseen_cdr(facts, time.time()) if node is not None else "ignored: no open call"
         if facts.is_b_leg or facts.call_uuid != facts.uuid:
             return "ignored: not the A leg of a call"
         for node in self.nodes:
             outcome = node.finish_from_cdr(facts)
             if outcome is not None:
                 return outcome
-        return "ignored: no open call"  # internal, never reported, or already closed
+        node = self._cdr_node(facts)
+        if node is None:
+            return "ignored: no open call"  # internal, never reported, or already closed
+        return node.unseen_cdr(facts, time.time())
+
+    def _cdr_node(self, facts: cdr.CdrFacts) -> "Node | None":
+        """The node whose FreeSWITCH wrote the CDR (its core-uuid)."""
+        for node in self.nodes:
+            if node.core_uuid and node.core_uuid == facts.core_uuid:
+                return node
+        if len(self.nodes) == 1:
+            return self.nodes[0]
+        if any(not node.core_uuid for node in self.nodes):
+            raise cdr.CdrRetry("not connected to every FreeSWITCH yet: post it again")
+        return None
 
     # -- tenants: a reload adds, removes or changes them -----------------------
 
@@ -493,6 +524,7 @@ class Service:
             node.esl.start()
         cleanup = gevent.spawn(self._cleanup_loop) if cfg.recordings.retention_days else None
         watchers = [gevent.spawn(node.watch_inherited, self._stopping) for node in self.nodes]
+        watchers += [gevent.spawn(node.watch_gaps, self._stopping) for node in self.nodes if self.gaps is not None]
         watchers.append(gevent.spawn(self._retire_loop))
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -520,6 +552,8 @@ class Service:
         gevent.joinall(stops)
         self.recordings.close()
         self.open_calls.close()
+        if self.gaps is not None:
+            self.gaps.close()
         log.info("stopped")
         return 0
 

@@ -252,6 +252,54 @@ class CallTracker:
         self._rules = {name: _Rules(rule.extension_pattern, rule.report_internal_calls)
                        for name, rule in tenants.rules.items()}
 
+    def replay(self, events: list[ChannelEvent]) -> list[PlanfixCommand]:
+        """The commands one call this tracker never saw would have given, from
+        its events rebuilt afterwards (cdr.call_events).  Followed by a tracker
+        of its own with these settings and tenants: the open calls here are
+        not touched, and a call this tracker follows is never among them."""
+        other = CallTracker(self._settings)
+        if self._tenants is not None:
+            other.set_tenants(self._tenants)
+        out: list[PlanfixCommand] = []
+        for event in events:
+            out += other.feed(event)
+        return out
+
+    def late_leg(self, create: ChannelEvent, hangup: ChannelEvent) -> list[PlanfixCommand]:
+        """A leg a followed call rang and that ended unseen, known afterwards
+        (its CDR: ``create``/``hangup`` rebuilt by cdr.leg_events).
+
+        The call was taken up at a reconnect (adopted), and the listing no
+        longer had this leg: a group member who stopped ringing during the
+        gap.  An extension with no part in the call yet gets it now, as it
+        would have live: INCOMING, then COMPLETED ``Cancelled`` if someone
+        answered; else its part stays open and ends by the usual rules
+        (``Missed`` when nobody answers).  Nothing for a leg that answered,
+        is known already, or belongs to no followed call."""
+        parent = self._parent_uuid(create)
+        call = self._calls.get(parent) or self._owner.get(parent)
+        if call is None or create.uuid in self._owner or create.uuid in call.legs or call.click_to_call:
+            return []
+        ext, _forward = self._leg_ext(call, create)
+        if not ext or (call.caller_ext and not call.rules.report_internal_calls):
+            return []
+        if any(slot.ext == ext for slot in call.slots.values()):
+            return []
+        out: list[PlanfixCommand] = []
+        phone, diversion = (call.caller_ext, "") if call.caller_ext else (call.phone, call.diversion)
+        slot = self._open_slot(call, TYPE_IN, ext, phone, diversion)
+        out.append(self._command(call, slot, "INCOMING"))
+        leg = _Leg(create.uuid, slot)
+        leg.ended, leg.billsec, leg.cause = True, hangup.billsec, hangup.hangup_cause
+        leg.end_us = hangup.hangup_us or hangup.timestamp_us
+        slot.legs.append(leg)
+        slot.last_failed_leg = leg
+        call.legs[create.uuid] = leg
+        self._owner[create.uuid] = call
+        if call.winner is not None:
+            out.append(self._completed(call, slot, CANCELLED))
+        return out
+
     def open_call_list(self) -> list[_Call]:
         """The open calls, oldest first, for read-only views (fsbridge.calls)."""
         return list(self._calls.values())
@@ -423,6 +471,7 @@ class CallTracker:
             # (an extension dialling out): it decides the outgoing outcome.
             slot = self._outgoing_slot(call, ev, out)
         elif ext and (not call.caller_ext or call.rules.report_internal_calls):
+            self._talker_left(call, ext, ev.timestamp_us, out)
             slot = self._incoming_slot(call, ext, out, forward=forward)
         leg = _Leg(ev.uuid, slot, number=number)
         call.legs[ev.uuid] = leg
@@ -431,6 +480,16 @@ class CallTracker:
             slot.legs.append(leg)
             slot.live_legs += 1
         return out
+
+    def _talker_left(self, call: _Call, ext: str, now_us: int, out: list[PlanfixCommand]) -> None:
+        """The caller's leg rings someone new while a talker had it: FreeSWITCH
+        does that only once their bridge is over (a blind transfer), so his
+        part ends now, even if his leg's CHANNEL_HANGUP_COMPLETE is still to
+        come (a CDR module posting in the reporting state delays it)."""
+        talker = call.winner
+        if (talker is not None and not talker.ended and talker.slot is not None
+                and id(talker.slot) in call.slots and talker.slot.ext != ext):
+            out.append(self._completed_success(call, talker.slot, talker, now_us, final=False))
 
     def _incoming_slot(self, call: _Call, ext: str, out: list[PlanfixCommand], forward: bool = False) -> _Slot:
         if forward:
@@ -876,6 +935,26 @@ def _show_rows(text: str) -> list[dict]:
     return rows
 
 
+def listed_channels(show_channels_json: str) -> list[str]:
+    """The channel UUIDs of a ``show channels as json`` listing, in its order.
+
+    A hung-up channel stays listed, with its last state and callstate
+    (``CS_EXECUTE``, ``ACTIVE``), until its reporting is done: mod_json_cdr
+    holds it there while it retries the CDR's post (for the whole retries x
+    delay while fsbridge is down).  The caller asks ``uuid_exists`` of each
+    (``false`` for such a channel) and passes those to ``without_channels``.
+    Raises ValueError as ``live_uuids_from_show_json``."""
+    return [u for u in (_row_str(row, "uuid") for row in _show_rows(show_channels_json)) if u]
+
+
+def without_channels(show_channels_json: str, gone: set[str]) -> str:
+    """The listing without the rows of the ``gone`` channels (see ``listed_channels``)."""
+    if not gone:
+        return show_channels_json
+    rows = [row for row in _show_rows(show_channels_json) if _row_str(row, "uuid") not in gone]
+    return json.dumps({"row_count": len(rows), "rows": rows})
+
+
 def _row_str(row: dict, key: str, limit: int = 64) -> str:
     value = row.get(key)
     return sanitize(value, limit) if isinstance(value, str) else ""
@@ -943,6 +1022,7 @@ def live_uuids_from_show_json(text: str) -> set[str]:
     Both give ``{"row_count": N, "rows": [...]}`` (``{"row_count":0}`` when
     idle); rows carry ``uuid``, ``call_uuid`` and, for calls, ``b_uuid``.
     Raises ValueError when the text is not such a reply (``-ERR ...``).
+    A hung-up channel may still be listed: see ``listed_channels``.
     """
     live: set[str] = set()
     for row in _show_rows(text):

@@ -216,3 +216,112 @@ def test_config_cdr_section(tmp_path):
         config.load(str(path))
     text = str(err.value)
     assert "[cdr] secret: must be at least 16" in text and "[cdr] wait" in text and str(path) in text
+
+
+# ---- calls fsbridge never saw: captured while fsbridge was down (lab-down-*) ----
+
+
+def down(call: str, leg: str) -> cdr.CdrFacts:
+    return cdr.facts(cdr.parse_body(real(f"lab-down-{call}-{leg}.json"), "application/json"))
+
+
+def replayed(a: cdr.CdrFacts, legs: list[cdr.CdrFacts]) -> list[tuple[str, str, str, str]]:
+    out = CallTracker().replay(cdr.call_events(a, legs))
+    return [(c.fields["event"], c.fields["ext"], c.fields.get("status", ""), c.fields.get("duration", "")) for c in out]
+
+
+def test_real_rung_leg_cdrs_name_their_caller_and_the_a_leg_names_them():
+    a, b101, b103 = down("answered", "a"), down("answered", "b101"), down("answered", "b103")
+    assert (a.parent_uuid, b101.parent_uuid, b103.parent_uuid) == ("", a.uuid, a.uuid)
+    assert a.rung_legs == (b101.uuid, b103.uuid)  # originate_causes
+    assert a.last_bridge_to == b101.uuid and a.created_us < b101.created_us
+    assert down("outbound", "a").rung_legs == (down("outbound", "b").uuid,)  # one leg: no ARRAY:: prefix
+
+
+def test_group_answered_unseen_is_reported_as_the_tracker_reports_it_live():
+    a, legs = down("answered", "a"), [down("answered", "b103"), down("answered", "b101")]
+    out = CallTracker().replay(cdr.call_events(a, legs))
+    assert [(c.fields["event"], c.fields["ext"], c.fields.get("status", "")) for c in out] == [
+        ("INCOMING", "101", ""), ("INCOMING", "103", ""), ("ACCEPTED", "101", ""),
+        ("COMPLETED", "103", "Cancelled"), ("COMPLETED", "101", "Success")]
+    talk = out[-1]
+    assert talk.fields["duration"] == "2" and talk.fields["is_recorded"] == "1"  # billsec 2, record_ms 2020
+    assert talk.recording_path == a.recording_path and talk.fields["data_line"] == "74950000000"
+    assert {c.call_id for c in out} == {a.uuid}
+    assert {(c.fields["phone"], c.fields["diversion"]) for c in out} == {(a.caller, "74950000000")}
+
+
+def test_group_nobody_answered_unseen_is_missed_for_each():
+    assert replayed(down("missed", "a"), [down("missed", "b101"), down("missed", "b103")]) == [
+        ("INCOMING", "101", "", ""), ("INCOMING", "103", "", ""),
+        ("COMPLETED", "101", "Missed", "0"), ("COMPLETED", "103", "Missed", "0")]
+
+
+def test_outbound_unseen_is_reported():
+    assert replayed(down("outbound", "a"), [down("outbound", "b")]) == [
+        ("OUTGOING", "102", "", ""), ("ACCEPTED", "102", "", ""), ("COMPLETED", "102", "Success", "3")]
+
+
+def test_without_rung_legs_cdrs_the_answered_extension_still_gets_his_call():
+    """log-b-leg=false: only the A leg; its bridge names who answered (originated_legs)."""
+    assert replayed(down("answered", "a"), []) == [
+        ("INCOMING", "101", "", ""), ("ACCEPTED", "101", "", ""), ("COMPLETED", "101", "Success", "2")]
+    assert replayed(down("missed", "a"), []) == []  # nobody is known to have rung
+
+
+def test_unseen_calls_wait_for_the_legs_the_a_leg_names():
+    a, b101, b103 = down("answered", "a"), down("answered", "b101"), down("answered", "b103")
+    unseen = cdr.UnseenCalls(settle_s=10)
+    unseen.add(b103, now=0)
+    unseen.add(a, now=1)
+    assert unseen.ready(now=2) == [] and len(unseen) == 2
+    unseen.add(b101, now=3)
+    assert unseen.ready(now=3) == [(a, [b103, b101])] and len(unseen) == 0  # in arrival order
+
+
+def test_unseen_call_is_ready_after_the_settle_time_with_the_legs_it_has():
+    a, b101 = down("answered", "a"), down("answered", "b101")
+    unseen = cdr.UnseenCalls(settle_s=10, keep_s=60)
+    unseen.add(a, now=0)
+    unseen.add(b101, now=1)
+    assert unseen.ready(now=9) == []
+    assert unseen.ready(now=10) == [(a, [b101])]
+    unseen.add(down("missed", "b101"), now=20)  # its A leg never comes
+    assert unseen.ready(now=79) == [] and len(unseen) == 1
+    assert unseen.ready(now=80) == [] and len(unseen) == 0
+
+
+def test_unseen_calls_are_bounded():
+    unseen = cdr.UnseenCalls(max_cdrs=2)
+    for n, (call, leg) in enumerate([("answered", "b101"), ("missed", "b101"), ("outbound", "a")]):
+        unseen.add(down(call, leg), now=n)
+    assert len(unseen) == 2 and unseen.holds(down("outbound", "a").uuid)  # the oldest went
+    assert [a.uuid for a, legs in unseen.ready(now=100)] == [down("outbound", "a").uuid]
+
+
+def test_a_leg_rung_and_ended_before_the_call_was_adopted_gets_its_part():
+    """The group call: fsbridge takes it up while 101 talks (the listing has no 103
+    leg any more); 103's CDR then says it rang: INCOMING and Cancelled."""
+    a, b101, b103 = down("answered", "a"), down("answered", "b101"), down("answered", "b103")
+    tracker = CallTracker()
+    events = cdr.call_events(a, [b101])
+    talking = [ev for ev in events if ev.name in ("CHANNEL_CREATE", "CHANNEL_BRIDGE")]
+    assert [(c.fields["event"], c.fields["ext"]) for ev in talking for c in tracker.feed(ev)] == [
+        ("INCOMING", "101"), ("ACCEPTED", "101")]
+    late = tracker.late_leg(*cdr.leg_events(b103))
+    assert [(c.fields["event"], c.fields["ext"], c.fields.get("status", "")) for c in late] == [
+        ("INCOMING", "103", ""), ("COMPLETED", "103", "Cancelled")]
+    assert {c.call_id for c in late} == {a.uuid}
+    assert tracker.late_leg(*cdr.leg_events(b103)) == []  # posted again
+    assert tracker.late_leg(*cdr.leg_events(b101)) == []  # a leg it follows
+    assert CallTracker().late_leg(*cdr.leg_events(b103)) == []  # no such call followed
+
+
+def test_legs_held_for_a_call_then_adopted_are_handed_back():
+    """Posted before the reconnect, the rung legs wait for an A leg; the call is
+    adopted instead (still up): the node takes its legs back for late_leg."""
+    a, b103 = down("answered", "a"), down("answered", "b103")
+    unseen = cdr.UnseenCalls()
+    unseen.add(b103, now=0)
+    assert unseen.pop_legs(a.uuid) == [b103] and len(unseen) == 0
+    assert unseen.pop_legs(a.uuid) == []

@@ -7,10 +7,12 @@ Synthetic events are built as plain-event bytes and go through
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from fsbridge import tracker as tracker_mod
 from fsbridge.events import MAX_NUMBER_CHARS, ChannelEvent, channel_event, sanitize
 from fsbridge.tracker import (
     CallTracker,
@@ -476,3 +478,15 @@ def test_click_to_call_manager_failure_closes_what_was_sent():
     assert summary(commands) == [("101", "OUTGOING", "", ""), ("101", "COMPLETED", "NoAnswer", "0")]
     # Even a ringing client leg never makes it an INCOMING for the manager.
     assert all(c.fields["type"] == "out" for c in commands)
+
+
+def test_hung_up_channels_still_listed_are_dropped_from_the_listing():
+    """Real: a loopback call hung up while mod_json_cdr retries its CDR posts; all
+    four channels are still listed as ACTIVE (uuid_exists answers false)."""
+    text = (Path(__file__).parent / "data" / "cdr" / "lab-show-channels-hung-up-reporting.json").read_text()
+    listed = tracker_mod.listed_channels(text)
+    assert len(listed) == 4 and listed[0] == "11111111-2222-4333-8444-000000000001"
+    assert tracker_mod.live_uuids_from_show_json(tracker_mod.without_channels(text, set(listed))) == set()
+    kept = tracker_mod.without_channels(text, set(listed[1:]))
+    assert tracker_mod.live_uuids_from_show_json(kept) == {listed[0]}
+    assert tracker_mod.without_channels(text, set()) is text

@@ -527,3 +527,27 @@ def test_voicemail_message_is_the_missed_calls_recording(traces_dir, message_len
         assert command.fields == {**fields, "is_recorded": "1" if recorded else "0"}
         assert command.recording_path == (VOICEMAIL_FILE if recorded else None)
     assert tracker.open_calls() == 0
+
+
+@pytest.mark.parametrize("name", ["20-inbound-blind-transfer-uuid_transfer-101-to-102",
+                                  "27-inbound-blind-transfer-sip-refer-with-force_transfer_context"])
+def test_blind_transfer_when_the_talkers_hangup_comes_after_the_next_leg(traces_dir, name):
+    """With mod_json_cdr loaded, a leg's CHANNEL_HANGUP_COMPLETE waits for its CDR
+    post (reporting state): the live suite saw 102's CHANNEL_CREATE first.  The
+    caller's leg ringing 102 ends 101's part all the same, before 102 rings."""
+    events = channel_events(capture(traces_dir, name))
+    creates = [n for n, ev in enumerate(events) if ev.name == "CHANNEL_CREATE" and ev.direction == "outbound"]
+    first, second = events[creates[0]].uuid, events[creates[1]].uuid
+    ends = [n for n, ev in enumerate(events) if ev.uuid == first and ev.name in ("CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY")]
+    assert ends and ends[0] < creates[1]  # as recorded: 101 gone before 102 rings
+    late = [events[n] for n in ends]
+    reordered = [ev for n, ev in enumerate(events) if n not in ends]
+    at = next(n for n, ev in enumerate(reordered) if ev.uuid == second) + 1
+    reordered[at:at] = late
+    tracker = CallTracker()
+    got = [c for ev in reordered for c in tracker.feed(ev)]
+    wanted = [fields for fields, _ in EXPECTED[name]]
+    assert [(c.fields["event"], c.fields["ext"], c.fields.get("status")) for c in got] == [
+        (f["event"], f["ext"], f.get("status")) for f in wanted]
+    assert abs(int(got[2].fields["duration"]) - int(wanted[2]["duration"])) <= 1
+    assert got[-1].fields == wanted[-1]

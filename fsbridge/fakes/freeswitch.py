@@ -60,7 +60,8 @@ receive events.
   str|bytes``; the exact api command text is the key.  Defaults: ``status``,
   ``version``, ``show channels as json``, ``show calls as json`` (idle),
   from traces 91/92; ``global_getvar core_uuid``; ``uuid_kill`` -> ``-ERR No
-  such channel!``; ``sofia_contact [profile/]<user>[@domain]`` -> a contact
+  such channel!``; ``uuid_exists <uuid>`` -> ``true`` when the
+  ``show channels as json`` answer names it, else ``false``; ``sofia_contact [profile/]<user>[@domain]`` -> a contact
   for users in ``registered`` (default 101-103), else
   ``error/user_not_registered`` as mod_sofia answers; anything else ``-ERR <verb> Command not found!`` (96).
   ``use_active_calls()`` switches the two json listings to trace 90.
@@ -711,6 +712,10 @@ class FakeFreeSwitch:
             return self.core_uuid.encode("ascii")
         if verb == "uuid_kill":
             return defaults["#no-such-channel"]
+        if verb == "uuid_exists":
+            # as FreeSWITCH: true for a channel up (the fake's listing names it)
+            listing = self._api_body("show channels as json")
+            return b"true" if command.partition(" ")[2].encode() in listing else b"false"
         if verb == "sofia_contact":
             return self._sofia_contact(command.partition(" ")[2])
         return f"-ERR {verb} Command not found!\n".encode("utf-8")

@@ -4,7 +4,7 @@ fsbridge is killed (SIGKILL) mid-call; the rest of the call, hangup
 included, happens while it is down, so no event of it ever reaches the new
 process.  The new process inherits the open call (opencalls.py), sees it gone
 from ``show channels`` and keeps it open for ``[cdr] wait``; mod_json_cdr's
-POST of the caller leg's CDR (built here as mod_json_cdr builds it, from the
+POST of the caller leg's CDR (a real lab CDR, tests/data/cdr/, carrying the
 capture's own CHANNEL_HANGUP_COMPLETE variables: plain-event values are
 url-encoded exactly as ``encode-values=true`` encodes them) then gives PlanFix
 the same events as without the kill: real duration, statuses, recording
@@ -14,8 +14,10 @@ link; requests the killed process had delivered may come twice.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import time
+from pathlib import Path
 from urllib.parse import unquote
 
 import requests
@@ -25,10 +27,16 @@ from tests.faults.calls import expected_with_callid, fresh_call
 from tests.faults.conftest import (
     assert_clean_log, delivered_for, duplicates, expected_fields, wait_all_delivered, wait_connected,
 )
-from tests.faults.test_restart_calls import split_at_first_hangup
+from tests.faults.test_restart_calls import b_leg_uuid, split_at_first_hangup
 
 SECRET = "cdr-secret-0123456789"
 FS_RECORDINGS = "/usr/local/freeswitch/recordings"
+
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "cdr"
+# Real CDRs (a lab call to 101, tests/data/cdr/README.md): the shape mod_json_cdr posts.
+REAL_A = json.loads((DATA / "lab-down-answered-a.json").read_text())
+REAL_B = json.loads((DATA / "lab-down-answered-b101.json").read_text())
 
 
 def headers_of(frame: bytes) -> dict[str, str]:
@@ -36,28 +44,44 @@ def headers_of(frame: bytes) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
 
 
-def cdr_of(frames: list[bytes], callid: str) -> bytes:
-    """mod_json_cdr's body (encode=false) for the A leg's hangup in ``frames``."""
+def _hangup(frames: list[bytes], uuid: str) -> dict[str, str]:
     for frame in frames:
         h = headers_of(frame)
-        if h.get("Event-Name") == "CHANNEL_HANGUP_COMPLETE" and h.get("Unique-ID") == callid:
-            break
-    else:
-        raise AssertionError("no hangup of the A leg in the capture")
-    variables = {k[len("variable_"):]: v for k, v in h.items() if k.startswith("variable_")}
+        if h.get("Event-Name") == "CHANNEL_HANGUP_COMPLETE" and h.get("Unique-ID") == uuid:
+            return h
+    raise AssertionError(f"no hangup of {uuid} in the capture")
+
+
+def _real_shaped(real: dict, h: dict[str, str], uuid: str) -> dict:
+    """A real CDR document (``real``) carrying the capture's channel: its
+    variables (the hangup's, url-encoded as encode-values=true encodes them),
+    caller profile and times; the rest (core-uuid, channel_data, callStats,
+    the callflow's shape) as FreeSWITCH wrote it."""
+    doc = copy.deepcopy(real)
+    doc["variables"] = {k[len("variable_"):]: v for k, v in h.items() if k.startswith("variable_")}
+    doc["channel_data"]["direction"] = h["Call-Direction"]
+    step = doc["callflow"][0]
+    profile = step["caller_profile"]
+    profile.update(uuid=uuid, caller_id_number=unquote(h.get("Caller-Caller-ID-Number", "")),
+                   destination_number=unquote(h.get("Caller-Destination-Number", "")))
+    for name in ("created", "answered", "bridged", "hangup"):
+        step["times"][f"{name}_time"] = h.get(f"Caller-Channel-{name.capitalize()}-Time", "0")
+    return doc
+
+
+def cdr_of(frames: list[bytes], callid: str) -> bytes:
+    """mod_json_cdr's body (encode=false) for the A leg's hangup in ``frames``."""
+    doc = _real_shaped(REAL_A, _hangup(frames, callid), callid)
     # The dialplan of today (fsbridge-record.xml) names the file; the capture predates it.
-    variables.setdefault("fsbridge_record_file", f"{FS_RECORDINGS}/{callid}.wav")
-    doc = {
-        "core-uuid": h.get("Core-UUID", ""),
-        "switchname": "lab",
-        "channel_data": {"state": "CS_REPORTING", "direction": h["Call-Direction"]},
-        "variables": variables,
-        "callflow": [{"caller_profile": {
-            "uuid": callid,
-            "caller_id_number": unquote(h.get("Caller-Caller-ID-Number", "")),
-            "destination_number": unquote(h.get("Caller-Destination-Number", "")),
-        }}],
-    }
+    doc["variables"].setdefault("fsbridge_record_file", f"{FS_RECORDINGS}/{callid}.wav")
+    return json.dumps(doc).encode()
+
+
+def b_leg_cdr_of(frames: list[bytes], callid: str, b_uuid: str) -> bytes:
+    """The rung leg's CDR (log-b-leg=true): its originator is the A leg."""
+    doc = _real_shaped(REAL_B, _hangup(frames, b_uuid), b_uuid)
+    doc["variables"]["originator"] = callid
+    doc["callflow"][0]["caller_profile"]["originator"]["originator_caller_profiles"][0]["uuid"] = callid
     return json.dumps(doc).encode()
 
 
@@ -113,6 +137,9 @@ def test_call_ends_while_down_then_its_cdr_gives_the_real_end(service, fs, pf, t
     time.sleep(1.0)  # the call waits for its CDR: no blind close meanwhile
     assert delivered_for(pf, callid) == wanted[:2]
     assert post_cdr(again, cdr_of(frames, callid), secret="wrong-secret-000000").status_code == 401
+    # log-b-leg=true: the rung leg's CDR comes too, first here; the A leg's finishes the call
+    b_leg = post_cdr(again, b_leg_cdr_of(frames, callid, b_leg_uuid(frames).decode()))
+    assert b_leg.json() == {"result": "ignored: a leg of a call fsbridge follows"}
     reply = post_cdr(again, cdr_of(frames, callid))
     assert reply.status_code == 200 and reply.json() == {"result": "completed"}
     expected = with_recording(wanted, [f for f in pf_forms(pf, callid)] or [{}])

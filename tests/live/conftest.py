@@ -76,8 +76,12 @@ class Env:
                 "recordings": {"dir": str(self.lab.dirs["recordings"]), "freeswitch_dir": str(self.lab.dirs["recordings"])},
                 "click_to_call": {"timeout": "6"},
                 "log": {"level": "INFO"},
+                # mod_json_cdr posts here (lab.json_cdr); a call waits this long for its CDR
+                "cdr": {"secret": lab_mod.CDR_SECRET, "wait": "60"},
             },
         )
+        pin_ports(self.service)
+        self.cdr_dir = self.lab.json_cdr(self.service.dialplan_url + "/cdr", lab_mod.CDR_SECRET)
         self.install_output = self.lab.install_dialplan(self.service.config_path, fallback=FALLBACK,
                                                          responsible_ring=RESPONSIBLE_RING)
         self.lab.start()
@@ -93,6 +97,21 @@ class Env:
             self.service.__exit__(None, None, None)
         self.lab.stop()
         self.planfix.stop()
+
+
+def pin_ports(service: ServiceProcess) -> None:
+    """The service's listeners on ports it gets back after a restart (tests restart
+    it mid-call: mod_json_cdr keeps posting to the same url, PlanFix keeps the links)."""
+    text = service.config_path.read_text()  # edited in place: keeps whatever else it says ([tenant.*])
+    for attr, section, key in (("port", "server", "listen"), ("dialplan_port", "dialplan", "listen"),
+                               ("metrics_port", "metrics", "listen")):
+        old, new = getattr(service, attr), lab_mod.stable_port()
+        text = text.replace(f"127.0.0.1:{old}\n", f"127.0.0.1:{new}\n")
+        setattr(service, attr, new)
+        service.sections[section][key] = f"127.0.0.1:{new}"
+    service.sections["server"]["public_url"] = service.url
+    service.config_path.write_text(text)
+
 
 
 def started(make, prefix: str):

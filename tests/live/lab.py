@@ -20,6 +20,7 @@ ends it (and every SIPp) by process id, pass or fail.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -64,6 +65,10 @@ FIFO_MEMBERS_DID = "74950000044"  # the caller waits in agents@<domain>; mod_fif
 LOOPBACK_FORWARD_DID = "74950000046"  # 101 forwarded through loopback/ (the mobile via the default context), tagged
 FIFO_ENTERPRISE_DID = "74950000045"  # ... in agents_e@<domain>: mod_fifo rings 102 and 103 for the queue (enterprise)
 
+# mod_json_cdr: a post is retried CDR_RETRIES times CDR_DELAY s apart (covers a restart of fsbridge)
+CDR_SECRET = "live-lab-cdr-secret-0123456789"
+CDR_RETRIES, CDR_DELAY = 40, 1
+
 
 def missing() -> str | None:
     """Why the live suite cannot run here, or None."""
@@ -89,6 +94,24 @@ def free_udp_port() -> int:
                 continue
         return port
     raise RuntimeError("no free port")
+
+
+def stable_port() -> int:
+    """A TCP port free on 127.0.0.1 now and below the ephemeral range (32768+):
+    for a listener that must get its port back after a restart (mod_json_cdr's
+    url, recording links).  A port from ``bind(0)`` is an ephemeral one: while
+    its server is down any outgoing connection on the machine may take it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").is_file() else 32768
+    for _ in range(200):
+        port = random.randrange(20000, min(low, 32768))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def rtp_range(size: int = 200) -> int:
@@ -459,6 +482,41 @@ class Lab:
                          did: str | None = DID) -> str:
         """`fsbridge install-dialplan -c`; no did/fallback: the config's [tenant.*] give them."""
         options = [*(("--did", did) if did else ()), *(("--fallback", fallback) if fallback else ())]
+
+    def json_cdr(self, url: str, secret: str, *, retries: int = CDR_RETRIES, delay: int = CDR_DELAY) -> Path:
+        """mod_json_cdr posting every finished channel to fsbridge's ``/cdr``, as the
+        repo's conf/json_cdr.conf.xml says (encode=false), with the B legs too
+        (log-b-leg=true) and a copy of each CDR on disk (the returned dir) for the
+        tests to read.  ``retries`` x ``delay`` covers a short fsbridge outage.
+        Call before ``start``."""
+        example = (REPO / "conf" / "json_cdr.conf.xml").read_text()
+        cdr_dir = self.dirs["log"] / "json_cdr"
+        cdr_dir.mkdir(parents=True, exist_ok=True)
+        params = {"url": url, "cred": f"fsbridge:{secret}", "retries": str(retries), "delay": str(delay),
+                  "log-b-leg": "true", "log-http-and-disk": "true", "log-dir": str(cdr_dir),
+                  "err-log-dir": str(self.dirs["log"] / "json_cdr_spool")}
+        for name, value in params.items():
+            example = re.sub(rf'<param name="{name}" value="[^"]*"/>', f'<param name="{name}" value="{value}"/>',
+                             example, count=1)
+            if f'<param name="{name}" value="{value}"/>' not in example:
+                raise RuntimeError(f"conf/json_cdr.conf.xml: no param {name}")
+        (self.conf / "autoload_configs" / "json_cdr.conf.xml").write_text(example)
+        _sub(self.conf / "autoload_configs/modules.conf.xml", r'(\s*<load module="mod_event_socket"/>)',
+             r'\1\n    <load module="mod_json_cdr"/>', count=1)
+        return cdr_dir
+
+    def cdrs(self) -> dict[str, dict]:
+        """The CDRs mod_json_cdr wrote so far (log-http-and-disk): channel uuid -> document."""
+        out = {}
+        for path in sorted((self.dirs["log"] / "json_cdr").glob("*.cdr.json")):
+            try:
+                doc = json.loads(path.read_text())
+            except ValueError:
+                continue  # being written
+            out[path.name.split(".")[0].removeprefix("a_").removeprefix("b_")] = doc
+        return out
+
+    def install_dialplan(self, fsbridge_config: Path, *, fallback: str, responsible_ring: int) -> str:
         out = subprocess.run(
             [sys.executable, "-m", "fsbridge", "install-dialplan", "--conf-dir", str(self.conf),
              "-c", str(fsbridge_config), "--gateway", "carrier", *options],
