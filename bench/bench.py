@@ -1051,7 +1051,8 @@ def _round(value, digits: int = 1):
 
 
 def _rounded(row: dict) -> dict:
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    return {k: round(v, 3) if isinstance(v, float) else [_rounded(t) for t in v] if k == "tries" else v
+            for k, v in row.items()}
 
 
 def fmt(value, spec: str = ",.1f", unit: str = "") -> str:
