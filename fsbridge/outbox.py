@@ -13,6 +13,13 @@ Guarantees
   undeliverable `max_age_s` after it was queued is *kept aside* with its last
   error (after at least one attempt), never dropped.  A 400 is kept aside at
   once with PlanFix's reply: resending the same request cannot help.
+- Outage: after OUTAGE_AFTER_FAILURES failures in a row (no 200 or 400
+  between), PlanFix is probed with one call at a time, the probes backing
+  off from min_backoff_s to OUTAGE_PROBE_MAX_S; every other call waits until
+  a probe is answered (then all are retried at once) or wake().  Without it
+  every pending call retries on its own schedule, and a long outage's
+  backlog (pending / ~225 s attempts a second, all of them after a restart)
+  takes up to a core: the other tenants of the process wait (`make bench`).
 - Kept aside does not block the call: its next command is sent.  PlanFix
   rejecting, say, an INCOMING (a bad phone) must not leave the call's
   COMPLETED stuck forever; the later command is judged on its own.  The
@@ -79,6 +86,12 @@ BUSY_TIMEOUT_MS = 5000
 # of leaving them to wait up to max_backoff; at most this often, so one
 # request PlanFix keeps failing on cannot be hammered by others' successes.
 RECOVERY_WAKE_INTERVAL_S = 5.0
+# PlanFix failing this many requests in a row is down: probed, not stormed
+# (see "Outage").  Above the initial in-flight limit, so that the requests
+# in flight when one PlanFix answer fails do not count as an outage.
+OUTAGE_AFTER_FAILURES = 20
+# Longest wait between two probes: PlanFix back is noticed within this.
+OUTAGE_PROBE_MAX_S = 30.0
 # Delivered rows are deleted together, this long after the first of them:
 # one commit for every ~30 requests at 600 requests/s instead of one each.
 # A crash in between resends those (see "Duplicates").
@@ -234,6 +247,12 @@ class Outbox:
         self._data_version = 0
         self._failed_since_success = False
         self._next_recovery_wake = 0.0
+        # Outage (see the module docstring): failures in a row; while probing,
+        # when the next probe may start (inf: one is in flight) and its call.
+        self._failures_in_row = 0
+        self._probe_at: float | None = None
+        self._probe_call: str | None = None
+        self._probe_failures = 0
         self._load()
 
     # ---- database helpers --------------------------------------------
@@ -348,6 +367,7 @@ class Outbox:
 
     def wake(self) -> None:
         """Credentials changed: every call in backoff is retried now."""
+        self._end_outage()
         for q in self._calls.values():
             if q.state == "waiting":
                 q.state = "ready"
@@ -374,10 +394,12 @@ class Outbox:
                 if q is not None and q.state == "waiting" and q.due == due:
                     q.state = "ready"
                     self._ready.append(call_id)
-            while self._ready and self._active < self.limiter.limit:
+            while self._ready and self._active < self._room(now):
                 q = self._calls.get(self._ready.popleft())
                 if q is None or q.state != "ready":
                     continue
+                if self._probe_at is not None:  # PlanFix down: this call is the probe
+                    self._probe_call, self._probe_at = q.call_id, float("inf")
                 q.state = "active"
                 self._active += 1
                 self._workers.spawn(self._work, q)
@@ -387,7 +409,44 @@ class Outbox:
             wait = next_rescan - now
             if self._delayed:
                 wait = min(wait, self._delayed[0][0] - now)
+            if self._probe_at is not None and self._ready and not self._active:  # else _worker_done kicks
+                wait = min(wait, self._probe_at - now)
             self._kick.wait(max(wait, 0.0))
+
+    def _room(self, now: float) -> int:
+        """How many calls may be in flight: the adaptive limit, or one probe while PlanFix is down."""
+        if self._probe_at is None:
+            return self.limiter.limit
+        return 1 if now >= self._probe_at else 0
+
+    def _note_answer(self) -> None:
+        """PlanFix answered (200 or 400): it is up."""
+        self._failures_in_row = 0
+        if self._probe_at is not None:
+            log.info("outbox %s: PlanFix answers again after %d failed probe(s)", self.name, self._probe_failures)
+            self._end_outage()
+
+    def _end_outage(self) -> None:
+        self._failures_in_row = 0
+        self._probe_at = self._probe_call = None
+        self._probe_failures = 0
+        self._kick.set()
+
+    def _note_failure(self, q: _CallQueue, error: str) -> None:
+        """An attempt failed: count it; enough in a row start probing, a failed probe waits longer."""
+        self._failures_in_row += 1
+        if self._probe_at is None:
+            if self._failures_in_row < OUTAGE_AFTER_FAILURES:
+                return
+            log.warning("outbox %s: %d PlanFix requests failed in a row (%s): one request at a time "
+                        "until PlanFix answers", self.name, self._failures_in_row, error)
+        elif q.call_id == self._probe_call:
+            self._probe_failures += 1
+        else:
+            return  # in flight before probing began
+        backoff = min(OUTAGE_PROBE_MAX_S, self.max_backoff_s, self.min_backoff_s * 2 ** min(self._probe_failures, 30))
+        self._probe_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+        self._probe_call = None
 
     def _rescan_if_changed(self) -> None:
         """Pick up rows another process requeued (`fsbridge outbox --retry`)."""
@@ -440,6 +499,8 @@ class Outbox:
 
     def _worker_done(self, q: _CallQueue) -> None:
         self._active -= 1
+        if q.call_id == self._probe_call and self._probe_at == float("inf"):
+            self._probe_at, self._probe_call = time.monotonic(), None  # the probe sent nothing: another one
         if q.state == "active":
             if q.entries:
                 q.state = "idle"
@@ -470,6 +531,10 @@ class Outbox:
     def _settle(self, q: _CallQueue, entry: _Attempt, result: DeliveryResult) -> bool:
         """Record the outcome of one attempt; False when the call must back off."""
         self._pace(result)
+        if result.outcome in (Outcome.DELIVERED, Outcome.REJECTED):
+            self._note_answer()
+        else:
+            self._note_failure(q, result.error)
         if result.outcome is Outcome.DELIVERED:
             # age_from is the storing time (or the manual retry of a kept-aside row).
             metrics.delivered(entry.age_from, self.name)

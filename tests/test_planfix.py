@@ -320,3 +320,14 @@ def test_lean_fake_records_arrivals_and_still_checks_the_token():
         assert make_client(lean).send(COMPLETED).delivered
         assert make_client(lean, token="wrong-token-0123").send(COMPLETED).outcome is Outcome.UNAUTHORIZED
         assert [(c, e) for c, e, _ in lean.arrivals] == [(COMPLETED["callid"], "COMPLETED")] * 2
+
+
+def test_lean_fake_can_hang_like_a_planfix_that_never_answers():
+    # The benchmark's "PlanFix down" that holds requests: the request arrives, no answer comes.
+    with FakePlanfix(lean=True) as lean:
+        lean.failure = "hang"
+        client = make_client(lean, read_timeout=0.3)
+        result = client.send(COMPLETED)
+        client.close()
+        assert result.outcome is Outcome.RETRY and result.status is None
+        assert [(c, e) for c, e, _ in lean.arrivals] == [(COMPLETED["callid"], "COMPLETED")]

@@ -45,7 +45,10 @@ HTTP/1.1 loop instead of ``http.server``, so thousands of requests a second
 cost the fake little.  It checks the token (401 otherwise) and answers every
 other request 200 ``{}`` after ``delay``; it validates nothing else and
 records only ``arrivals``: (callid, event, time.monotonic()) per request.
-Scripts, ``failure``, ``decide`` and ``received`` are strict mode's only.
+``failure = "hang"`` makes it a PlanFix that takes connections and answers
+nothing (each request is held until the client gives up, ``hang_seconds``
+pass or the fake stops).  Scripts, other failures, ``decide`` and
+``received`` are strict mode's only.
 """
 
 from __future__ import annotations
@@ -275,6 +278,8 @@ class FakePlanfix:
                     self._in_flight += 1
                     self.max_in_flight = max(self.max_in_flight, self._in_flight)
                 self.arrivals.append((form.get("callid", ""), form.get("event", ""), now))
+                if self.failure == "hang":
+                    return self._lean_hang(conn)
                 if self.delay:
                     time.sleep(self.delay)
                 with self._cond:
@@ -286,6 +291,14 @@ class FakePlanfix:
             return
         finally:
             conn.close()
+
+    def _lean_hang(self, conn: socket.socket) -> None:
+        """Answer nothing until the client closes, hang_seconds pass or the fake stops."""
+        deadline = time.monotonic() + self.hang_seconds
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            readable, _, _ = select.select([conn], [], [], 0.2)
+            if readable and not conn.recv(65536):
+                return  # EOF: the client timed out and closed
 
     @property
     def url(self) -> str:
