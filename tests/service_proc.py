@@ -41,6 +41,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    """The service could not listen: another process took one of its ports."""
+
+
 class ServiceProcess:
     """One fsbridge process with a config written for the test."""
 
@@ -106,9 +110,11 @@ class ServiceProcess:
         self.scheme = "https" if sections["server"].get("certfile") else "http"
         sections["server"]["public_url"] = f"{self.scheme}://127.0.0.1:{self.port}"
         self.sections = sections
+        self._tenants = tenants
         self.write_config(sections, tenants)
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._started = False
 
     def write_config(self, sections: dict[str, dict[str, str]],
                      tenants: dict[str, dict[str, str]] | None = None) -> None:
@@ -135,7 +141,32 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.dialplan_port}"
 
     def start(self, wait: float = 20.0) -> "ServiceProcess":
+        for attempt in range(3):
+            try:
+                return self._start(wait)
+            except PortTaken:
+                # free_port() let the port go before the service bound it, and on a
+                # shared machine someone else took it meanwhile: other ports (first
+                # start only: a restart keeps its addresses).
+                if self._started or attempt == 2:
+                    raise
+                self._new_ports()
+        raise AssertionError("unreachable")
+
+    def _new_ports(self) -> None:
+        old = {"port": self.port, "dialplan_port": self.dialplan_port, "metrics_port": self.metrics_port}
+        for attr in old:
+            setattr(self, attr, free_port())
+        for section, key, attr in (("server", "listen", "port"), ("dialplan", "listen", "dialplan_port"),
+                                   ("metrics", "listen", "metrics_port")):
+            if self.sections[section].get(key) == f"127.0.0.1:{old[attr]}":
+                self.sections[section][key] = f"127.0.0.1:{getattr(self, attr)}"
+        self.sections["server"]["public_url"] = self.url
+        self.write_config(self.sections, self._tenants)
+
+    def _start(self, wait: float) -> "ServiceProcess":
         self._log = open(self.log_path, "ab")
+        self._log_start = self._log.tell()  # this start's lines begin here
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fsbridge", "run", "-c", str(self.config_path)],
@@ -151,13 +182,17 @@ class ServiceProcess:
             # never reaches __exit__ when __enter__ raises.
             self.kill()
             raise
+        self._started = True
         return self
 
     def _wait_serving(self, wait: float) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
+                log = self.log()
+                if "cannot listen: Address already in use" in log[self._log_start:]:
+                    raise PortTaken(log)
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{log}")
             try:
                 # 200 (ok) or 503 (degraded, e.g. FreeSWITCH not yet connected):
                 # either way the service is up and answering.
@@ -170,6 +205,7 @@ class ServiceProcess:
 
     def write_tenants(self, tenants: dict[str, dict[str, str]]) -> None:
         """Rewrite the config with these ``[tenant.*]`` sections (then ``reload()``)."""
+        self._tenants = tenants
         self.write_config(self.sections, tenants)
 
     def reload(self) -> None:
