@@ -478,11 +478,6 @@ class Lab:
 </include>
 """)
 
-    def install_dialplan(self, fsbridge_config: Path, *, fallback: str | None, responsible_ring: int,
-                         did: str | None = DID) -> str:
-        """`fsbridge install-dialplan -c`; no did/fallback: the config's [tenant.*] give them."""
-        options = [*(("--did", did) if did else ()), *(("--fallback", fallback) if fallback else ())]
-
     def json_cdr(self, url: str, secret: str, *, retries: int = CDR_RETRIES, delay: int = CDR_DELAY) -> Path:
         """mod_json_cdr posting every finished channel to fsbridge's ``/cdr``, as the
         repo's conf/json_cdr.conf.xml says (encode=false), with the B legs too
@@ -516,7 +511,10 @@ class Lab:
             out[path.name.split(".")[0].removeprefix("a_").removeprefix("b_")] = doc
         return out
 
-    def install_dialplan(self, fsbridge_config: Path, *, fallback: str, responsible_ring: int) -> str:
+    def install_dialplan(self, fsbridge_config: Path, *, fallback: str | None, responsible_ring: int,
+                         did: str | None = DID) -> str:
+        """`fsbridge install-dialplan -c`; no did/fallback: the config's [tenant.*] give them."""
+        options = [*(("--did", did) if did else ()), *(("--fallback", fallback) if fallback else ())]
         out = subprocess.run(
             [sys.executable, "-m", "fsbridge", "install-dialplan", "--conf-dir", str(self.conf),
              "-c", str(fsbridge_config), "--gateway", "carrier", *options],
