@@ -69,7 +69,11 @@ class Service:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._stopping = gevent.event.Event()
-        self._unsaved: list = []  # commands the outbox could not store yet (disk full)
+        # Per tenant, in order: commands its outbox could not store yet (disk
+        # full, a damaged file): held in memory and retried, without holding
+        # back the tenants whose outboxes store fine.
+        self._unsaved: dict[str, list] = {}
+        self._retrying: gevent.Greenlet | None = None
         self._batch: list = []  # commands produced since the event greenlet last yielded
         self._flusher: gevent.Greenlet | None = None
         self._storage_error = ""
@@ -246,23 +250,16 @@ class Service:
             self._flusher = gevent.spawn(self._flush)
 
     def _flush(self) -> None:
-        """Store the pending batch, in order; on a storage failure keep it in
-        memory, in order, and retry until the disk takes it."""
+        """Store the pending batch, in order; on a storage failure keep a
+        tenant's commands in memory, in order, and retry until its disk takes them."""
         self._flusher = None
         commands, self._batch = self._batch, []
-        if not commands:
-            return
-        if self._unsaved:
-            self._unsaved.extend(commands)
-            return
-        failed = self._put(commands)
-        if failed:
-            self._unsaved.extend(failed)
-            gevent.spawn(self._retry_unsaved)
+        if commands:
+            self._put(commands)
 
-    def _put(self, commands: list) -> list:
-        """One durable write per tenant's outbox (and the open-calls registry);
-        returns the commands that could not be stored, in order."""
+    def _put(self, commands: list) -> None:
+        """One durable write per tenant's outbox (and the open-calls registry).
+        A tenant with commands held already gets these behind them (its order)."""
         by_tenant: dict[str, list] = {}
         for command in commands:
             # getattr: a command type that forgot its tenant must be logged, not crash the flusher.
@@ -271,25 +268,37 @@ class Service:
                 self._unrouted(command, name)
                 continue
             by_tenant.setdefault(name, []).append(command)
-        failed: list = []
         stored: list = []
         for name, group in by_tenant.items():
-            try:
-                (self.accounts.get(name) or self._retiring[name]).outbox.put(group)
-            except OutboxError as exc:
-                self._storage_failed(exc)
-                failed += group
-                continue
-            except Exception as exc:  # noqa: BLE001 - a bug must not lose call records: kept, retried, logged
-                log.exception("cannot queue %d PlanFix requests of tenant %s", len(group), name)
-                self._storage_failed(exc)
-                failed += group
-                continue
-            stored += group
-            self._check_outbox_bound(name)
+            held = self._unsaved.get(name)
+            if held is not None:
+                held.extend(group)
+            elif self._put_tenant(name, group):
+                stored += group
+            else:
+                self._unsaved[name] = list(group)
         if stored:
             self._note_open_calls(stored)
-        return failed
+        if self._unsaved and self._retrying is None:
+            self._retrying = gevent.spawn(self._retry_unsaved)
+
+    def _put_tenant(self, name: str, group: list) -> bool:
+        account = self.accounts.get(name) or self._retiring.get(name)
+        if account is None:  # removed meanwhile, its calls over: nobody to hold them for
+            for command in group:
+                self._unrouted(command, name)
+            return True
+        try:
+            account.outbox.put(group)
+        except OutboxError as exc:
+            self._storage_failed(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose call records: kept, retried, logged
+            log.exception("cannot queue %d PlanFix requests of tenant %s", len(group), name)
+            self._storage_failed(exc)
+            return False
+        self._check_outbox_bound(name)
+        return True
 
     def _unrouted(self, command, name: str) -> None:
         """A call no tenant owns (or whose tenant was removed): sent nowhere, never to another
@@ -342,15 +351,19 @@ class Service:
         self._storage_error = str(exc)
 
     def _retry_unsaved(self) -> None:
-        while self._unsaved and not self._stopping.is_set():
-            gevent.sleep(1.0)
-            batch = list(self._unsaved)
-            failed = self._put(batch)
-            del self._unsaved[: len(batch)]
-            self._unsaved[:0] = failed
-            if not failed:
-                log.info("storage works again: %d held PlanFix requests stored", len(batch))
-                self._storage_error = ""
+        try:
+            while self._unsaved and not self._stopping.is_set():
+                gevent.sleep(1.0)
+                for name in list(self._unsaved):
+                    batch = self._unsaved[name]
+                    if self._put_tenant(name, batch):
+                        del self._unsaved[name]
+                        self._note_open_calls(batch)
+                        log.info("storage works again: %d held PlanFix requests stored", len(batch))
+                if not self._unsaved:
+                    self._storage_error = ""
+        finally:
+            self._retrying = None
 
     def _pending_call_ids(self) -> set[str]:
         """Calls with requests not yet accepted by PlanFix (one outbox read per retention run)."""
@@ -453,7 +466,7 @@ class Service:
         boxes = [t["outbox"] for t in tenants.values()]
         outbox_stats = _sum_outboxes(boxes)
         if self._unsaved:
-            outbox_stats["unsaved_in_memory"] = len(self._unsaved)
+            outbox_stats["unsaved_in_memory"] = sum(len(held) for held in self._unsaved.values())
         nodes = {node.name: node.health() for node in self.nodes}
         all_connected = all(node.esl.state == "connected" for node in self.nodes)
         for name in list(self._outbox_full):
@@ -547,7 +560,8 @@ class Service:
         self.recordings.stop(timeout=2)
         self._flush()
         if self._unsaved:
-            log.error("%d PlanFix requests could not be stored before exit", len(self._unsaved))
+            log.error("%d PlanFix requests could not be stored before exit",
+                      sum(len(held) for held in self._unsaved.values()))
         stops = [gevent.spawn(account.stop, 5) for account in [*self.accounts.values(), *self._retiring.values()]]
         gevent.joinall(stops)
         self.recordings.close()

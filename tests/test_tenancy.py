@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import sqlite3
 
+import gevent
 import pytest
 
 from fsbridge import config, tenant_report
@@ -22,7 +23,8 @@ from fsbridge.fakes.tenants import Tenant, interleave, make_tenants, uuid_map
 from fsbridge.opencalls import OpenCalls
 from fsbridge.planfix import Credentials
 from fsbridge.recordings.index import IndexEntry, RecordingIndex
-from fsbridge.service import tenant_map
+from fsbridge.outbox import OutboxError
+from fsbridge.service import Service, tenant_map
 from fsbridge.state import SettingsStore
 from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules, match_token
 from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
@@ -369,3 +371,44 @@ def test_a_recordings_index_from_before_tenants_keeps_its_entries(tmp_path):
     index.put(IndexEntry("new", "new.wav", None, "ready", 2.0, "beta"))
     assert index.get("new").tenant == "beta"
     index.close()
+
+
+def test_one_tenants_storage_failing_holds_only_its_commands(tmp_path, monkeypatch):
+    """A tenant whose outbox cannot store (disk, a damaged file) keeps its commands in
+    memory, in order, and gets them stored once it can; the others are stored at once."""
+    cfg = config.load(write(tmp_path, TWO_TENANTS))
+    service = Service(cfg)
+    try:
+        acme, beta = service.accounts["acme"].outbox, service.accounts["beta"].outbox
+        broken = {"on": True}
+        real_put = acme.put
+
+        def put(commands):
+            if broken["on"]:
+                raise OutboxError("disk I/O error")
+            real_put(commands)
+
+        monkeypatch.setattr(acme, "put", put)
+
+        def command(tenant, call_id, event):
+            return PlanfixCommand(call_id, {"cmd": "event", "event": event, "ext": "101", "type": "in",
+                                            "callid": call_id}, tenant=tenant)
+
+        service._store([command("acme", "a1", "INCOMING"), command("beta", "b1", "INCOMING")])
+        service._flush()
+        assert [e.call_id for e in beta.list_entries()] == ["b1"]  # not held back by acme
+        service._store([command("acme", "a1", "COMPLETED"), command("beta", "b1", "COMPLETED")])
+        service._flush()
+        assert len(beta.list_entries()) == 2
+        assert acme.list_entries() == [] and service.health()["outbox"]["unsaved_in_memory"] == 2
+        assert "disk I/O error" in service.health()["storage_error"]
+        broken["on"] = False
+        assert gevent.wait([service._retrying], timeout=5)
+        assert [e.fields["event"] for e in acme.list_entries()] == ["INCOMING", "COMPLETED"]  # in order
+        health = service.health()
+        assert "unsaved_in_memory" not in health["outbox"] and health["storage_error"] is None
+    finally:
+        for account in service.accounts.values():
+            account.stop(drain_timeout=0)
+        service.recordings.close()
+        service.open_calls.close()
