@@ -72,7 +72,7 @@ live-test: $(STAMP) lame
 	@$(BIN)/python -m tests.live.lab >/dev/null; rc=$$?; \
 	if [ $$rc = 3 ]; then $(BIN)/python -m tests.live.lab; exit 0; fi; \
 	if [ $$rc != 0 ]; then exit $$rc; fi; \
-	FSBRIDGE_LIVE=1 $(BIN)/python -m pytest -q --reruns 1 --reruns-delay 2 tests/live
+	FSBRIDGE_LIVE=1 $(BIN)/python -m pytest -q -rR --reruns 1 --reruns-delay 2 tests/live
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
