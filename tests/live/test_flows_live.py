@@ -17,7 +17,8 @@ import pytest
 import requests
 
 from tests.live.lab import AGENT_RING, QUEUE_DID, STRATEGY_DIDS, USERS, VOICEMAIL_DID, free_udp_port
-from tests.live.test_live import CLIENT_NAME, brief, carrier_call, events, phone, phone_dials, wait, wait_calls_done
+from tests.live.test_live import (CLIENT_NAME, brief, carrier_call, carrier_uas, events, phone, phone_dials, wait,
+                                  wait_calls_done)
 
 
 VOICEMAIL_PCAP = "/usr/share/sip-tester/g711a.pcap"  # the carrier's speech (sipp/carrier-uac-voicemail.xml)
@@ -65,6 +66,25 @@ def test_blind_transfer_by_api_uuid_transfer(live):
     done = completed(live)
     assert 0 <= int(done["101"]["duration"]) <= 3 and 1 <= int(done["102"]["duration"]) <= 4
     assert len({r["callid"] for r in events(live)}) == 1
+
+
+def test_blind_transfer_to_an_outside_number(live):
+    """101 answers and transfers the caller to a mobile (`uuid_transfer <101 leg> -bleg
+    <number> XML default`: the outbound route, the carrier answers): 101's part ends
+    Success with his own talk time; the leg to the outside is nobody's and shows nothing."""
+    live.planfix.contacts[live.client] = {"contact_name": CLIENT_NAME, "responsible": 101}
+    phone(live, "101", "uas-answer-wait-bye")
+    mobile = carrier_uas(live, "uas-answer-send-bye", "-d", "2000")  # the mobile talks 2 s, hangs up
+    call = carrier_call(live, live.client, scenario="carrier-uac-inbound-long")
+    first = leg_uuid(live, "101", answered=True)
+    time.sleep(1.2)
+    assert "+OK" in live.lab.cli(f"uuid_transfer {first} -bleg 79160000999 XML default")
+    assert wait(mobile, 40) == 0
+    assert wait(call, 40) == 0
+    wait_calls_done(live, 1)
+    time.sleep(1.0)  # nothing more may come for the outside leg
+    assert brief(live) == [("INCOMING", "101", ""), ("ACCEPTED", "101", ""), ("COMPLETED", "101", "Success")]
+    assert 0 <= int(completed(live)["101"]["duration"]) <= 3
 
 
 def test_attended_transfer_emulated_with_uuid_bridge(live):
