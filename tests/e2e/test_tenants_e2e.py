@@ -630,3 +630,38 @@ def test_a_did_claimed_by_two_tenants_in_different_spellings_is_refused(nodes, p
             service.start()
     finally:
         service.__exit__(None, None, None)  # had it started, it must not outlive the test
+
+
+# -- 8. one node down: the other goes on, the down one reconciles on its own -----------------
+
+def test_a_node_going_down_leaves_the_other_nodes_calls_alone(nodes, planfix_fakes, services):
+    """Node a restarts while a call of acme's is up on it and one of beta's on node b:
+    beta's call is reported whole meanwhile; node a reconnects and closes acme's
+    call, which ended while it was away, from its own listing (exactly one COMPLETED
+    per extension shown); no event crosses tenants or nodes."""
+    acme, beta = make_tenants(2)
+    pf = {"acme": planfix_fakes(), "beta": planfix_fakes()}
+    service = services(nodes, {"acme": tenant_section("acme", acme, pf["acme"], node="a"),
+                               "beta": tenant_section("beta", beta, pf["beta"], node="b")})
+    group = "02-inbound-ring-group"
+    acme_first, _acme_rest = split_at_half(acme.copy(subscribed(group)))
+    beta_first, beta_rest = split_at_half(beta.copy(subscribed(group)))
+    replay(nodes["a"], [acme_first])
+    replay(nodes["b"], [beta_first])
+    shown = len([f for f, _path in commands_of(acme_first) if f["event"] == "INCOMING"])
+    assert shown and service.wait_health(lambda h: h["open_calls"] == 2)
+    connections = service.health()["nodes"]["a"]["connections"]
+
+    nodes["a"].restart(down_for=1.0)  # acme's call ends while node a is away (its listing: idle)
+    service.wait_health(lambda h: h["nodes"]["a"]["state"] != "connected" and h["nodes"]["b"]["state"] == "connected")
+    replay(nodes["b"], [beta_rest])  # beta's call goes on on its own node meanwhile
+    service.wait_health(lambda h: all_connected(h) and h["nodes"]["a"]["connections"] > connections, timeout=WAIT)
+    service.wait_health(lambda h: h["open_calls"] == 0, timeout=WAIT)
+    wait_received(service, [(pf["beta"], expected(group, beta))])
+    assert received(pf["beta"]) == expected(group, beta)
+    ((callid, acme_requests),) = received(pf["acme"]).items()
+    assert callid == next(iter(expected(group, acme)))
+    incoming = sorted(r["ext"] for r in acme_requests if r["event"] == "INCOMING")
+    completed = sorted(r["ext"] for r in acme_requests if r["event"] == "COMPLETED")
+    assert len(incoming) == shown and completed == incoming  # closed by node a's reconcile, once each
+    assert "reconcile: 1 calls ended while fsbridge could not see them" in service.log()
