@@ -73,14 +73,19 @@ def test_forward_through_loopback_tagged_with_the_extension(live):
 def test_group_pickup_by_a_third_phone(live):
     """Capture 42: the group 101,102 rings; 1 s later phone 103 dials *80 (vanilla group
     intercept of the group "sales"), talks 3 s and hangs up."""
+    picked_up_by_103(live, "42-inbound-group-pickup-103-intercepts-101-102", GROUP_PICKUP_DID, GROUP_PICKUP_CODE)
+
+
+def picked_up_by_103(live, capture_name: str, did: str, code: str) -> None:
+    """The group 101,102 rings for ``did``; 1 s later phone 103 dials ``code`` and takes the call."""
     phone(live, "101", "uas-noanswer")
     phone(live, "102", "uas-noanswer")
-    with capture(live, "42-inbound-group-pickup-103-intercepts-101-102"):
-        call = did_call(live, GROUP_PICKUP_DID)
+    with capture(live, capture_name):
+        call = did_call(live, did)
         leg_uuid(live, "101")
         leg_uuid(live, "102")
         time.sleep(1.0)
-        picker = phone_dials(live, "103", GROUP_PICKUP_CODE)
+        picker = phone_dials(live, "103", code)
         assert wait(picker, 30) == 0
         assert wait(call, 30) == 0
         wait_calls_done(live, 3)
@@ -105,18 +110,7 @@ def assert_picked_up_by_103(live) -> None:
 def test_group_pickup_with_the_pickup_application(live):
     """Capture 47: the group 101,102 and `pickup/sales@<domain>` rings; 1 s later phone 103 dials
     *81 (`pickup sales@<domain>`), talks 3 s and hangs up."""
-    phone(live, "101", "uas-noanswer")
-    phone(live, "102", "uas-noanswer")
-    with capture(live, "47-inbound-group-pickup-app-103-picks-101-102"):
-        call = did_call(live, PICKUP_GROUP_DID)
-        leg_uuid(live, "101")
-        leg_uuid(live, "102")
-        time.sleep(1.0)
-        picker = phone_dials(live, "103", PICKUP_CODE)
-        assert wait(picker, 30) == 0
-        assert wait(call, 30) == 0
-        wait_calls_done(live, 3)
-    assert_picked_up_by_103(live)
+    picked_up_by_103(live, "47-inbound-group-pickup-app-103-picks-101-102", PICKUP_GROUP_DID, PICKUP_CODE)
 
 
 def test_fifo_caller_taken_by_an_agent_who_dials_in(live):
