@@ -55,6 +55,20 @@ def make_client(cfg: Config, credentials, tenant: str) -> metrics.InstrumentedCl
     ), tenant=tenant)
 
 
+def effective_credentials(store: SettingsStore, tenant: TenantConfig) -> Credentials | None:
+    """A tenant's PlanFix URL and token: what `setup` stored wins over the config file."""
+    try:
+        stored = store.load()
+    except SettingsError as exc:
+        log.error("%s", exc)
+        stored = None
+    if stored is not None:
+        return stored
+    if tenant.planfix_url and tenant.planfix_token:
+        return Credentials(tenant.planfix_url, tenant.planfix_token)
+    return None
+
+
 class Account:
     """One tenant's delivery side (the service routes its calls' commands here)."""
 
@@ -81,17 +95,7 @@ class Account:
         self.lookup = ContactLookup(lookup_settings, self.client.contact)
 
     def credentials(self) -> Credentials | None:
-        """PlanFix URL and token: what `setup` stored wins over the config file."""
-        try:
-            stored = self.settings_store.load()
-        except SettingsError as exc:
-            log.error("%s", exc)
-            stored = None
-        if stored is not None:
-            return stored
-        if self.tenant.planfix_url and self.tenant.planfix_token:
-            return Credentials(self.tenant.planfix_url, self.tenant.planfix_token)
-        return None
+        return effective_credentials(self.settings_store, self.tenant)
 
     def update(self, tenant: TenantConfig) -> None:
         """A reload changed the tenant's section (its config credentials are read per request)."""

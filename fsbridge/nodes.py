@@ -351,7 +351,7 @@ class Node:
         return {**self.esl.health(), "open_calls": self.tracker.open_calls()}
 
 
-def pick_node(nodes: list[Node], ext: str, dial_string: str, not_connected: tuple) -> tuple[Node | None, str | None]:
+def pick_node(nodes: list[Node], ext: str, dial_string: str) -> tuple[Node | None, str | None]:
     """The node to ring ``ext`` on, and the problem if none can: the node where
     the phone is registered (each connected node is asked at once)."""
     if len(nodes) == 1:

@@ -27,7 +27,7 @@ import gevent
 import gevent.event
 
 from fsbridge import __version__, calls, cdr, metrics, phone, recordings, reload
-from fsbridge.accounts import Account, account_dir, make_client, settings_store
+from fsbridge.accounts import Account, account_dir, effective_credentials, make_client, settings_store
 from fsbridge.config import Config, TenantConfig, tenant_view
 from fsbridge.esl import EslNotConnected, EslTimeout
 from fsbridge.gaps import Gaps, GapsError
@@ -36,7 +36,7 @@ from fsbridge.lookup import create_lookup_app
 from fsbridge.nodes import Node, pick_node, registration_problem, sofia_contact_query
 from fsbridge.opencalls import OpenCalls, OpenCallsError
 from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
-from fsbridge.planfix import Credentials, cli_ping
+from fsbridge.planfix import cli_ping
 from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
 from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules
 from fsbridge.web import PLANFIX_PATH, TenantWeb, WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
@@ -213,7 +213,7 @@ class Service:
         candidates = self.nodes
         if tenant is not None and tenant.node:
             candidates = [self._nodes_by_name[tenant.node]]
-        node, problem = pick_node(candidates, ext, dial_string, (EslNotConnected, EslTimeout))
+        node, problem = pick_node(candidates, ext, dial_string)
         if node is None and problem is None:
             raise EslNotConnected("no FreeSWITCH node is connected")
         if node is None:
@@ -632,27 +632,13 @@ def ping_planfix(cfg: Config, tenant_name: str | None = None) -> int:
         return 2
     worst = 0
     for tenant in tenants:
-        account_credentials = _offline_credentials(cfg, tenant)
-        client = make_client(cfg, account_credentials, tenant.name)
+        # As the running service reads them; no outbox is opened.
+        store = settings_store(account_dir(cfg.storage.dir, tenant))
+        client = make_client(cfg, functools.partial(effective_credentials, store, tenant), tenant.name)
         code, text = cli_ping(client, pbx_url, tenant.token)
         print(text if tenant.implicit else f"tenant {tenant.name}: {text}")
         worst = max(worst, code)
     return worst
-
-
-def _offline_credentials(cfg: Config, tenant: TenantConfig):
-    """A tenant's PlanFix credentials, read as the running service would (no outbox opened)."""
-    store = settings_store(account_dir(cfg.storage.dir, tenant))
-
-    def credentials():
-        stored = store.load()
-        if stored is not None:
-            return stored
-        if tenant.planfix_url and tenant.planfix_token:
-            return Credentials(tenant.planfix_url, tenant.planfix_token)
-        return None
-
-    return credentials
 
 
 def outbox_command(cfg: Config, retry: bool, tenant_name: str | None = None) -> int:
