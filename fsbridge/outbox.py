@@ -625,6 +625,11 @@ class Outbox:
             self._undeleted.difference_update(ids)
 
     # ---- observation and operator actions --------------------------------
+    def depth(self) -> int:
+        """Rows still in the table: pending, or delivered and awaiting the batched
+        DELETE (a kill now would resend those).  No database read: for the event path."""
+        return self._depth + len(self._undeleted)
+
     def stats(self) -> dict[str, Any]:
         now = time.time()
         oldest = None
@@ -639,9 +644,7 @@ class Outbox:
             except sqlite3.Error as exc:
                 log.warning("outbox: reading the oldest pending command: %s", exc)
         return {
-            # Rows still in the table: pending, or delivered and awaiting the
-            # batched DELETE (a kill now would resend those).
-            "depth": self._depth + len(self._undeleted),
+            "depth": self.depth(),
             "oldest_pending_age_s": None if oldest is None else round(max(0.0, now - oldest), 3),
             "last_success_at": self._last_success_at,
             "kept_aside": self._kept_aside,

@@ -323,7 +323,8 @@ class Service:
         account = self.accounts.get(tenant_name)
         if account is None:
             return False
-        depth = account.outbox.stats()["depth"]
+        # depth(), not stats(): this runs for every batch of events stored.
+        depth = account.outbox.depth()
         full = depth >= self.cfg.outbox.max_depth
         was_full = tenant_name in self._outbox_full
         whose = "" if account.tenant.implicit else f" of tenant {tenant_name}"
@@ -461,7 +462,7 @@ class Service:
         tenants = {}
         for name, account in list(self.accounts.items()):
             stats = account.stats()
-            stats["outbox_full"] = name in self._outbox_full
+            stats["outbox_full"] = self._check_outbox_bound(name)
             tenants[name] = stats
         boxes = [t["outbox"] for t in tenants.values()]
         outbox_stats = _sum_outboxes(boxes)
@@ -469,8 +470,6 @@ class Service:
             outbox_stats["unsaved_in_memory"] = sum(len(held) for held in self._unsaved.values())
         nodes = {node.name: node.health() for node in self.nodes}
         all_connected = all(node.esl.state == "connected" for node in self.nodes)
-        for name in list(self._outbox_full):
-            self._check_outbox_bound(name)
         return {
             "status": "ok" if all_connected and not self._storage_error and not self._outbox_full else "degraded",
             "outbox_full": bool(self._outbox_full),
