@@ -108,7 +108,7 @@ class Account:
         self.outbox.stop(drain_timeout=drain_timeout)
 
     def stats(self) -> dict[str, Any]:
-        """Per-tenant figures for /healthz (loopback), the metrics and `fsbridge tenants`: never a token."""
+        """Per-tenant figures for /healthz (loopback) and the metrics: never a token."""
         try:
             creds = self.credentials()
         except Exception:  # noqa: BLE001 - health must answer

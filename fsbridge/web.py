@@ -218,16 +218,12 @@ class _TenantCalls:
     """Click-to-call state of one tenant: its live settings, rate limits and calls placed."""
 
     def __init__(self, tenant: TenantWeb) -> None:
-        self.tenant = tenant
-        self.settings = tenant.settings
         self.rate = RateLimiter(tenant.settings.calls_per_extension, tenant.settings.calls_total)
         self.placed: collections.OrderedDict[str, float] = collections.OrderedDict()  # call uuid -> when accepted
-        self.extension = re.compile(tenant.settings.originate.extension_pattern)
-        self.normalize_to = tenant.deps.normalize_to or functools.partial(
-            clean_dial_number, keep_plus=tenant.settings.originate.keep_plus)
+        self.update(tenant)
 
     def update(self, tenant: TenantWeb) -> None:
-        """A reload changed the tenant: counts made so far stay."""
+        """Take the tenant's (reloaded) settings: counts made so far stay."""
         self.tenant = tenant
         self.settings = tenant.settings
         self.rate.per_key, self.rate.total = tenant.settings.calls_per_extension, tenant.settings.calls_total
@@ -461,11 +457,12 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
     states: dict[str, _TenantCalls] = {}
     app.extensions["fsbridge.click_to_call"] = states
     known_tokens: list[tuple[str, bytes]] = []
-    known_from: list[dict[str, TenantWeb]] = [{}]
+    known_from: dict[str, TenantWeb] = {}
 
     def tenants() -> dict[str, TenantWeb]:
+        nonlocal known_from
         current = deps.tenants() if deps.tenants is not None else single
-        if current is not known_from[0]:
+        if current is not known_from:
             # The tenant list changed (start, reload): new state for new
             # tenants, counts kept for the others, none for removed ones.
             for name in list(states):
@@ -478,7 +475,7 @@ def create_app(settings: WebSettings, deps: WebDeps) -> Flask:
                 else:
                     states[name] = _TenantCalls(tenant)
             known_tokens[:] = [(name, t.settings.pbx_token.encode("utf-8")) for name, t in current.items()]
-            known_from[0] = current
+            known_from = current
         return current
 
     tenants()
