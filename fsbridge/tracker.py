@@ -231,11 +231,10 @@ class CallTracker:
     def __init__(self, settings: TrackerSettings | None = None) -> None:
         self._settings = settings or TrackerSettings()
         self._default_rules = _Rules(self._settings.extension_pattern, self._settings.report_internal_calls)
-        self._tenants = self._settings.tenants
+        self._tenants: TenantMap | None = None
         self._rules: dict[str, _Rules] = {}
-        if self._tenants is not None:
-            self._rules = {name: _Rules(rule.extension_pattern, rule.report_internal_calls)
-                           for name, rule in self._tenants.rules.items()}
+        if self._settings.tenants is not None:
+            self.set_tenants(self._settings.tenants)
         self._normalize = self._settings.normalize_phone
         self._calls: dict[str, _Call] = {}       # A-leg UUID -> call, oldest first
         self._owner: dict[str, _Call] = {}       # B-leg UUID -> call
