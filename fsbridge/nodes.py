@@ -28,6 +28,7 @@ from fsbridge.tenancy import TenantMap
 log = logging.getLogger("fsbridge.nodes")
 
 _USER_DIAL_STRING = re.compile(r"user/\{ext\}(@[A-Za-z0-9_.-]+)?")
+_CHANNEL_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 def sofia_contact_query(dial_string: str, ext: str) -> str | None:
@@ -220,8 +221,10 @@ class Node:
     def _without_hung_up(self, listing: str) -> str:
         """The listing without channels that have hung up and are only still
         being reported (a CDR post being retried): ``uuid_exists`` says false."""
+        # Only a plain id goes into the command (the listing is FreeSWITCH's own,
+        # but a dialplan may set origination_uuid to anything).
         gone = {uuid for uuid in tracker.listed_channels(listing)
-                if self.esl.api(f"uuid_exists {uuid}").strip() == "false"}
+                if _CHANNEL_ID.fullmatch(uuid) and self.esl.api(f"uuid_exists {uuid}").strip() == "false"}
         if gone:
             log.info("reconcile: %d listed channels have hung up (their CDRs are being posted)", len(gone))
         return tracker.without_channels(listing, gone)
