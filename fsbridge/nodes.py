@@ -73,7 +73,6 @@ class Node:
         self._emit = emit
         self._flush = flush
         self._multi_tenant = tenants.single is None
-        self._channel_event = functools.partial(events.channel_event, tenants=self._multi_tenant)
         self.tracker = tracker.CallTracker(tracker.TrackerSettings(
             extension_pattern=cfg.calls.extension_pattern,
             report_internal_calls=cfg.calls.report_internal_calls,
@@ -83,6 +82,8 @@ class Node:
             tenants=tenants,
             node=self.key,
         ))
+        self._channel_event = functools.partial(events.channel_event, tenants=self._multi_tenant,
+                                                cares=self.tracker.cares)
         section = node.section
         self._where = "[freeswitch]" if node.implicit else f"[freeswitch.{node.name}]"
         self.esl = EslConnection(

@@ -83,19 +83,41 @@ class EventHeaders:
     ``%0A`` cannot forge one.  The first occurrence of a name wins.
     """
 
-    __slots__ = ("_block", "_cache")
+    __slots__ = ("_block",)
 
     def __init__(self, block: bytes) -> None:
         # A leading LF makes the first header findable like the others.
         self._block = b"\n" + block
-        self._cache: dict[str, str | None] = {}
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        try:
-            value = self._cache[name]
-        except KeyError:
-            value = self._cache[name] = self._find(name)
-        return default if value is None else value
+        # The hot path of event intake (~10 lookups per event): the needle is
+        # built once per name, and nothing is cached per event, since a
+        # name is rarely asked twice and a dict costs about what a search of
+        # the block does.
+        key = _NEEDLES.get(name)
+        if key is None:
+            key = _needle(name)
+        block = self._block
+        pos = block.find(key)
+        while pos >= 0:
+            # The byte after the colon decides: a space starts the value, LF
+            # or the end means an empty value, anything else is a longer
+            # name that merely starts the same ("Name:x" is not a header
+            # FreeSWITCH writes), so the search goes on.
+            after = pos + len(key)
+            if after == len(block):
+                return ""
+            byte = block[after]
+            if byte == 0x20:
+                end = block.find(b"\n", after)
+                raw = block[after + 1:] if end < 0 else block[after + 1:end]
+                if b"%" in raw:
+                    return unquote(raw.decode("utf-8", "replace"), errors="replace")
+                return raw.decode("utf-8", "replace")
+            if byte == 0x0A:
+                return ""
+            pos = block.find(key, after)
+        return default
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name)
@@ -105,24 +127,6 @@ class EventHeaders:
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
-
-    def _find(self, name: str) -> str | None:
-        # One scan for "\nName:", then the byte after the colon decides: a
-        # space starts the value, LF or the end means an empty value, anything
-        # else is a longer name that merely starts the same ("Name:x" is not a
-        # header FreeSWITCH writes), so the search goes on.
-        block = self._block
-        key = b"\n" + name.encode("utf-8") + b":"
-        pos = block.find(key)
-        while pos >= 0:
-            after = pos + len(key)
-            if after == len(block) or block[after] == 0x0A:
-                return ""
-            if block[after] == 0x20:
-                end = block.find(b"\n", after + 1)
-                return _unquote(block[after + 1:] if end < 0 else block[after + 1:end])
-            pos = block.find(key, after)
-        return None
 
     def with_prefix(self, prefix: str) -> dict[str, str]:
         """Every header whose name starts with ``prefix``, name -> value."""
@@ -143,6 +147,18 @@ class EventHeaders:
     def to_dict(self) -> dict[str, str]:
         """All headers, decoded (for logs and tests, not the hot path)."""
         return parse_header_block(self._block, True)
+
+
+# "\nName:" per header name asked for; names are a fixed set in the code.
+_NEEDLES: dict[str, bytes] = {}
+_MAX_NEEDLES = 4096  # a bound all the same: names may come from a config
+
+
+def _needle(name: str) -> bytes:
+    key = b"\n" + name.encode("utf-8") + b":"
+    if len(_NEEDLES) < _MAX_NEEDLES:
+        _NEEDLES[name] = key
+    return key
 
 
 def _unquote(raw: bytes) -> str:

@@ -345,6 +345,45 @@ def test_call_trace_gives_exact_commands(traces_dir, name):
     assert tracker.open_calls() == 0
 
 
+@pytest.mark.parametrize("name", sorted(EXPECTED) + ["load-100-calls"])
+def test_events_the_tracker_does_not_care_about_change_nothing(traces_dir, name):
+    """The reader drops an event before decoding it when CallTracker.cares says
+    no; fed anyway, such an event gives no command and changes no call: every
+    capture gives the same commands, in the same order, either way."""
+    raw = read_trace(traces_dir / f"{name}.plain.txt.gz") if name.startswith("load") else capture(traces_dir, name)
+    fed, asked = CallTracker(), CallTracker()
+    got_fed, got_asked, dropped = [], [], 0
+    for headers, body in event_frames(raw):
+        event = channel_event(headers, body)
+        if event is None:
+            continue
+        got_fed += fed.feed(event)
+        if asked.cares(event.name, event.uuid):
+            got_asked += asked.feed(event)
+        else:
+            dropped += 1
+            assert not fed.cares(event.name, event.uuid)
+            assert got_fed == got_asked, f"{event.name} of {event.uuid} was dropped but gave commands"
+        assert fed.open_calls() == asked.open_calls()
+    assert [(c.fields, c.recording_path) for c in got_asked] == [(c.fields, c.recording_path) for c in got_fed]
+    assert dropped  # every capture's calls end with end events nobody needs (their CHANNEL_DESTROYs)
+
+
+def test_channel_event_reads_nothing_more_of_an_event_nobody_cares_about(traces_dir):
+    headers, body = next(
+        (h, b) for h, b in event_frames(capture(traces_dir, "01-inbound-single-answer"))
+        if h.get("Event-Name") == "CHANNEL_DESTROY")
+    asked = []
+
+    def cares(name, uuid):
+        asked.append((name, uuid))
+        return False
+
+    assert channel_event(headers, body, cares=cares) is None
+    assert asked == [("CHANNEL_DESTROY", headers.get("Unique-ID"))]
+    assert channel_event(headers, body, cares=lambda name, uuid: True).name == "CHANNEL_DESTROY"
+
+
 @pytest.mark.parametrize("name", ["02-inbound-ring-group", "06a-click-to-call-answer"])
 def test_subscribing_to_all_events_changes_nothing(traces_dir, name):
     """Events outside SUBSCRIBED_EVENTS (an `event plain ALL` listener) are ignored."""
