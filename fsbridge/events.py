@@ -170,16 +170,25 @@ def _planfix_data(headers: EventHeaders) -> tuple[tuple[str, str], ...]:
     return tuple(fields)
 
 
+# What the tracker reads of an event (CallTracker.wants): nothing (the event
+# is dropped undecoded), an open call's A leg or other leg (end events are
+# read in part), or everything.
+WANT_NOTHING = ""
+WANT_CALL = "call"
+WANT_LEG = "leg"
+WANT_ALL = "all"
+
+
 def channel_event(headers: EventHeaders, body: bytes, tenants: bool = False,
-                  cares: Callable[[str, str], bool] | None = None) -> ChannelEvent | None:
+                  wants: Callable[[str, str], str] | None = None) -> ChannelEvent | None:
     """Reduce one plain event to a ``ChannelEvent``; None if the tracker ignores it.
 
     Each event type reads only the headers the tracker uses for it: a
     lookup of an absent header scans the whole ~9 kB block, so asking
     every event for everything would triple the cost.  ``tenants``: also
     read the facts that tell a channel's tenant (CHANNEL_CREATE only).
-    ``cares(name, uuid)`` (``CallTracker.cares``): False drops the event
-    before its other headers are read.
+    ``wants(name, uuid)`` (``CallTracker.wants``): how much of it to read;
+    without, everything.
     """
     name = headers.get("Event-Name") or ""
     if name == "BACKGROUND_JOB":
@@ -194,9 +203,12 @@ def channel_event(headers: EventHeaders, body: bytes, tenants: bool = False,
     if read is None:
         return None
     uuid = sanitize(headers.get("Unique-ID"), MAX_ID_CHARS)
-    if not uuid or (cares is not None and not cares(name, uuid)):
+    if not uuid:
         return None
-    fields = read(headers)
+    want = WANT_ALL if wants is None else wants(name, uuid)
+    if want == WANT_NOTHING:
+        return None
+    fields = read(headers, want)
     if tenants and name == "CHANNEL_CREATE":
         fields.update(_tenant_fields(headers))
     return ChannelEvent(
@@ -218,7 +230,7 @@ def _tenant_fields(headers: EventHeaders) -> dict:
     }
 
 
-def _create_fields(headers: EventHeaders) -> dict:
+def _create_fields(headers: EventHeaders, want: str = WANT_ALL) -> dict:
     get = headers.get
     fields = {
         "call_uuid": sanitize(get("Channel-Call-UUID"), MAX_ID_CHARS),
@@ -267,7 +279,7 @@ def _forwarded_from(headers: EventHeaders) -> str:
     return sanitize(match.group(1), MAX_NUMBER_CHARS) if match else ""
 
 
-def _bridge_fields(headers: EventHeaders) -> dict:
+def _bridge_fields(headers: EventHeaders, want: str = WANT_ALL) -> dict:
     get = headers.get
     return {
         "bridge_a_uuid": sanitize(get("Bridge-A-Unique-ID"), MAX_ID_CHARS),
@@ -286,28 +298,34 @@ def _bridge_fields(headers: EventHeaders) -> dict:
     }
 
 
-def _leg_end_fields(headers: EventHeaders) -> dict:
+def _leg_end_fields(headers: EventHeaders, want: str = WANT_ALL) -> dict:
+    """The end of a leg: what the tracker reads of an A leg's end (its
+    disposition, data, recording, voicemail) and of another leg's (its SIP
+    status, billsec, a redirect), both with ``WANT_ALL``.  Each variable read
+    is a search of the block, so the part not used is not read."""
     get = headers.get
     fields = {
         "hangup_cause": sanitize(get("Hangup-Cause"), 64),
-        "originate_disposition": sanitize(get("variable_originate_disposition"), 64),
-        "sip_term_status": sanitize(get("variable_sip_term_status"), 8),
-        "billsec": _int(get("variable_billsec")),
         "hangup_us": _int(get("Caller-Channel-Hangup-Time")),
-        "planfix_data": _planfix_data(headers),
     }
-    if fields["hangup_cause"] == "REDIRECTION_TO_NEW_DESTINATION":
-        # The phone answered 302 (its own call forwarding): mod_sofia sends
-        # the caller on to the Contact's user (a transfer of the A leg).
-        fields["redirect_to"] = sanitize(get("variable_sip_redirect_contact_user_0"), MAX_NUMBER_CHARS)
-    if get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
-        fields["record_ms"] = _record_ms(headers)
-        # mod_voicemail sets these on the caller's channel once it saved a
-        # message (voicemail_leave_main, after deliver_vm).
-        path = sanitize(get("variable_voicemail_file_path"), MAX_PATH_CHARS)
-        if path:
-            fields["voicemail_path"] = path
-            fields["voicemail_seconds"] = _hms_seconds(get("variable_voicemail_message_len"))
+    if want != WANT_LEG:
+        fields["originate_disposition"] = sanitize(get("variable_originate_disposition"), 64)
+        fields["planfix_data"] = _planfix_data(headers)
+        if get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
+            fields["record_ms"] = _record_ms(headers)
+            # mod_voicemail sets these on the caller's channel once it saved a
+            # message (voicemail_leave_main, after deliver_vm).
+            path = sanitize(get("variable_voicemail_file_path"), MAX_PATH_CHARS)
+            if path:
+                fields["voicemail_path"] = path
+                fields["voicemail_seconds"] = _hms_seconds(get("variable_voicemail_message_len"))
+    if want != WANT_CALL:
+        fields["sip_term_status"] = sanitize(get("variable_sip_term_status"), 8)
+        fields["billsec"] = _int(get("variable_billsec"))
+        if fields["hangup_cause"] == "REDIRECTION_TO_NEW_DESTINATION":
+            # The phone answered 302 (its own call forwarding): mod_sofia sends
+            # the caller on to the Contact's user (a transfer of the A leg).
+            fields["redirect_to"] = sanitize(get("variable_sip_redirect_contact_user_0"), MAX_NUMBER_CHARS)
     return fields
 
 
@@ -320,14 +338,16 @@ def _hms_seconds(value: str | None) -> int:
     return hours * 3600 + minutes * 60 + seconds
 
 
-def _record_stop_fields(headers: EventHeaders) -> dict:
+def _record_stop_fields(headers: EventHeaders, want: str = WANT_ALL) -> dict:
     return {
         "record_file_path": sanitize(headers.get("Record-File-Path"), MAX_PATH_CHARS),
         "record_ms": _record_ms(headers),
     }
 
 
-# Event-Name -> the headers read for it (keys must match SUBSCRIBED_EVENTS).
+# Event-Name -> the headers read for it (keys must match SUBSCRIBED_EVENTS);
+# each reader takes what the tracker wants of the event (only the end events
+# read less than everything for some).
 _READERS = {
     "CHANNEL_CREATE": _create_fields,
     "CHANNEL_BRIDGE": _bridge_fields,

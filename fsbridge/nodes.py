@@ -83,7 +83,7 @@ class Node:
             node=self.key,
         ))
         self._channel_event = functools.partial(events.channel_event, tenants=self._multi_tenant,
-                                                cares=self.tracker.cares)
+                                                wants=self.tracker.wants)
         section = node.section
         self._where = "[freeswitch]" if node.implicit else f"[freeswitch.{node.name}]"
         self.esl = EslConnection(

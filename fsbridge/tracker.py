@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from fsbridge.events import ChannelEvent, sanitize
+from fsbridge.events import WANT_ALL, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, sanitize
 from fsbridge.tenancy import TenantMap, domain_of_presence
 
 __all__ = [
@@ -321,22 +321,25 @@ class CallTracker:
         # of calls already closed: nothing to say.
         return []
 
-    def cares(self, name: str, uuid: str) -> bool:
-        """Whether ``feed`` can act on an event of this name for this channel.
+    def wants(self, name: str, uuid: str) -> str:
+        """What ``feed`` reads of an event of this name for this channel.
 
-        False only where ``feed`` would return nothing and change nothing:
-        a channel no open call has (the end events of a call already closed,
-        channels we do not follow), or a leg's second end event.  The reader
-        asks first, so it does not decode the ~9 kB of headers of an event
-        that is dropped anyway (a call's CHANNEL_DESTROYs are a quarter of
-        its events).
+        The reader asks first, so it decodes no more of the ~9 kB of headers
+        than is used (``events.channel_event``): ``WANT_NOTHING`` where
+        ``feed`` would return nothing and change nothing (a channel no open
+        call has, such as the end events of a call already closed, or a leg's
+        second end event: a call's CHANNEL_DESTROYs are a quarter of its
+        events); ``WANT_CALL`` / ``WANT_LEG`` for an open call's A leg / other
+        leg, whose end events are read in part; else ``WANT_ALL``.
         """
-        if name == "CHANNEL_CREATE" or name == "CHANNEL_BRIDGE" or uuid in self._calls:
-            return True
+        if name == "CHANNEL_CREATE" or name == "CHANNEL_BRIDGE":
+            return WANT_ALL
+        if uuid in self._calls:
+            return WANT_CALL
         call = self._owner.get(uuid)
-        if call is None:
-            return False
-        return not (name in _LEG_END_EVENTS and call.legs[uuid].ended)
+        if call is None or (name in _LEG_END_EVENTS and call.legs[uuid].ended):
+            return WANT_NOTHING
+        return WANT_LEG
 
     def reconcile(self, live_call_uuids: set[str], now_us: int) -> list[PlanfixCommand]:
         """Close every open call none of whose channels is still up.

@@ -83,22 +83,36 @@ class EventHeaders:
     ``%0A`` cannot forge one.  The first occurrence of a name wins.
     """
 
-    __slots__ = ("_block",)
+    __slots__ = ("_block", "_vars")
 
     def __init__(self, block: bytes) -> None:
         # A leading LF makes the first header findable like the others.
         self._block = b"\n" + block
+        # Where the first "\nvariable_" is (None: not searched yet).  Every
+        # variable_<name> is at or after it, so their searches start there:
+        # exact whatever the order of the headers, and the channel variables
+        # (most of the block, and most lookups) come after the core headers.
+        self._vars: int | None = None
 
     def get(self, name: str, default: str | None = None) -> str | None:
         # The hot path of event intake (~10 lookups per event): the needle is
         # built once per name, and nothing is cached per event, since a
         # name is rarely asked twice and a dict costs about what a search of
         # the block does.
-        key = _NEEDLES.get(name)
-        if key is None:
-            key = _needle(name)
+        needle = _NEEDLES.get(name)
+        if needle is None:
+            needle = _needle(name)
+        key, variable = needle
         block = self._block
-        pos = block.find(key)
+        if variable:
+            start = self._vars
+            if start is None:
+                start = self._vars = block.find(_VARIABLE)
+            if start < 0:
+                return default
+            pos = block.find(key, start)
+        else:
+            pos = block.find(key)
         while pos >= 0:
             # The byte after the colon decides: a space starts the value, LF
             # or the end means an empty value, anything else is a longer
@@ -133,7 +147,14 @@ class EventHeaders:
         found: dict[str, str] = {}
         block = self._block
         key = b"\n" + prefix.encode("utf-8")
-        pos = block.find(key)
+        start = 0
+        if key.startswith(_VARIABLE):
+            start = self._vars
+            if start is None:
+                start = self._vars = block.find(_VARIABLE)
+            if start < 0:
+                return found
+        pos = block.find(key, start)
         while pos >= 0:
             end = block.find(b"\n", pos + 1)
             line = block[pos + 1:] if end < 0 else block[pos + 1:end]
@@ -149,16 +170,19 @@ class EventHeaders:
         return parse_header_block(self._block, True)
 
 
-# "\nName:" per header name asked for; names are a fixed set in the code.
-_NEEDLES: dict[str, bytes] = {}
+# Per header name asked for: "\nName:", and whether it is a channel variable
+# (searched from the first one on).  Names are a fixed set in the code.
+_NEEDLES: dict[str, tuple[bytes, bool]] = {}
 _MAX_NEEDLES = 4096  # a bound all the same: names may come from a config
+_VARIABLE = b"\nvariable_"
 
 
-def _needle(name: str) -> bytes:
+def _needle(name: str) -> tuple[bytes, bool]:
     key = b"\n" + name.encode("utf-8") + b":"
+    needle = (key, key.startswith(_VARIABLE))
     if len(_NEEDLES) < _MAX_NEEDLES:
-        _NEEDLES[name] = key
-    return key
+        _NEEDLES[name] = needle
+    return needle
 
 
 def _unquote(raw: bytes) -> str:
