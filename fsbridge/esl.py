@@ -65,6 +65,10 @@ ALWAYS_SUBSCRIBED = ("HEARTBEAT",)
 
 # One recv() per wake-up; large so a burst of events costs few syscalls.
 RECV_BYTES = 256 * 1024
+# Longest the reader keeps the loop during a burst of events before it lets
+# the other greenlets run (see receive_events): the most a request read waits
+# to be stored, and the most an HTTP request or a delivery waits.
+READER_SLICE_S = 0.05
 # First reconnect delay (capped by max_backoff); doubles per failed attempt.
 BASE_BACKOFF = 0.5
 # Event names and CUSTOM subclasses as FreeSWITCH spells them
@@ -163,6 +167,7 @@ class _Session(InboundESL):
         sock = self.sock
         feed = self._parser.feed
         reason = "FreeSWITCH closed the connection"
+        slice_start = time.monotonic()
         try:
             while True:
                 data = sock.recv(RECV_BYTES)
@@ -173,6 +178,19 @@ class _Session(InboundESL):
                     self.handle_event(frame)
                     if self.closed.is_set():
                         return
+                    # gevent's recv returns at once while data is waiting:
+                    # without a yield, a burst would keep every other greenlet
+                    # (the flusher that stores the PlanFix requests read,
+                    # delivery, the HTTP endpoints) waiting until FreeSWITCH
+                    # pauses.  Every READER_SLICE_S, not every read or event:
+                    # reading keeps most of the core while a burst lasts, and
+                    # one commit takes many events.
+                    now = time.monotonic()
+                    if now - slice_start >= READER_SLICE_S:
+                        gevent.sleep(0)
+                        if self.closed.is_set():
+                            return
+                        slice_start = time.monotonic()
         except ProtocolError as exc:
             log.error("ESL protocol error from FreeSWITCH, dropping the connection: %s", exc)
             reason = f"protocol error: {exc}"

@@ -243,8 +243,9 @@ class Service:
 
     def _store(self, commands: list) -> None:
         """Queue commands for PlanFix: stored durably as soon as the current
-        greenlet yields (the ESL reader does at its next recv), so that all
-        the commands one socket read produced share one SQLite commit."""
+        greenlet yields (the ESL reader does when its socket is empty, and
+        during a burst every esl.READER_SLICE_S), so that all the commands
+        read meanwhile share one SQLite commit."""
         self._batch.extend(commands)
         if self._flusher is None:
             self._flusher = gevent.spawn(self._flush)

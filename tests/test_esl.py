@@ -158,6 +158,40 @@ def test_a_failing_handler_does_not_stop_the_reader(fake, connect, caplog):
     assert "handler bug" in caplog.text and conn.connections == 1
 
 
+def test_a_burst_of_events_leaves_other_greenlets_their_turn(fake):
+    """gevent's recv returns at once while data waits: the reader yields every
+    READER_SLICE_S all the same, so the flusher, delivery and HTTP run during a
+    burst, not only after it."""
+    n_events = 4_000
+    handled: list[int] = []
+    ticks: list[int] = []
+
+    def slow_handler(headers, body):
+        handled.append(1)
+        end = time.perf_counter() + 0.0002  # a handler's CPU: the burst takes ~0.8 s
+        while time.perf_counter() < end:
+            pass
+
+    conn = EslConnection("127.0.0.1", fake.port, "ClueCon", EVENTS, on_event=slow_handler, **FAST)
+    conn.start()
+    try:
+        assert conn.wait_connected(2)
+
+        def ticker():
+            while len(handled) < n_events:
+                ticks.append(len(handled))
+                gevent.sleep(0)
+
+        runner = gevent.spawn(ticker)
+        fake.inject(b"".join(sentinel(fake, n) for n in range(n_events)))
+        assert wait_for(lambda: len(handled) == n_events, 10)
+        runner.join(1)
+    finally:
+        conn.stop()
+    turns_during = {n for n in ticks if 0 < n < n_events}
+    assert len(turns_during) >= 5  # ~0.8 s of reading, a turn every 50 ms
+
+
 # -- commands ---------------------------------------------------------------
 
 
