@@ -90,7 +90,10 @@ def _int(value: str | None) -> int:
         return 0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once made (the tracker derives variants
+# with dataclasses.replace): a frozen dataclass sets each of these ~40 fields
+# through object.__setattr__, 3.7 us per event against 0.6.
+@dataclass(slots=True)
 class ChannelEvent:
     """One FreeSWITCH event, reduced to plain values the tracker reads.
 
