@@ -200,11 +200,13 @@ class Node:
             log.info("reconcile: %d calls ended while fsbridge could not see them",
                      len({c.call_id for c in commands}))
         if adopt:
-            adopted = self.tracker.adopt(listing, now_us)
+            answer_times = self._answer_times(listing)
+            adopted = self.tracker.adopt(listing, now_us, answer_times)
             if adopted:
                 # Followed from now on: their end comes with real events.
                 self.open_calls.forget_inherited({c.call_id for c in adopted})
-                log.info("reconcile: %d live calls taken up", len({c.call_id for c in adopted}))
+                log.info("reconcile: %d live calls taken up (%d answer times from uuid_dump)",
+                         len({c.call_id for c in adopted}), len(answer_times))
             commands += adopted
             for call_id in {c.call_id for c in adopted}:
                 # legs that rang and ended in the gap, whose CDRs came before the connect
@@ -215,6 +217,22 @@ class Node:
         if commands:
             self._emit(commands)
         return True
+
+    def _answer_times(self, listing: str) -> dict[str, int]:
+        """When the answered legs of calls to be adopted answered (the listing
+        does not say): ``uuid_dump``, one per such leg."""
+        times: dict[str, int] = {}
+        for leg, a_leg in tracker.answered_legs(listing):
+            if self.tracker.tracks(a_leg) or not _CHANNEL_ID.fullmatch(leg):
+                continue
+            try:
+                answered = tracker.answered_us_from_dump(self.esl.api(f"uuid_dump {leg} json"))
+            except Exception as exc:  # noqa: BLE001 - counted from now instead, as before
+                log.warning("reconcile: no answer time for channel %s: %s", leg, exc)
+                continue
+            if answered:
+                times[leg] = answered
+        return times
 
     def _without_hung_up(self, listing: str) -> str:
         """The listing without channels that have hung up and are only still

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 from fsbridge.events import WANT_ALL, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, sanitize
 from fsbridge.tenancy import TenantMap, domain_of_presence
@@ -375,7 +375,12 @@ class CallTracker:
             self._forget(call)
         return [call.uuid for call in gone]
 
-    def adopt(self, show_channels_json: str, now_us: int) -> list[PlanfixCommand]:
+    def tracks(self, uuid: str) -> bool:
+        """A channel of a call this tracker follows."""
+        return uuid in self._calls or uuid in self._owner
+
+    def adopt(self, show_channels_json: str, now_us: int,
+              answered_us: Mapping[str, int] | None = None) -> list[PlanfixCommand]:
         """Take up calls that started while we could not see FreeSWITCH.
 
         Run after a (re)connect with ``show channels as json``: each live
@@ -384,10 +389,12 @@ class CallTracker:
         (``adoption_events``), so it is shown now and its real end (billsec,
         recording, data_*) arrives with FreeSWITCH's own later events.
         Calls already tracked are left alone (their duplicates are dropped
-        as re-deliveries).  Raises ValueError as ``live_uuids_from_show_json``.
+        as re-deliveries).  ``answered_us``: when answered legs answered
+        (``answered_legs``, ``answered_us_from_dump``), else now.  Raises
+        ValueError as ``live_uuids_from_show_json``.
         """
         out: list[PlanfixCommand] = []
-        for event in adoption_events(show_channels_json, now_us):
+        for event in adoption_events(show_channels_json, now_us, answered_us):
             out += self.feed(event)
         return out
 
@@ -979,7 +986,8 @@ def _row_str(row: dict, key: str, limit: int = 64) -> str:
     return sanitize(value, limit) if isinstance(value, str) else ""
 
 
-def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
+def adoption_events(show_channels_json: str, now_us: int,
+                    answered_us: Mapping[str, int] | None = None) -> list[ChannelEvent]:
     """The events a ``show channels as json`` listing implies, A legs first.
 
     A row whose ``call_uuid`` is its own (or empty) and that is inbound is a
@@ -991,26 +999,23 @@ def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
     with the caller: CHANNEL_BRIDGE on the A leg.  The listing carries no
     channel variables, so legs known only by a variable (mod_callcenter
     agents, our click-to-call tag) cannot be adopted.  Creation times come
-    from ``created_epoch`` (seconds); the bridge is stamped ``now_us``.
+    from ``created_epoch`` (seconds); the bridge is stamped ``now_us``, its
+    answer ``answered_us[leg]`` where known (the listing has no answer
+    time: without it, the talk is counted from now when the caller hangs up
+    before the leg's own end, with its billsec, arrives).
     """
-    rows = _show_rows(show_channels_json)
-    by_uuid = {_row_str(row, "uuid"): row for row in rows if _row_str(row, "uuid")}
+    rows, a_legs, legs = _adoptable(show_channels_json)
+    answered_us = answered_us or {}
     events: list[ChannelEvent] = []
     bridges: list[ChannelEvent] = []
-    a_legs: set[str] = set()
-    for uuid, row in by_uuid.items():
+    for uuid, row in a_legs.items():
+        events.append(ChannelEvent(
+            name="CHANNEL_CREATE", uuid=uuid, call_uuid=uuid, direction="inbound",
+            caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
+            timestamp_us=_epoch_us(row, now_us), domains=_row_domains(row),
+        ))
+    for uuid, row in legs.items():
         call_uuid = _row_str(row, "call_uuid")
-        if _row_str(row, "direction", 16) == "inbound" and call_uuid in ("", uuid):
-            a_legs.add(uuid)
-            events.append(ChannelEvent(
-                name="CHANNEL_CREATE", uuid=uuid, call_uuid=uuid, direction="inbound",
-                caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
-                timestamp_us=_epoch_us(row, now_us), domains=_row_domains(row),
-            ))
-    for uuid, row in by_uuid.items():
-        call_uuid = _row_str(row, "call_uuid")
-        if _row_str(row, "direction", 16) != "outbound" or call_uuid == uuid or call_uuid not in a_legs:
-            continue
         events.append(ChannelEvent(
             name="CHANNEL_CREATE", uuid=uuid, call_uuid=call_uuid, direction="outbound",
             caller_number=_row_str(row, "cid_num"), destination_number=_row_str(row, "dest"),
@@ -1020,9 +1025,41 @@ def adoption_events(show_channels_json: str, now_us: int) -> list[ChannelEvent]:
         if _row_str(row, "callstate", 16) == "ACTIVE":
             bridges.append(ChannelEvent(
                 name="CHANNEL_BRIDGE", uuid=call_uuid, bridge_a_uuid=call_uuid, bridge_b_uuid=uuid,
-                timestamp_us=now_us,
+                timestamp_us=now_us, other_leg_answered_us=answered_us.get(uuid, 0),
             ))
     return events + bridges
+
+
+def answered_legs(show_channels_json: str) -> list[tuple[str, str]]:
+    """(leg, its call's A leg) for every leg the listing shows answered
+    (the CHANNEL_BRIDGEs of ``adoption_events``)."""
+    _, _, legs = _adoptable(show_channels_json)
+    return [(uuid, _row_str(row, "call_uuid")) for uuid, row in legs.items()
+            if _row_str(row, "callstate", 16) == "ACTIVE"]
+
+
+def answered_us_from_dump(dump_json: str) -> int:
+    """When a channel answered, from ``uuid_dump <uuid> json`` (0: not known).
+    JSON, not the text dump: its values are not escaped, so a caller's name
+    could forge a line there."""
+    try:
+        headers = json.loads(dump_json)
+    except ValueError:
+        return 0
+    value = headers.get("Caller-Channel-Answered-Time") if isinstance(headers, dict) else None
+    return int(value) if isinstance(value, str) and value.isdigit() and len(value) <= 19 else 0
+
+
+def _adoptable(show_channels_json: str) -> tuple[list[dict], dict[str, dict], dict[str, dict]]:
+    """The listing's rows, its calls' A legs and the legs they ring (see adoption_events)."""
+    rows = _show_rows(show_channels_json)
+    by_uuid = {_row_str(row, "uuid"): row for row in rows if _row_str(row, "uuid")}
+    a_legs = {uuid: row for uuid, row in by_uuid.items()
+              if _row_str(row, "direction", 16) == "inbound" and _row_str(row, "call_uuid") in ("", uuid)}
+    legs = {uuid: row for uuid, row in by_uuid.items()
+            if _row_str(row, "direction", 16) == "outbound" and _row_str(row, "call_uuid") != uuid
+            and _row_str(row, "call_uuid") in a_legs}
+    return rows, a_legs, legs
 
 
 def _row_domains(row: dict) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from fsbridge.fakes.freeswitch import active_call_bodies
-from fsbridge.tracker import CallTracker, adoption_events
+from fsbridge.tracker import CallTracker, adoption_events, answered_legs, answered_us_from_dump
 from tests.test_tracker_edges import T0, Call, event, feed_all, summary
 
 A_LISTED = "cf9e6d82-e4af-4a4a-adbb-4d63e4ae5566"   # capture 90's call
@@ -143,6 +143,35 @@ def test_adopted_call_ends_with_its_real_facts():
     ended = feed_all(tracker, [call.leg_end(B_LISTED, 30, billsec=27), call.end(30)])
     assert summary(ended) == [("101", "COMPLETED", "Success", "27")]
     assert tracker.open_calls() == 0
+
+
+def test_an_adopted_call_the_caller_ends_counts_the_talk_from_the_answer():
+    """The caller hangs up first: the talker's own end (its billsec) comes
+    after the caller's, so the talk is counted from the leg's answer, which
+    the listing lacks; uuid_dump gives it (answered_us), else it is now."""
+    answered = T0 - 4_000_000  # 4 s before the reconnect
+    call = Call(A_LISTED)
+    for times, talk in (({B_LISTED: answered}, 10), (None, 6)):
+        tracker = CallTracker()
+        tracker.adopt(listing(), T0, times)
+        ended = feed_all(tracker, [call.end(6), call.leg_end(B_LISTED, 6, billsec=10)])
+        assert summary(ended) == [("101", "COMPLETED", "Success", str(talk))]
+
+
+def test_answered_legs_are_the_adopted_bridges():
+    assert answered_legs(listing()) == [(B_LISTED, A_LISTED)]
+    reply = json.loads(listing())
+    reply["rows"][1]["callstate"] = "RINGING"
+    assert answered_legs(json.dumps(reply)) == []
+
+
+def test_answer_time_from_uuid_dump_json():
+    assert answered_us_from_dump('{"Caller-Channel-Answered-Time": "1795856530123456", "Unique-ID": "x"}') \
+        == 1795856530123456
+    for reply in ('{"Caller-Channel-Answered-Time": "0"}', '{"Caller-Channel-Answered-Time": "12a"}',
+                  '{"Caller-Channel-Answered-Time": 5}', '[]', "-ERR No such channel!", "",
+                  '{"Caller-Channel-Answered-Time": "' + "9" * 40 + '"}'):
+        assert answered_us_from_dump(reply) == 0
 
 
 def test_adopting_a_call_already_tracked_sends_nothing_again():

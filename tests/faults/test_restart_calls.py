@@ -14,6 +14,7 @@ The listing the fake answers is capture 90's (one answered inbound call to
 
 from __future__ import annotations
 
+import json
 import re
 
 from fsbridge.fakes.freeswitch import active_call_bodies, events_of
@@ -90,5 +91,44 @@ def test_a_call_that_starts_while_disconnected_is_reported(service, fs, pf, trac
     assert fs.replay(ending).wait(10)
     wait_all_delivered(svc, pf, {callid: wanted})
     assert duplicates(pf) == 0
+    pf.assert_no_violations()
+    assert_clean_log(svc)
+
+
+def header_of(frame: bytes, name: bytes) -> bytes:
+    return re.search(rb"\n" + name + rb": ([^\n]*)\n", b"\n" + events_of(frame)[0].body).group(1)
+
+
+def test_an_adopted_call_the_caller_ends_first_counts_the_talk_from_the_answer(service, fs, pf, traces_dir, tmp_path):
+    """The listing has no answer time: the service asks uuid_dump for it, so a
+    call taken up mid-talk whose caller hangs up before the talker's own end
+    (its billsec) arrives is still reported with its real talk time."""
+    svc = service(workdir=tmp_path / "svc")
+    wait_connected(svc, fs)
+    callid, frames = fresh_call(traces_dir, TRACE)
+    _, ending = split_at_first_hangup(frames)
+    b_leg = b_leg_uuid(frames)
+    b_end = next(f for f in ending if header_of(f, b"Unique-ID") == b_leg
+                 and header_of(f, b"Event-Name") == b"CHANNEL_HANGUP_COMPLETE")
+    answered = int(header_of(b_end, b"Caller-Channel-Answered-Time"))
+    a_ends = [f for f in ending if header_of(f, b"Unique-ID") == callid.encode()]
+    a_hangup = int(header_of(a_ends[0], b"Caller-Channel-Hangup-Time"))
+    caller_first = a_ends + [f for f in ending if f not in a_ends]
+    fs.stop()
+    svc.wait_health(lambda h: h["freeswitch"]["state"] != "connected")
+    fs.set_api("show channels as json", listing_for(callid, frames))
+    fs.set_api(f"uuid_dump {b_leg.decode()} json",
+               json.dumps({"Unique-ID": b_leg.decode(), "Caller-Channel-Answered-Time": str(answered)}))
+    fs.start()
+    wait_connected(svc, fs, subscriptions=2)
+    wanted = expected_with_callid(expected_fields(TRACE), callid)
+    assert fs.wait_until(lambda: delivered_for(pf, callid) == wanted[:2], 10), svc.log()[-3000:]
+    assert f"api uuid_dump {b_leg.decode()} json" in fs.commands
+    assert fs.replay(caller_first).wait(10)
+    assert fs.wait_until(lambda: len(delivered_for(pf, callid)) == 3, 10)
+    completed = delivered_for(pf, callid)[2]
+    assert completed["event"] == "COMPLETED" and completed["status"] == wanted[2]["status"]
+    assert int(completed["duration"]) == (a_hangup - answered) // 1_000_000
+    assert abs(int(completed["duration"]) - int(wanted[2]["duration"])) <= 1
     pf.assert_no_violations()
     assert_clean_log(svc)
