@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import json
 import re
@@ -83,6 +84,25 @@ class CdrFacts:
     rung_legs: tuple[str, ...] = ()  # the legs the A leg rang (originate_causes)
     headers: bytes = b""           # its variables and caller profile as event headers
     core_uuid: str = ""            # the FreeSWITCH that wrote it
+
+
+def facts_to_json(facts: CdrFacts) -> str:
+    """``facts`` as stored while held (fsbridge.gaps), read back by ``facts_from_json``."""
+    values = dataclasses.asdict(facts)
+    values["headers"] = base64.b64encode(facts.headers).decode("ascii")
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+
+
+def facts_from_json(text: str) -> CdrFacts:
+    """CdrFacts back from ``facts_to_json``; CdrError if the text is not that."""
+    try:
+        values = json.loads(text)
+        values["headers"] = base64.b64decode(values["headers"], validate=True)
+        values["planfix_data"] = tuple((str(k), str(v)) for k, v in values["planfix_data"])
+        values["rung_legs"] = tuple(str(leg) for leg in values["rung_legs"])
+        return CdrFacts(**values)
+    except (ValueError, TypeError, KeyError, binascii.Error) as exc:
+        raise CdrError(f"not a held CDR: {exc}") from None
 
 
 def parse_body(body: bytes, content_type: str = "") -> dict[str, Any]:

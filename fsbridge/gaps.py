@@ -14,7 +14,9 @@ that last second was seen by the dead process and is in the open-calls
 registry (finished from its CDR as inherited), which is asked first.
 
 Also remembered: the calls reported from their CDRs (``reported``), so a
-CDR posted twice (a spool replayed) is not reported twice.  Both are pruned
+CDR posted twice (a spool replayed) is not reported twice; and the CDRs of
+such calls while their other legs' CDRs are awaited (``hold``/``held``):
+mod_json_cdr got its 200, so a restart must find them here.  All are pruned
 after ``KEEP_S``.  Times are the caller's clock, seconds since the epoch
 (FreeSWITCH runs on this host: the same clock as its CDRs).
 """
@@ -41,6 +43,8 @@ class Gaps:
             self._db.execute("CREATE TABLE IF NOT EXISTS gaps (node TEXT NOT NULL, since REAL NOT NULL,"
                              " until REAL NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS reported (call_id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS held (uuid TEXT PRIMARY KEY, call_id TEXT NOT NULL,"
+                             " node TEXT NOT NULL, facts TEXT NOT NULL, at REAL NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
             raise GapsError(f"cannot open {path}: {exc}") from None
 
@@ -62,7 +66,8 @@ class Gaps:
         row = self._db.execute("SELECT at FROM seen WHERE node = ?", (node,)).fetchone()
         statements = [("INSERT OR REPLACE INTO seen (node, at) VALUES (?, ?)", (node, now)),
                       ("DELETE FROM gaps WHERE until < ?", (now - KEEP_S,)),
-                      ("DELETE FROM reported WHERE at < ?", (now - KEEP_S,))]
+                      ("DELETE FROM reported WHERE at < ?", (now - KEEP_S,)),
+                      ("DELETE FROM held WHERE at < ?", (now - KEEP_S,))]
         gap = (row[0], now) if row is not None and row[0] < now else None
         if gap is not None:
             statements.append(("INSERT INTO gaps (node, since, until) VALUES (?, ?, ?)", (node, *gap)))
@@ -85,7 +90,27 @@ class Gaps:
         return self._db.execute("SELECT 1 FROM reported WHERE call_id = ?", (call_id,)).fetchone() is not None
 
     def mark_reported(self, call_id: str, now: float) -> None:
-        self._write(("INSERT OR REPLACE INTO reported (call_id, at) VALUES (?, ?)", (call_id, now)))
+        """The call was reported from its CDRs: they are no longer held."""
+        self._write(("INSERT OR REPLACE INTO reported (call_id, at) VALUES (?, ?)", (call_id, now)),
+                    ("DELETE FROM held WHERE call_id = ?", (call_id,)))
+
+    def hold(self, node: str, call_id: str, uuid: str, facts: str, now: float) -> None:
+        """Keep a CDR (``facts``: ``cdr.facts_to_json``) of ``call_id``, a call of ``node``'s
+        reported once its legs' CDRs are in, until ``mark_reported`` or ``release``."""
+        self._write(("INSERT OR REPLACE INTO held (uuid, call_id, node, facts, at) VALUES (?, ?, ?, ?, ?)",
+                     (uuid, call_id, node, facts, now)))
+
+    def held(self, node: str) -> list[tuple[str, float]]:
+        """(facts, when it came) of every CDR held for ``node``, oldest first."""
+        try:
+            return self._db.execute("SELECT facts, at FROM held WHERE node = ? ORDER BY at, rowid",
+                                    (node,)).fetchall()
+        except sqlite3.Error as exc:
+            raise GapsError(f"cannot read {self.path}: {exc}") from None
+
+    def release(self, call_id: str) -> None:
+        """Its held CDRs are not needed: the call turned out live (adopted)."""
+        self._write(("DELETE FROM held WHERE call_id = ?", (call_id,)))
 
     def close(self) -> None:
         self._db.close()

@@ -68,6 +68,7 @@ class Node:
         # When this node was out of sight, and calls it had then (fsbridge/gaps.py).
         self.gaps = gaps
         self.unseen = cdr.UnseenCalls()
+        self._reload_held()
         self.core_uuid = ""
         self._was_connected = False
         self._emit = emit
@@ -199,6 +200,7 @@ class Node:
         elif commands:
             log.info("reconcile: %d calls ended while fsbridge could not see them",
                      len({c.call_id for c in commands}))
+        released: list[str] = []  # adopted calls whose rung legs' CDRs were held
         if adopt:
             answer_times = self._answer_times(listing)
             adopted = self.tracker.adopt(listing, now_us, answer_times)
@@ -210,13 +212,27 @@ class Node:
             commands += adopted
             for call_id in {c.call_id for c in adopted}:
                 # legs that rang and ended in the gap, whose CDRs came before the connect
-                for leg in self.unseen.pop_legs(call_id):
+                legs = self.unseen.pop_legs(call_id)
+                for leg in legs:
                     create, hangup = cdr.leg_events(leg)
                     if create and hangup and not leg.answer_us:
                         commands += self.tracker.late_leg(create, hangup)
+                if legs:
+                    released.append(call_id)
         if commands:
             self._emit(commands)
+        if released:
+            self._flush()  # their late legs' parts are stored before their CDRs go
+            for call_id in released:
+                self._release_held(call_id)
         return True
+
+    def _release_held(self, call_id: str) -> None:
+        try:
+            if self.gaps is not None:
+                self.gaps.release(call_id)
+        except GapsError as exc:
+            log.warning("%s", exc)
 
     def _answer_times(self, listing: str) -> dict[str, int]:
         """When the answered legs of calls to be adopted answered (the listing
@@ -296,8 +312,33 @@ class Node:
             raise cdr.CdrRetry(str(exc)) from None
         if seen and not (facts.parent_uuid and self.unseen.holds(call_id)):
             return "ignored: no open call"  # seen live (and finished), or before fsbridge ran
+        try:
+            # On disk before the 200: mod_json_cdr never posts it again.
+            self.gaps.hold(self.key, call_id, facts.uuid, cdr.facts_to_json(facts), now)
+        except GapsError as exc:
+            raise cdr.CdrRetry(str(exc)) from None
         self.unseen.add(facts, now)
         return "held: the call began and ended unseen; reported once its legs' CDRs are in"
+
+    def _reload_held(self) -> None:
+        """The CDRs an earlier process held for this node (it was stopped or
+        killed before their calls were reported): held again, their waits
+        counted from when they came."""
+        if self.gaps is None:
+            return
+        try:
+            held = self.gaps.held(self.key)
+        except GapsError as exc:
+            log.warning("%s", exc)
+            return
+        for text, at in held:
+            try:
+                self.unseen.add(cdr.facts_from_json(text), at)
+            except cdr.CdrError as exc:
+                log.warning("a held CDR of FreeSWITCH %s cannot be read, skipped: %s", self.name, exc)
+        if held:
+            log.info("cdr: %d CDRs of calls FreeSWITCH %s had while fsbridge could not see it "
+                     "are held again", len(held), self.name)
 
     def late_leg_cdr(self, facts: cdr.CdrFacts, now: float) -> str:
         """The CDR of a leg a call followed here rang: a leg that rang and
@@ -329,13 +370,14 @@ class Node:
                      a.uuid, 1 + len(legs),
                      ", ".join(c.fields["ext"] + " " + c.fields.get("status", c.fields["event"]) for c in commands)
                      or "nothing to report")
+            if commands:
+                self._emit(commands)
+                self._flush()  # stored before its held CDRs are let go
             try:
                 if self.gaps is not None:
                     self.gaps.mark_reported(a.uuid, now)
             except GapsError as exc:
                 log.warning("%s", exc)
-            if commands:
-                self._emit(commands)
         return len(ready)
 
     def watch_gaps(self, stopping) -> None:

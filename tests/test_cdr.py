@@ -71,6 +71,18 @@ def test_bad_bodies_are_refused(body):
         cdr.facts(cdr.parse_body(body, "application/json"))
 
 
+def test_held_facts_are_read_back_exactly():
+    f = cdr.facts(cdr.parse_body(real("lab-loopback-bridge-5.json"), "application/json"))
+    assert f.headers and f.planfix_data
+    assert cdr.facts_from_json(cdr.facts_to_json(f)) == f
+
+
+@pytest.mark.parametrize("text", ["", "[]", "{}", '{"uuid": "a"}', "not json"])
+def test_a_damaged_held_cdr_is_refused(text):
+    with pytest.raises(cdr.CdrError):
+        cdr.facts_from_json(text)
+
+
 def facts(**over) -> cdr.CdrFacts:
     base = dict(
         uuid="a", call_uuid="a", direction="inbound", caller="79101234567", destination="74950000000",

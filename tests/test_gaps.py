@@ -41,3 +41,22 @@ def test_reported_calls_are_remembered_then_pruned(tmp_path):
     assert gaps.reported("call-1") and not gaps.reported("call-2")
     gaps.connected("", 100.0 + KEEP_S + 1)
     assert not gaps.reported("call-1")
+
+
+def test_held_cdrs_stay_until_their_call_is_reported_or_released(tmp_path):
+    path = str(tmp_path / "g.sqlite3")
+    gaps = Gaps(path)
+    gaps.hold("n1", "call-1", "call-1", '{"a":1}', 10.0)
+    gaps.hold("n1", "call-1", "leg-1", '{"b":1}', 11.0)
+    gaps.hold("n1", "call-2", "call-2", '{"c":1}', 12.0)
+    gaps.hold("n2", "call-3", "call-3", '{"d":1}', 9.0)
+    gaps.hold("n1", "call-1", "leg-1", '{"b":2}', 13.0)  # posted again: replaced, not doubled
+    gaps.close()
+    gaps = Gaps(path)  # what a restarted process finds
+    assert gaps.held("n1") == [('{"a":1}', 10.0), ('{"c":1}', 12.0), ('{"b":2}', 13.0)]
+    gaps.mark_reported("call-1", 20.0)
+    assert gaps.held("n1") == [('{"c":1}', 12.0)]
+    gaps.release("call-2")
+    assert gaps.held("n1") == [] and gaps.held("n2") == [('{"d":1}', 9.0)]
+    gaps.connected("n2", 9.0 + KEEP_S + 1)
+    assert gaps.held("n2") == []

@@ -124,6 +124,40 @@ def test_calls_inside_the_gap_are_reported_from_their_real_cdrs_once(service, fs
     assert_clean_log(svc)
 
 
+def test_a_kill_while_cdrs_are_held_loses_no_call(service, fs, pf, tmp_path):
+    """mod_json_cdr got its 200 for the A leg's CDR and never posts it again:
+    killed while waiting for the legs' CDRs, fsbridge finds it on disk, and
+    the legs posted to the next process complete the call, once."""
+    now = seen_a_minute_ago(tmp_path / "svc")
+    callid, bodies = real_call("answered", now - 50)
+    (tmp_path / "rec" / f"{callid}.wav").parent.mkdir(exist_ok=True)
+    (tmp_path / "rec" / f"{callid}.wav").write_bytes(b"RIFF" + b"\0" * 4000)
+    svc = service(settings=settings(tmp_path), workdir=tmp_path / "svc")
+    wait_connected(svc, fs)
+    a_leg, *legs = bodies
+    assert post_cdr(svc, a_leg).json()["result"].startswith("held")
+    assert post_cdr(svc, legs[0]).json()["result"].startswith("held")
+    svc.kill()
+    again = service(settings=settings(tmp_path), workdir=tmp_path / "svc")
+    wait_connected(again, fs, subscriptions=2)
+    assert "2 CDRs of calls FreeSWITCH" in again.log()
+    for body in legs[1:]:
+        assert post_cdr(again, body).json()["result"].startswith("held")
+    answered = wait_events(pf, callid, 5)
+    assert sorted(brief(answered[:2])) == [("INCOMING", "101", ""), ("INCOMING", "103", "")]
+    assert brief(answered[2:]) == [("ACCEPTED", "101", ""), ("COMPLETED", "103", "Cancelled"),
+                                   ("COMPLETED", "101", "Success")]
+    # reported: nothing held any more, so a third process reports nothing again
+    again.stop()
+    third = service(settings=settings(tmp_path), workdir=tmp_path / "svc")
+    wait_connected(third, fs, subscriptions=3)
+    time.sleep(1.5)
+    assert third.log().count("are held again") == 1  # the second process's (one log file)
+    assert len(delivered_for(pf, callid)) == 5
+    pf.assert_no_violations()
+    assert_clean_log(third)
+
+
 def test_cdrs_of_calls_before_the_gap_or_after_it_are_ignored(service, fs, pf, tmp_path):
     """A call that began while the previous process could see FreeSWITCH, or that
     ended after this one connected, was seen live (or adopted): not reported again."""
