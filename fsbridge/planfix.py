@@ -230,17 +230,19 @@ def _form(fields: dict[str, str], token: str | None) -> bytes:
     """``urlencode(fields + {planfix_token})``, byte for byte, for str -> str fields;
     ``token`` is the encoded ``planfix_token=...`` part."""
     try:
-        # One join each checks every name and value is a str, and one match
-        # whether any needs escaping (usually none: ids, numbers, event names).
-        plain = _PLAIN("".join(fields)) and _PLAIN("".join(fields.values()))
+        # One join checks that every name is a str and one match whether any
+        # needs escaping (ours never do); values are matched one by one.
+        names_plain = _PLAIN("".join(fields))
+        parts = [f"{name}={value if _PLAIN(value) else urllib.parse.quote_plus(value)}"
+                 for name, value in fields.items()]
     except TypeError:
         for name, value in fields.items():
-            if not isinstance(name, str) or not isinstance(value, str):
+            if not isinstance(name, str):
+                raise TypeError(f"PlanFix form field name {name!r}: must be str") from None
+            if not isinstance(value, str):
                 raise TypeError(f"PlanFix form field {name!r}: value must be str, got {type(value).__name__}") from None
         raise
-    if plain:
-        parts = [f"{name}={value}" for name, value in fields.items()]
-    else:
+    if not names_plain:
         parts = [f"{_quote(name)}={_quote(value)}" for name, value in fields.items()]
     if token is not None:
         parts.append(token)
