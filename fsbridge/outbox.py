@@ -115,6 +115,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+# A row's fields as stored: compact UTF-8 JSON.  One encoder for all: json.dumps
+# with options builds a new one per call.
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 class _Backoff(Exception):
     """The row to send could not be read: the call backs off."""
 
@@ -309,9 +314,11 @@ class Outbox:
                 raise ValueError(f"outbox: command fields must be a dict with 'cmd': {cmd!r}")
             if "planfix_token" in cmd.fields:
                 raise ValueError("outbox: fields must not carry planfix_token (the client adds the current one)")
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in cmd.fields.items()):
-                raise ValueError(f"outbox: every field must be str -> str: {cmd.fields!r}")
-            batch.append((cmd.call_id, dict(cmd.fields)))
+            try:  # a join raises TypeError on anything but str: one C loop instead of a test per field
+                "".join(cmd.fields), "".join(cmd.fields.values())
+            except TypeError:
+                raise ValueError(f"outbox: every field must be str -> str: {cmd.fields!r}") from None
+            batch.append((cmd.call_id, _to_json(cmd.fields)))
         if not batch:
             return
         now = time.time()
@@ -322,7 +329,7 @@ class Outbox:
                 for call_id, fields in batch:
                     cur = self._conn.execute(
                         "INSERT INTO outbox(call_id, fields, created_at, age_from) VALUES (?, ?, ?, ?)",
-                        (call_id, json.dumps(fields, ensure_ascii=False, separators=(",", ":")), now, now),
+                        (call_id, fields, now, now),
                     )
                     entries.append((call_id, cur.lastrowid))
                 self._conn.execute("COMMIT")
@@ -336,7 +343,8 @@ class Outbox:
         self._storage_error = ""
         for call_id, row_id in entries:
             self._index(call_id, row_id)
-        self._kick.set()
+        if self._active < self.limiter.limit or self._probe_at is not None:
+            self._kick.set()  # else a worker finishing its call takes the new ones
 
     # ---- delivery --------------------------------------------------------
     def start(self) -> None:
@@ -458,7 +466,22 @@ class Outbox:
         except sqlite3.Error as exc:
             log.warning("outbox: rescanning %s: %s", self.db_path, exc)
 
-    def _work(self, q: _CallQueue) -> None:
+    def _work(self, q: _CallQueue | None) -> None:
+        """A worker: delivers one call, then the next ready one while there is room.
+
+        Taking the next call here instead of ending spares a greenlet and a
+        dispatcher wake-up per call; the dispatcher starts workers only when
+        more may be in flight than are running (and picks the probe)."""
+        while q is not None:
+            try:
+                self._deliver(q)
+            except BaseException:  # killed by stop(): no next call
+                self._worker_done(q, take_next=False)
+                raise
+            q = self._worker_done(q, take_next=True)
+
+    def _deliver(self, q: _CallQueue) -> None:
+        """Send the call's commands in order until it is empty, in backoff or stopping."""
         try:
             while q.entries and not self._stopping:
                 entry = self._read_row(q)
@@ -476,8 +499,6 @@ class Outbox:
                     return  # in backoff; the dispatcher brings it back
         except _Backoff:
             return
-        finally:
-            self._worker_done(q)
 
     def _read_row(self, q: _CallQueue) -> _Attempt | None:
         row_id = q.entries[0]
@@ -497,7 +518,8 @@ class Outbox:
             return None
         return _Attempt(row_id, json.loads(row[0]), row[1], row[2], row[3] or "")
 
-    def _worker_done(self, q: _CallQueue) -> None:
+    def _worker_done(self, q: _CallQueue, take_next: bool) -> _CallQueue | None:
+        """The worker is done with ``q``; returns the ready call it goes on with, if any."""
         self._active -= 1
         if q.call_id == self._probe_call and self._probe_at == float("inf"):
             self._probe_at, self._probe_call = time.monotonic(), None  # the probe sent nothing: another one
@@ -509,7 +531,18 @@ class Outbox:
                     self._ready.append(q.call_id)
             else:
                 del self._calls[q.call_id]
-        self._kick.set()
+        # While probing the dispatcher picks each call (one at a time).
+        while take_next and self._ready and self._probe_at is None and not self._stopping \
+                and self._active < self.limiter.limit:
+            nxt = self._calls.get(self._ready.popleft())
+            if nxt is None or nxt.state != "ready":
+                continue
+            nxt.state = "active"
+            self._active += 1
+            return nxt
+        if self._ready or self._probe_at is not None:
+            self._kick.set()  # the dispatcher starts what this worker may not
+        return None
 
     def _drop(self, q: _CallQueue, row_id: int) -> None:
         del q.entries[0]

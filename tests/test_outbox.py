@@ -433,3 +433,37 @@ def test_which_answers_shrink_the_in_flight_limit(make_outbox, result, overload)
     box = make_outbox(concurrency=8, max_concurrency=64)
     box._pace(result)
     assert box.limiter.limit == (4 if overload else 8)
+
+
+def test_a_worker_goes_on_with_the_next_ready_call_instead_of_a_greenlet_per_call(tmp_path):
+    # One greenlet per call activation (and a dispatcher wake-up each) was a
+    # per-request cost at thousands of requests a second: a worker whose
+    # call is done takes the next ready one while the limit leaves room.
+    in_flight = []
+
+    class Instant:
+        def __init__(self):
+            self.now = 0
+            self.delivered = []
+
+        def send(self, fields):
+            self.now += 1
+            in_flight.append(self.now)
+            gevent.sleep(0.001)  # a real request yields to the hub
+            self.now -= 1
+            self.delivered.append(fields)
+            return DeliveryResult(Outcome.DELIVERED, 200, {})
+
+    client = Instant()
+    box = Outbox(str(tmp_path / "outbox.sqlite3"), client, concurrency=4)
+    cmds = many_calls(40, 3)
+    box.put(cmds)
+    spawned = []
+    real_spawn = box._workers.spawn
+    box._workers.spawn = lambda *a: spawned.append(a) or real_spawn(*a)
+    box.start()
+    drained(box)
+    box.stop(drain_timeout=1)
+    assert len(spawned) <= 8  # about one per slot, not one per call (40)
+    assert max(in_flight) <= 4  # and never more in flight than the limit
+    assert_each_once_in_call_order(client.delivered, cmds)

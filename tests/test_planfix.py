@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+import urllib.parse
 
 import pytest
 
@@ -17,6 +18,7 @@ from fsbridge.planfix import (
     PlanfixRejected,
     PlanfixUnauthorized,
     PlanfixUnavailable,
+    _form,
     _target,
     cli_ping,
     compare_ping,
@@ -138,6 +140,27 @@ def test_send_refuses_bad_fields(fake):
         client.send(dict(COMPLETED, planfix_token="x"))
     with pytest.raises(TypeError):
         client.send(dict(COMPLETED, duration=124))
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("fields", [
+    COMPLETED,
+    {"cmd": "event", "phone": "+7 (910) 123-45-67", "name": "Иван Петров", "note": "a&b=c%d+e/f?g#h~i_j.k-l"},
+    {"cmd": "event", "empty": "", "crlf": "x\r\nHost: evil"},
+])
+def test_form_is_what_urlencode_makes(fields):
+    # The client encodes the form itself (the plain values as they are):
+    # PlanFix must get exactly the bytes urllib's urlencode would send.
+    token = "tok+en/=&" * 4
+    expected = urllib.parse.urlencode({**fields, "planfix_token": token}).encode("ascii")
+    assert _form(fields, "planfix_token=" + urllib.parse.quote_plus(token)) == expected
+
+
+def test_a_url_with_spaces_or_control_characters_is_not_sent(fake):
+    # The request head is written by the client: nothing from the URL may end its line.
+    client = PlanfixClient(lambda: Credentials(fake.url.replace("/tel/api", "/tel api"), fake.token))
+    result = client.send(COMPLETED)
+    assert result.outcome is Outcome.RETRY and "control characters" in result.error
     assert fake.requests == []
 
 
@@ -308,8 +331,7 @@ def test_every_connection_goes_through_the_address_policy(fake, monkeypatch):
 
 def test_https_verifies_the_certificate_and_host_name():
     client = PlanfixClient(lambda: Credentials("https://example.planfix.com/tel/api", "t" * 32))
-    http = client._client_for(_target("https://example.planfix.com/tel/api"))
-    context = http._connection_pool.ssl_context
+    context = client._pool_for(_target("https://example.planfix.com/tel/api")).ssl_context
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     client.close()
 
