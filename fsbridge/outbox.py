@@ -71,7 +71,7 @@ import gevent.pool
 
 from fsbridge import calls, metrics
 from fsbridge.limiter import AdaptiveLimit
-from fsbridge.sqlitedb import open_private
+from fsbridge.sqlitedb import WalCheckpointer, open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,8 @@ class Outbox:
         self.rescan_interval_s = rescan_interval_s
         self._db_lock = threading.RLock()
         self._conn = _open(db_path)
+        # WAL checkpoints (two fsyncs) in a native thread, not inside a put()'s COMMIT.
+        self._checkpointer = WalCheckpointer(self._conn, db_path)
         self._calls: dict[str, _CallQueue] = {}
         self._ready: collections.deque[str] = collections.deque()
         self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
@@ -334,6 +336,7 @@ class Outbox:
                 self._storage_error = f"{exc.__class__.__name__}: {exc}"
                 raise OutboxError(f"outbox {self.db_path}: cannot queue {len(batch)} command(s): {exc}") from exc
         self._storage_error = ""
+        self._checkpointer.note_write()
         for call_id, row_id in entries:
             self._index(call_id, row_id)
         self._kick.set()
@@ -359,6 +362,7 @@ class Outbox:
         if self._deleter is not None:
             self._deleter.kill()
         self._flush_delivered()
+        self._checkpointer.close()
         with self._db_lock:
             try:
                 self._conn.close()
@@ -623,6 +627,7 @@ class Outbox:
             log.error("outbox: cannot remove %d delivered command(s): %s", len(ids), exc)
         else:
             self._undeleted.difference_update(ids)
+            self._checkpointer.note_write()
 
     # ---- observation and operator actions --------------------------------
     def depth(self) -> int:
