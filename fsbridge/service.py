@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import signal
@@ -547,6 +548,12 @@ class Service:
         else:
             reloader = reload.Reloader(cfg, lambda new: apply_click_to_call(self.app, WebSettings.from_config(new)))
         gevent.signal_handler(signal.SIGHUP, reloader.reload)
+        # What start-up built (modules, config, the parts) lives as long as the
+        # process: moved out of the cyclic GC's sight, so that its full
+        # collections scan only what calls create (they paused the event loop
+        # 20-24 ms every ~10 s at 200 calls/s before).
+        gc.collect()
+        gc.freeze()
         self._stopping.wait()
         log.info("stopping: finishing in-flight PlanFix requests")
         public.stop(timeout=3)  # lets a makeCall or setup in progress finish
