@@ -62,6 +62,7 @@ import random
 import sqlite3
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -143,12 +144,17 @@ class _Attempt:
     last_error: str = ""
 
 
+def _ids() -> array:
+    return array("q")
+
+
 @dataclass(slots=True)
 class _CallQueue:
     call_id: str
-    # Pending row ids in id order.  A list, not a deque: an empty deque costs
-    # ~600 bytes, and a call rarely has more than a handful of rows.
-    entries: list[int] = field(default_factory=list)
+    # Pending row ids in id order, unboxed: a call's three ids cost 96 bytes
+    # in two allocations, against 188 in five as a list of ints (a deque
+    # would be ~600).  A backlog of 100,000 calls is that many of these.
+    entries: array = field(default_factory=_ids)
     # idle: waiting for nothing (in `ready` or about to be); active: a worker
     # owns it; waiting: in backoff until `due` (monotonic).
     state: str = "idle"

@@ -410,7 +410,7 @@ def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tm
     # Only ids are held in memory: what is sent is what the row holds then.
     box = make_outbox()
     box.put(call_commands("c1", 1))
-    assert box._calls["c1"].entries == [1]
+    assert list(box._calls["c1"].entries) == [1]
     with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
         fields = dict(call_commands("c1", 1)[0].fields, phone="79990000000")
         conn.execute("UPDATE outbox SET fields=? WHERE id=1", (json.dumps(fields),))
