@@ -302,7 +302,9 @@ class Outbox:
                 if (known is not None and row_id in known.entries) or row_id in self._undeleted:
                     continue
                 if known is None and len(self._calls) >= self.window_calls and self._spill_from is None:
-                    self._spill_at(row_id)  # the rest of the backlog stays on disk
+                    # The rest of the backlog stays on disk.
+                    self._spill_at(row_id, self._conn.execute(
+                        "SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NULL AND id >= ?", (row_id,)).fetchone()[0])
                     break
                 self._index(call_id, row_id, in_order=True)
                 added += 1
@@ -315,11 +317,10 @@ class Outbox:
             log.info("outbox: %d pending command(s) loaded from %s", added, self.db_path)
             self._kick.set()
 
-    def _spill_at(self, row_id: int) -> None:
-        """From row_id on, pending rows stay on disk (the caller holds _db_lock)."""
+    def _spill_at(self, row_id: int, count: int) -> None:
+        """From row_id on, the ``count`` pending rows stay on disk."""
         self._spill_from = row_id
-        self._spilled = self._conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NULL AND id >= ?", (row_id,)).fetchone()[0]
+        self._spilled = count
         log.info("outbox %s: %d calls in memory; the rest of the backlog (%d commands) is read from disk "
                  "as they are delivered", self.name, len(self._calls), self._spilled)
         if self._refiller is None:
@@ -396,7 +397,6 @@ class Outbox:
             return
         now = time.time()
         entries = []
-        spill = False
         with self._db_lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -407,13 +407,6 @@ class Outbox:
                     )
                     entries.append((call_id, cur.lastrowid))
                 self._conn.execute("COMMIT")
-                if self._spill_from is None and len(self._calls) >= self.window_calls and any(
-                        call_id not in self._calls for call_id, _ in entries):
-                    self._spill_at(entries[0][1])  # this batch and what follows stay on disk
-                    spill = True
-                elif self._spill_from is not None:
-                    self._spilled += len(entries)
-                    spill = True
             except sqlite3.Error as exc:
                 try:
                     self._conn.execute("ROLLBACK")
@@ -423,7 +416,12 @@ class Outbox:
                 raise OutboxError(f"outbox {self.db_path}: cannot queue {len(batch)} command(s): {exc}") from exc
         self._storage_error = ""
         self._checkpointer.note_write()
-        if spill:
+        if self._spill_from is None and len(self._calls) >= self.window_calls and any(
+                call_id not in self._calls for call_id, _ in entries):
+            self._spill_at(entries[0][1], len(entries))  # this batch and what follows stay on disk
+        elif self._spill_from is not None:
+            self._spilled += len(entries)
+        if self._spill_from is not None:
             return  # read back in id order by _refill
         for call_id, row_id in entries:
             self._index(call_id, row_id)
