@@ -21,7 +21,7 @@ import json
 import sqlite3
 from typing import Callable, Iterable
 
-from fsbridge.sqlitedb import open_private
+from fsbridge.sqlitedb import WalCheckpointer, open_private
 
 START_EVENTS = ("INCOMING", "OUTGOING")
 
@@ -49,6 +49,8 @@ class OpenCalls:
                     self._db.execute(f"ALTER TABLE open_legs ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         except (OSError, sqlite3.Error) as exc:
             raise OpenCallsError(f"cannot open {path}: {exc}") from None
+        # Written with every batch of call starts and ends: checkpoints off the event loop.
+        self._checkpointer = WalCheckpointer(self._db, path)
         # When each inherited call was first seen gone from FreeSWITCH.
         self._gone_since: dict[str, float] = {}
         # What an earlier process left open, read once at start.
@@ -92,6 +94,7 @@ class OpenCalls:
                 self._db.executemany("DELETE FROM open_legs WHERE call_id = ? AND ext = ?", rows_end)
         except sqlite3.Error as exc:
             raise OpenCallsError(f"cannot write {self.path}: {exc}") from None
+        self._checkpointer.note_write()
 
     def take_back(self, call_ids: Iterable[str]) -> None:
         """Calls this process followed and lost (they ended during an ESL
@@ -154,4 +157,5 @@ class OpenCalls:
             self.pop_inherited(call_id)
 
     def close(self) -> None:
+        self._checkpointer.close()
         self._db.close()

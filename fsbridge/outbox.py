@@ -41,10 +41,16 @@ cache) before `put()` returns, which survives a process crash or kill -9 —
 the failure this outbox is about.  Only a power loss / kernel crash can lose
 the last commits; paying an fsync per batch (FULL) would cap throughput for
 that rarer case.  WAL also lets `fsbridge outbox` read and requeue from a
-second process while the service runs.
+second process while the service runs.  Copying the WAL back into the
+database (a checkpoint, with its fsyncs) runs in a native thread, not in a
+put()'s COMMIT (`fsbridge.sqlitedb.WalCheckpointer`).
 
-Memory: only the ids of pending rows are held (about 0.1 kB each); a
-row's fields, age and attempts are read when it is sent.
+Memory: only the ids of pending rows are held, of MEMORY_WINDOW_CALLS calls
+at most (about 0.1 kB a row); a row's fields, age and attempts are read when
+it is sent.  A backlog beyond that (an outage of hours) stays on disk only:
+from the first row that did not fit, every row is left there and read back
+in id order as the calls in memory are delivered, so per-call order holds
+and memory does not grow with the backlog.
 
 Threading: the service is gevent; all in-memory state is touched by
 greenlets between yields, and the one SQLite connection is guarded by a lock
@@ -62,6 +68,7 @@ import random
 import sqlite3
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
@@ -71,7 +78,7 @@ import gevent.pool
 
 from fsbridge import calls, metrics
 from fsbridge.limiter import AdaptiveLimit
-from fsbridge.sqlitedb import open_private
+from fsbridge.sqlitedb import WalCheckpointer, open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 
 log = logging.getLogger(__name__)
@@ -96,6 +103,13 @@ OUTAGE_PROBE_MAX_S = 30.0
 # one commit for every ~30 requests at 600 requests/s instead of one each.
 # A crash in between resends those (see "Duplicates").
 DELETE_BATCH_S = 0.05
+# Calls whose pending ids are held in memory (~0.3 kB each); the rest of a
+# backlog waits on disk (see "Memory").  Far above max_in_flight: the
+# dispatcher always has calls to send.
+MEMORY_WINDOW_CALLS = 10_000
+# While rows wait on disk, how often the window is topped up once it is
+# below half full.
+REFILL_INTERVAL_S = 0.2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -148,12 +162,17 @@ class _Attempt:
     last_error: str = ""
 
 
+def _ids() -> array:
+    return array("q")
+
+
 @dataclass(slots=True)
 class _CallQueue:
     call_id: str
-    # Pending row ids in id order.  A list, not a deque: an empty deque costs
-    # ~600 bytes, and a call rarely has more than a handful of rows.
-    entries: list[int] = field(default_factory=list)
+    # Pending row ids in id order, unboxed: a call's three ids cost 96 bytes
+    # in two allocations, against 188 in five as a list of ints (a deque
+    # would be ~600).  A backlog of 100,000 calls is that many of these.
+    entries: array = field(default_factory=_ids)
     # idle: waiting for nothing (in `ready` or about to be); active: a worker
     # owns it; waiting: in backoff until `due` (monotonic).
     state: str = "idle"
@@ -232,12 +251,20 @@ class Outbox:
         self.rescan_interval_s = rescan_interval_s
         self._db_lock = threading.RLock()
         self._conn = _open(db_path)
+        # WAL checkpoints (two fsyncs) in a native thread, not inside a put()'s COMMIT.
+        self._checkpointer = WalCheckpointer(self._conn, db_path)
         self._calls: dict[str, _CallQueue] = {}
         self._ready: collections.deque[str] = collections.deque()
         self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
         self._undeleted: set[int] = set()  # delivered, DELETE not committed yet (batched, or it failed)
         self._deleter: gevent.Greenlet | None = None
         self._depth = 0
+        self.window_calls = MEMORY_WINDOW_CALLS
+        # The first pending row left on disk (None: all are in memory); every
+        # pending row from there on is on disk only, _spilled of them.
+        self._spill_from: int | None = None
+        self._spilled = 0
+        self._refiller: gevent.Greenlet | None = None
         self._kept_aside = 0
         self._last_success_at: float | None = None
         self._last_error = ""
@@ -266,24 +293,78 @@ class Outbox:
             self._conn.execute(sql, tuple(params))
 
     def _load(self) -> None:
-        """Everything pending, in id order, into the in-memory index (start-up and rescans)."""
+        """What is pending, in id order, into the in-memory index (start-up and
+        rescans), up to the window; rows from _spill_from on are _refill's."""
+        added = 0
         with self._db_lock:
-            rows = self._conn.execute("SELECT id, call_id FROM outbox WHERE kept_aside_at IS NULL ORDER BY id").fetchall()
+            # Iterated, not fetched: a restart after a long outage has a backlog of ~100,000.
+            for row_id, call_id in self._conn.execute(
+                "SELECT id, call_id FROM outbox WHERE kept_aside_at IS NULL AND id < ? ORDER BY id",
+                (self._spill_from if self._spill_from is not None else 1 << 62,),
+            ):
+                known = self._calls.get(call_id)
+                # A call's list is short: no set of every pending id (~60 bytes each) is kept.
+                if (known is not None and row_id in known.entries) or row_id in self._undeleted:
+                    continue
+                if known is None and len(self._calls) >= self.window_calls and self._spill_from is None:
+                    # The rest of the backlog stays on disk.
+                    self._spill_at(row_id, self._conn.execute(
+                        "SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NULL AND id >= ?", (row_id,)).fetchone()[0])
+                    break
+                self._index(call_id, row_id, in_order=True)
+                added += 1
             self._kept_aside = self._conn.execute("SELECT COUNT(*) FROM outbox WHERE kept_aside_at IS NOT NULL").fetchone()[0]
             last = self._conn.execute("SELECT value FROM meta WHERE key='last_success_at'").fetchone()
             self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
         if last and self._last_success_at is None:
             self._last_success_at = float(last[0])
-        added = 0
-        for row_id, call_id in rows:
-            known = self._calls.get(call_id)
-            # A call's list is short: no set of every pending id (~60 bytes each) is kept.
-            if (known is not None and row_id in known.entries) or row_id in self._undeleted:
-                continue
-            self._index(call_id, row_id, in_order=True)
-            added += 1
         if added:
             log.info("outbox: %d pending command(s) loaded from %s", added, self.db_path)
+            self._kick.set()
+
+    def _spill_at(self, row_id: int, count: int) -> None:
+        """From row_id on, the ``count`` pending rows stay on disk."""
+        self._spill_from = row_id
+        self._spilled = count
+        log.info("outbox %s: %d calls in memory; the rest of the backlog (%d commands) is read from disk "
+                 "as they are delivered", self.name, len(self._calls), self._spilled)
+        if self._refiller is None:
+            self._refiller = gevent.spawn(self._refill_loop)
+
+    def _refill_loop(self) -> None:
+        try:
+            while self._spill_from is not None and not self._stopping:
+                gevent.sleep(REFILL_INTERVAL_S)
+                if len(self._calls) < self.window_calls // 2:
+                    try:
+                        self._refill()
+                    except sqlite3.Error as exc:  # the rows stay on disk; tried again next time
+                        log.warning("outbox: reading the backlog from %s: %s", self.db_path, exc)
+        finally:
+            self._refiller = None
+
+    def _refill(self) -> None:
+        """The next rows left on disk, in id order, until the window is full again."""
+        added = 0
+        with self._db_lock:
+            rows = self._conn.execute(
+                "SELECT id, call_id FROM outbox WHERE kept_aside_at IS NULL AND id >= ? ORDER BY id LIMIT ?",
+                (self._spill_from, self.window_calls),
+            ).fetchall()
+        for row_id, call_id in rows:
+            if call_id not in self._calls and len(self._calls) >= self.window_calls:
+                self._spill_from = row_id
+                break
+            self._index(call_id, row_id)  # after every row of its call in memory: those are older
+            self._spilled -= 1
+            added += 1
+        else:
+            if len(rows) < self.window_calls:
+                # The disk caught up (put() adds nothing in between: no yield since the query).
+                self._spill_from, self._spilled = None, 0
+            elif rows:
+                self._spill_from = rows[-1][0] + 1
+        if added:
             self._kick.set()
 
     def _index(self, call_id: str, row_id: int, in_order: bool = False) -> None:
@@ -341,6 +422,14 @@ class Outbox:
                 self._storage_error = f"{exc.__class__.__name__}: {exc}"
                 raise OutboxError(f"outbox {self.db_path}: cannot queue {len(batch)} command(s): {exc}") from exc
         self._storage_error = ""
+        self._checkpointer.note_write()
+        if self._spill_from is None and len(self._calls) >= self.window_calls and any(
+                call_id not in self._calls for call_id, _ in entries):
+            self._spill_at(entries[0][1], len(entries))  # this batch and what follows stay on disk
+        elif self._spill_from is not None:
+            self._spilled += len(entries)
+        if self._spill_from is not None:
+            return  # read back in id order by _refill
         for call_id, row_id in entries:
             self._index(call_id, row_id)
         if self._active < self.limiter.limit or self._probe_at is not None:
@@ -366,7 +455,10 @@ class Outbox:
             self._workers.kill(block=True, timeout=1.0)
         if self._deleter is not None:
             self._deleter.kill()
+        if self._refiller is not None:
+            self._refiller.kill()
         self._flush_delivered()
+        self._checkpointer.close()
         with self._db_lock:
             try:
                 self._conn.close()
@@ -656,12 +748,14 @@ class Outbox:
             log.error("outbox: cannot remove %d delivered command(s): %s", len(ids), exc)
         else:
             self._undeleted.difference_update(ids)
+            self._checkpointer.note_write()
 
     # ---- observation and operator actions --------------------------------
     def depth(self) -> int:
-        """Rows still in the table: pending, or delivered and awaiting the batched
-        DELETE (a kill now would resend those).  No database read: for the event path."""
-        return self._depth + len(self._undeleted)
+        """Rows still in the table: pending (in memory or left on disk), or delivered
+        and awaiting the batched DELETE (a kill now would resend those).  No
+        database read: for the event path."""
+        return self._depth + self._spilled + len(self._undeleted)
 
     def stats(self) -> dict[str, Any]:
         now = time.time()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import signal
@@ -48,6 +49,11 @@ __all__ = ["Service", "ServiceError", "registration_problem", "sofia_contact_que
 # A call no tenant owns is logged once per domain/DID in this many seconds.
 UNROUTED_LOG_INTERVAL_S = 3600.0
 _UNROUTED_MEMORY = 10_000
+# Commands held for one commit at most.  The ESL reader yields every
+# esl.READER_SLICE_S during a burst (before, only once its socket was empty:
+# the batch then held a whole burst, measured 12 s, ~90,000 requests, +60 MB
+# peak RSS); a slice of a fast burst is still thousands of commands.
+MAX_BATCH = 1000
 
 
 class ServiceError(Exception):
@@ -245,9 +251,12 @@ class Service:
         """Queue commands for PlanFix: stored durably as soon as the current
         greenlet yields (the ESL reader does when its socket is empty, and
         during a burst every esl.READER_SLICE_S), so that all the commands
-        read meanwhile share one SQLite commit."""
+        read meanwhile share one SQLite commit; at once when MAX_BATCH are
+        waiting."""
         self._batch.extend(commands)
-        if self._flusher is None:
+        if len(self._batch) >= MAX_BATCH:
+            self._flush()  # in this greenlet, in order; a flusher already spawned finds what comes next
+        elif self._flusher is None:
             self._flusher = gevent.spawn(self._flush)
 
     def _flush(self) -> None:
@@ -548,6 +557,12 @@ class Service:
         else:
             reloader = reload.Reloader(cfg, lambda new: apply_click_to_call(self.app, WebSettings.from_config(new)))
         gevent.signal_handler(signal.SIGHUP, reloader.reload)
+        # What start-up built (modules, config, the parts) lives as long as the
+        # process: moved out of the cyclic GC's sight, so that its full
+        # collections scan only what calls create (they paused the event loop
+        # 20-24 ms every ~10 s at 200 calls/s before).
+        gc.collect()
+        gc.freeze()
         self._stopping.wait()
         log.info("stopping: finishing in-flight PlanFix requests")
         public.stop(timeout=3)  # lets a makeCall or setup in progress finish

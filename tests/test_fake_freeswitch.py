@@ -111,6 +111,14 @@ def test_active_call_listing_comes_from_trace_90(traces_dir, fake, client_factor
     assert [f.body for f in frames if f.content_type == "api/response"] == expected
 
 
+def test_connections_have_nagle_off_like_mod_event_socket(fake, client_factory):
+    # With Nagle on, back-to-back event frames would wait for the client's
+    # delayed ACK: the benchmark's latency would measure the fake's TCP.
+    client_factory().login()
+    (conn,) = fake._live()
+    assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_unknown_and_unauthenticated_commands(fake, client_factory):
     client = client_factory()
     client.read_frames(1)

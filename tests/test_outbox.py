@@ -410,7 +410,7 @@ def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tm
     # Only ids are held in memory: what is sent is what the row holds then.
     box = make_outbox()
     box.put(call_commands("c1", 1))
-    assert box._calls["c1"].entries == [1]
+    assert list(box._calls["c1"].entries) == [1]
     with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
         fields = dict(call_commands("c1", 1)[0].fields, phone="79990000000")
         conn.execute("UPDATE outbox SET fields=? WHERE id=1", (json.dumps(fields),))
@@ -467,3 +467,36 @@ def test_a_worker_goes_on_with_the_next_ready_call_instead_of_a_greenlet_per_cal
     assert len(spawned) <= 8  # about one per slot, not one per call (40)
     assert max(in_flight) <= 4  # and never more in flight than the limit
     assert_each_once_in_call_order(client.delivered, cmds)
+
+
+def test_a_backlog_beyond_the_memory_window_waits_on_disk_and_keeps_call_order(fake, make_outbox, monkeypatch):
+    """Only window_calls calls' ids are held in memory; the rest of a backlog is
+    read back from disk in id order as those are delivered: each command once,
+    each call in order, also for a call with commands on both sides."""
+    monkeypatch.setattr(outbox_mod, "REFILL_INTERVAL_S", 0.01)
+    box = make_outbox()
+    box.window_calls = 5
+    cmds = many_calls(20, 3, prefix="w")  # interleaved: every call has rows in memory and on disk
+    for i in range(0, len(cmds), 4):
+        box.put(cmds[i:i + 4])
+    assert len(box._calls) <= 5 + 4 and box.depth() == 60  # the depth counts what waits on disk
+    box.put(call_commands("w-0000", 1, first_seq=3))  # a call in memory gets a command while spilling
+    box.start()
+    drained(box, timeout=10)
+    assert_each_once_in_call_order(fake.delivered, cmds + call_commands("w-0000", 1, first_seq=3))
+    assert box._spill_from is None and box.depth() == 0  # caught up: new commands go straight to memory
+
+
+def test_a_restart_with_a_backlog_beyond_the_window_loads_only_the_window(fake, make_outbox, tmp_path, monkeypatch):
+    monkeypatch.setattr(outbox_mod, "MEMORY_WINDOW_CALLS", 4)
+    monkeypatch.setattr(outbox_mod, "REFILL_INTERVAL_S", 0.01)
+    cmds = many_calls(12, 2, prefix="r")
+    first = Outbox(str(tmp_path / "outbox.sqlite3"), client=None)  # never started: stores only
+    first.window_calls = 1000
+    first.put(cmds)
+    first.stop(drain_timeout=0)
+    box = make_outbox()
+    assert len(box._calls) == 4 and box.depth() == 24
+    box.start()
+    drained(box, timeout=10)
+    assert_each_once_in_call_order(fake.delivered, cmds)

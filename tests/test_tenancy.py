@@ -16,6 +16,7 @@ import gevent
 import pytest
 
 from fsbridge import config, tenant_report
+from fsbridge import service as service_mod
 from fsbridge.config import ConfigError
 from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
 from fsbridge.fakes.freeswitch import trace_events
@@ -407,6 +408,27 @@ def test_one_tenants_storage_failing_holds_only_its_commands(tmp_path, monkeypat
         assert [e.fields["event"] for e in acme.list_entries()] == ["INCOMING", "COMPLETED"]  # in order
         health = service.health()
         assert "unsaved_in_memory" not in health["outbox"] and health["storage_error"] is None
+    finally:
+        for account in service.accounts.values():
+            account.stop(drain_timeout=0)
+        service.recordings.close()
+        service.open_calls.close()
+
+
+def test_a_burst_the_reader_never_yields_in_is_stored_every_max_batch_commands(tmp_path, monkeypatch):
+    """Under a sustained burst the ESL reader does not yield, so the flusher it
+    spawned does not run: the batch is stored in the reader itself once it holds
+    MAX_BATCH commands (bounded memory), in order, and the rest when it yields."""
+    monkeypatch.setattr(service_mod, "MAX_BATCH", 4)
+    service = Service(config.load(write(tmp_path, TWO_TENANTS)))
+    try:
+        acme = service.accounts["acme"].outbox
+        for n in range(10):  # one event's commands each, no yield in between
+            service._store([PlanfixCommand(f"a{n}", {"cmd": "event", "event": "INCOMING", "ext": "101",
+                                                     "type": "in", "callid": f"a{n}"}, tenant="acme")])
+        assert [e.call_id for e in acme.list_entries()] == [f"a{n}" for n in range(8)]
+        gevent.sleep(0)  # the reader yields: the spawned flusher stores the rest
+        assert [e.call_id for e in acme.list_entries()] == [f"a{n}" for n in range(10)]
     finally:
         for account in service.accounts.values():
             account.stop(drain_timeout=0)

@@ -606,6 +606,11 @@ class FakeFreeSwitch:
             except OSError:
                 return
             sock.settimeout(None)
+            # As mod_event_socket does (listener_run sets SWITCH_SO_TCP_NODELAY):
+            # with Nagle on, a 9 kB frame waits for the ACK of the previous one,
+            # which the client's delayed ACK holds back, so events arrived in
+            # 64 kB bursts 5-35 ms late and the benchmark's latency measured that.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock)
             with self._lock:
                 self._conns.append(conn)
