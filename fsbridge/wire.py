@@ -105,9 +105,7 @@ class EventHeaders:
         key, variable = needle
         block = self._block
         if variable:
-            start = self._vars
-            if start is None:
-                start = self._vars = block.find(_VARIABLE)
+            start = self._variables_start()
             if start < 0:
                 return default
             pos = block.find(key, start)
@@ -124,10 +122,7 @@ class EventHeaders:
             byte = block[after]
             if byte == 0x20:
                 end = block.find(b"\n", after)
-                raw = block[after + 1:] if end < 0 else block[after + 1:end]
-                if b"%" in raw:
-                    return unquote(raw.decode("utf-8", "replace"), errors="replace")
-                return raw.decode("utf-8", "replace")
+                return _unquote(block[after + 1:] if end < 0 else block[after + 1:end])
             if byte == 0x0A:
                 return ""
             pos = block.find(key, after)
@@ -147,13 +142,9 @@ class EventHeaders:
         found: dict[str, str] = {}
         block = self._block
         key = b"\n" + prefix.encode("utf-8")
-        start = 0
-        if key.startswith(_VARIABLE):
-            start = self._vars
-            if start is None:
-                start = self._vars = block.find(_VARIABLE)
-            if start < 0:
-                return found
+        start = self._variables_start() if key.startswith(_VARIABLE) else 0
+        if start < 0:
+            return found
         pos = block.find(key, start)
         while pos >= 0:
             end = block.find(b"\n", pos + 1)
@@ -164,6 +155,12 @@ class EventHeaders:
                 found.setdefault(name, _unquote(line[sep + 2:]))
             pos = block.find(key, pos + 1)
         return found
+
+    def _variables_start(self) -> int:
+        """Where the first channel variable is (-1: none), searched once per event."""
+        if self._vars is None:
+            self._vars = self._block.find(_VARIABLE)
+        return self._vars
 
     def to_dict(self) -> dict[str, str]:
         """All headers, decoded (for logs and tests, not the hot path)."""
