@@ -372,7 +372,9 @@ class Node:
                      or "nothing to report")
             if commands:
                 self._emit(commands)
-                self._flush()  # stored before its held CDRs are let go
+        if ready:
+            self._flush()  # one commit for them all, before their held CDRs are let go
+        for a, _ in ready:
             try:
                 if self.gaps is not None:
                     self.gaps.mark_reported(a.uuid, now)
