@@ -95,3 +95,30 @@ def test_alert_rules_use_only_exported_metrics():
     assert len(exprs) == len(alerts)
     used = set().union(*map(metric_names, exprs))
     assert used and all(exported(name) for name in used), used
+
+
+def test_lock_free_histogram_exposes_what_a_prometheus_histogram_would(monkeypatch):
+    """The per-request histograms skip prometheus_client's lock; their text must not change."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    values = [0.0, 0.004, 0.005, 0.0051, 0.3, 1, 1800, 1800.5, 7e3]
+    reference_registry = CollectorRegistry()
+    reference = Histogram("fsbridge_planfix_request_seconds", "Time of one PlanFix request (delivery latency), by command",
+                          ["command"], buckets=metrics._LATENCY, registry=reference_registry)
+    monkeypatch.setattr(metrics, "PLANFIX_SECONDS", {})
+    monkeypatch.setattr(metrics, "PLANFIX_REQUESTS", {})
+    monkeypatch.setattr(metrics, "EVENT_TO_PLANFIX", {})
+    for value in values:
+        reference.labels("event").observe(value)
+        metrics._histogram(metrics.PLANFIX_SECONDS, "event").observe(value)
+    metrics.count_request("event", "delivered", "acme")
+    metrics.count_request("event", "delivered", "acme")
+
+    ours_registry = CollectorRegistry()
+    ours_registry.register(metrics._PlanfixCollector())
+    ours = generate_latest(ours_registry).decode()
+    expected = [line for line in generate_latest(reference_registry).decode().splitlines()
+                if "_created" not in line]
+    assert [line for line in ours.splitlines() if line.startswith("fsbridge_planfix_request_seconds")] == \
+        [line for line in expected if not line.startswith("#")]
+    assert 'fsbridge_planfix_requests_total{command="event",outcome="delivered",tenant="acme"} 2.0' in ours
