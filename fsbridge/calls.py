@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import itertools
 import sys
-import threading
 import time
 from typing import Any, Callable, Iterable, TextIO
 
@@ -35,25 +34,26 @@ FOLLOW_POLL_S = 0.5
 
 
 class SentLog:
-    """A numbered ring of the PlanFix commands PlanFix accepted, newest last."""
+    """A numbered ring of the PlanFix commands PlanFix accepted, newest last.
+
+    ``add`` runs for every delivered request: one tuple appended, no lock
+    and no copy (a deque's append and a list() of it are atomic in CPython;
+    the fields are the outbox's own, never carrying planfix_token, which
+    put() refuses).  The readers (GET /calls, --follow) build the dicts."""
 
     def __init__(self, size: int = SENT_KEPT) -> None:
-        self._items: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self._items: collections.deque[tuple[int, float, str, dict[str, str]]] = collections.deque(maxlen=size)
         self._seq = itertools.count(1)
-        self._lock = threading.Lock()
 
     def add(self, call_id: str, fields: dict[str, str]) -> None:
-        shown = {k: v for k, v in fields.items() if k != "planfix_token"}
-        with self._lock:
-            self._items.append({"seq": next(self._seq), "at": time.time(), "callid": call_id, "fields": shown})
+        self._items.append((next(self._seq), time.time(), call_id, fields))
 
     def after(self, seq: int) -> list[dict[str, Any]]:
-        with self._lock:
-            return [item for item in self._items if item["seq"] > seq]
+        return [{"seq": n, "at": at, "callid": call_id, "fields": dict(fields)}
+                for n, at, call_id, fields in list(self._items) if n > seq]
 
     def for_call(self, call_id: str) -> list[dict[str, str]]:
-        with self._lock:
-            return [item["fields"] for item in self._items if item["callid"] == call_id]
+        return [dict(fields) for _, _, owner, fields in list(self._items) if owner == call_id]
 
 
 SENT = SentLog()
