@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 
@@ -24,7 +25,7 @@ from fsbridge.planfix import (
     compare_ping,
     mask_secret,
 )
-from fsbridge import planfix_address
+from fsbridge import planfix, planfix_address
 from fsbridge.fakes.planfix import FakePlanfix
 
 COMPLETED = {
@@ -305,6 +306,50 @@ def test_a_kept_alive_connection_closed_under_a_request_is_resent_once_on_a_new_
     got = fake.received
     assert [r.outcome for r in got] == ["ok", "close", "ok"]
     assert got[0].client_port == got[1].client_port != got[2].client_port
+
+
+def test_an_idle_connection_planfix_closed_is_dropped_before_a_request_goes_out_on_it(monkeypatch):
+    # PlanFix answers, then closes the kept-alive connection (its idle
+    # timeout): the next request must go on a fresh connection at once,
+    # not be written into the dead one and resent.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(2)
+    served = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                data = b""
+                while b"planfix_token=" not in data:
+                    data += conn.recv(65536)
+                served.append(data.split(b"\r\n", 1)[0])
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                time.sleep(0.05)  # then close: the client has its answer
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = PlanfixClient(lambda: Credentials(f"http://127.0.0.1:{server.getsockname()[1]}/tel", "t"))
+    takes = []
+    real_take = planfix._ResolvingPool.take
+
+    def spy(pool):
+        got = real_take(pool)
+        takes.append(got[1])
+        return got
+
+    monkeypatch.setattr(planfix._ResolvingPool, "take", spy)
+    try:
+        assert client.send(COMPLETED).delivered
+        time.sleep(0.2)  # the server has closed the connection by now
+        assert client.send(COMPLETED).delivered
+        thread.join(5)
+    finally:
+        client.close()
+        server.close()
+    assert served == [b"POST /tel HTTP/1.1"] * 2
+    assert takes == [False, False]  # never a reused (dead) connection, so nothing resent
 
 
 def test_a_fresh_connection_closed_without_answer_is_not_resent(fake):
