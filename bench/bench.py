@@ -30,6 +30,11 @@ taking requests and never answering), optionally with a backlog left in
 its outbox as after hours of outage; the other tenants' latency is compared
 with all-healthy runs of the same N.
 
+Backlog drain: delivery alone, a backlog of calls stored before the start
+and no events, so what a delivered request costs is not mixed with intake
+(at full speed the two share one core and the delivery figure is what
+intake leaves).
+
 The last line printed is one JSON object for scripts (docs/benchmark.md).
 """
 
@@ -513,19 +518,52 @@ class _Queued:
     fields: dict
 
 
-def preload_outbox(storage: Path, tenant: Tenant, calls: int) -> None:
-    """Leave `calls` calls' INCOMING pending in the tenant's outbox, as after
-    hours of its PlanFix being down (a tenant at 2 calls/s: 7,200 an hour)."""
-    directory = storage / TENANTS_DIR / tenant_name(tenant)
+def preload_outbox(storage: Path, tenant: Tenant | None, calls: int,
+                   events: tuple[str, ...] = ("INCOMING",)) -> None:
+    """Leave `calls` calls' `events` pending in the tenant's outbox (None: the
+    one implicit tenant's), as after hours of its PlanFix being down (a
+    tenant at 2 calls/s: 7,200 an hour)."""
+    directory = storage if tenant is None else storage / TENANTS_DIR / tenant_name(tenant)
     directory.mkdir(parents=True)
+    seed = "one" if tenant is None else tenant.seed
     box = outbox.Outbox(outbox.db_path_for(str(directory)), client=None)
     try:
         for start in range(0, calls, 5000):
-            box.put([_Queued(callid, {"cmd": "event", "type": "in", "event": "INCOMING", "phone": "79100000000",
+            box.put([_Queued(callid, {"cmd": "event", "type": "in", "event": event, "phone": "79100000000",
                                       "ext": "101", "callid": callid})
-                     for callid in (f"backlog-{tenant.seed}-{i:09d}" for i in range(start, min(calls, start + 5000)))])
+                     for callid in (f"backlog-{seed}-{i:09d}" for i in range(start, min(calls, start + 5000)))
+                     for event in events])
     finally:
         box.stop()
+
+
+def backlog_drain(workroot: Path, n_calls: int) -> dict:
+    """Delivery alone: `n_calls` calls (3 requests each) pending from before
+    the start, no events coming, instant PlanFix: how fast a backlog left by
+    an outage goes out, and the CPU a delivered request costs."""
+    workdir = workroot / "drain"
+    preload_outbox(workdir / "state", None, n_calls, ("INCOMING", "ACCEPTED", "COMPLETED"))
+    planfix = FakePlanfix(token=PLANFIX_TOKEN, lean=True).start()
+    fs = FakeFreeSwitch(core_uuid="bench-drain").start()
+    service = None
+    try:
+        service = Service(workdir, fs.port, planfix.url)
+        service.wait_up(fs)
+        cpu0 = service.cpu_s()
+        expected = 3 * n_calls
+        wait_for(lambda: len(planfix.arrivals) >= expected, 300, 0.05)
+        cpu = service.cpu_s() - cpu0
+        arrivals = list(planfix.arrivals)
+        span = arrivals[-1][2] - arrivals[0][2] if len(arrivals) > 1 else 0.0
+        return {"requests_expected": expected, "requests_delivered": len(arrivals),
+                "requests_per_s": len(arrivals) / span if span > 0 else None,
+                "cpu_us_per_request": cpu * 1e6 / len(arrivals) if arrivals else None,
+                "rss_mb": service.memory_mb()["VmHWM"]}
+    finally:
+        if service is not None:
+            service.stop()
+        fs.stop()
+        planfix.stop()
 
 
 class Run:
@@ -1092,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     everything = not args.tenants
-    clients = bare = naive = full = intake = slow = sus1 = {}
+    clients = bare = naive = full = intake = slow = sus1 = drain = {}
     n_calls = args.calls or (3_000 if quick else 100_000)
     rss_mark = min(10_000, n_calls // 2) if quick else 10_000
     machine = f"{cpu_model()} x {os.cpu_count()}"
@@ -1141,6 +1179,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"(ratio to bare loop {_ratio(intake.get('events_per_s'), bare.get('events_per_s'))}); "
                   f"RSS {fmt(intake.get('rss_kb_per_pending_request'), '.3f')} kB per pending request "
                   f"({intake.get('pending')} pending)")
+
+            drain_calls = 10_000 if quick else 30_000
+            drain = attempt("backlog drain", backlog_drain, workroot, drain_calls)
+            print(f"backlog drain (delivery alone), {drain_calls:,} calls pending at start, instant PlanFix: "
+                  f"{drain.get('requests_delivered')}/{drain.get('requests_expected')} requests at "
+                  f"{fmt(drain.get('requests_per_s'), ',.0f')}/s, {fmt(drain.get('cpu_us_per_request'), '.0f', ' us')} "
+                  f"CPU per request, peak RSS {fmt(drain.get('rss_mb'))} MB")
 
         fast = attempt("200 calls/s", paced, inp, workroot, "200cps", 200.0, 6.0 if quick else 30.0, 0.0)
         print(f"200 calls/s, instant PlanFix, {fast.get('calls')} calls: latency p50 {fmt(fast.get('p50_ms'), '.1f')} ms, "
@@ -1272,6 +1317,9 @@ def main(argv: list[str] | None = None) -> int:
         "intake_only_events_per_s": _round(intake.get("events_per_s")),
         "intake_only_cpu_us_per_event": _round(intake.get("cpu_us_per_event")),
         "delivered_requests_per_s": _round(full.get("delivered_requests_per_s")),
+        # Delivery alone (a backlog drained, no intake): see backlog_drain.
+        "drain_requests_per_s": _round(drain.get("requests_per_s")),
+        "drain_cpu_us_per_request": _round(drain.get("cpu_us_per_request")),
         "p50_ms_200cps": _round(fast.get("p50_ms"), 2),
         "p99_ms_200cps": _round(fast.get("p99_ms"), 2),
         "max_ms_200cps": _round(fast.get("max_ms"), 2),
