@@ -153,10 +153,19 @@ def _classify(status: int, headers: Any, text: str, creds: Credentials) -> Deliv
     return DeliveryResult(Outcome.RETRY, status, reply, f"HTTP {status} from {creds.url}: {reply!r}")
 
 
-# The real select(): the liveness check of an idle kept-alive connection
-# polls with a zero timeout, which cannot block, and gevent's select()
-# costs ~8 us of Python per call against ~1 for the system call.
-_poll_now = gevent.monkey.get_original("select", "select")
+# The real poll(): the liveness check of an idle kept-alive connection
+# asks with a zero timeout, which cannot block, and gevent's select()
+# costs ~8 us of Python per call against ~1 for the system call.  poll,
+# not select: select() refuses descriptors above 1023, and a cloud PBX
+# process holds thousands of connections.
+_poll = gevent.monkey.get_original("select", "poll")
+_POLLIN = gevent.monkey.get_original("select", "POLLIN")
+
+
+def _readable_now(fd: int) -> bool:
+    poller = _poll()
+    poller.register(fd, _POLLIN)  # hang-ups and errors are reported whatever is asked
+    return bool(poller.poll(0))
 
 
 class _ResolvingPool:
@@ -178,7 +187,7 @@ class _ResolvingPool:
     def _is_socket_alive(self, sock) -> bool:  # overrides geventhttpclient's, same test
         # Readable while idle: PlanFix closed it (EOF) or sent what nobody asked for.
         try:
-            return sock is not None and sock.fileno() >= 0 and not _poll_now([sock], [], [], 0.0)[0]
+            return sock is not None and sock.fileno() >= 0 and not _readable_now(sock.fileno())
         except (OSError, ValueError):
             return False
 

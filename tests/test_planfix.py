@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import ssl
 import threading
@@ -398,3 +400,26 @@ def test_lean_fake_can_hang_like_a_planfix_that_never_answers():
         client.close()
         assert result.outcome is Outcome.RETRY and result.status is None
         assert [(c, e) for c, e, _ in lean.arrivals] == [(COMPLETED["callid"], "COMPLETED")]
+
+
+def test_a_connection_above_descriptor_1023_is_kept_alive_like_any_other(fake):
+    # A cloud PBX process holds thousands of sockets: the idle-connection
+    # check must not be select(), which refuses descriptors above 1023
+    # (every connection would then look dead and be made anew per request).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"open-files limit {hard}: cannot hold a descriptor above 1023")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    client = make_client(fake)
+    try:
+        assert client.send(COMPLETED).delivered
+        assert client.send(COMPLETED).delivered
+    finally:
+        client.close()
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    got = fake.received
+    assert len(got) == 2 and got[0].client_port == got[1].client_port
