@@ -7,7 +7,7 @@ What is counted for every event or PlanFix request -- events read
 scrape time: a prometheus_client metric takes a lock per observation, and
 those were ~8% of a delivered request's CPU.  The service is one gevent
 thread, so nothing interleaves an update.
-what is a state -- ESL connection, outbox depth and age, kept-aside
+What is a state -- ESL connection, outbox depth and age, kept-aside
 requests, open calls, lookup counters -- is read from ``Service.health()``
 at scrape time (:class:`HealthCollector`), so it can never drift from
 ``/healthz``.  ``serve(listen, health)`` starts ``GET /metrics`` on a
