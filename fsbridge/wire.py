@@ -229,7 +229,9 @@ class FrameParser:
         # Headers of a frame whose body has not fully arrived yet.
         self._pending: tuple[dict[str, str], int] | None = None
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
+        """The whole frames ``data`` completes.  ``data`` is copied in: the
+        caller may reuse its buffer (the ESL reader does)."""
         self._buf += data
         frames: list[Frame] = []
         buf = self._buf

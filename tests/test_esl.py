@@ -150,6 +150,17 @@ def test_encoded_newline_in_caller_name_cannot_forge_a_header(fake, connect):
     assert headers.get("Caller-Caller-ID-Name") == "Evil\nUnique-ID: forged\nCall-Direction: outbound"
 
 
+def test_events_read_earlier_keep_their_bytes_when_later_reads_reuse_the_buffer(fake, connect):
+    # The reader receives into one reused buffer; what it hands on must be
+    # a copy, or each read would overwrite the events kept from before.
+    conn, rec = connect(fake.port)
+    assert conn.wait_connected(2)
+    for n in range(1, 4):
+        fake.inject(sentinel(fake, n))  # one read each
+        assert wait_for(lambda: got_sentinel(rec, n))
+    assert [h.get("Unique-ID") for h, _ in rec.events] == ["sentinel-1", "sentinel-2", "sentinel-3"]
+
+
 def test_a_failing_handler_does_not_stop_the_reader(fake, connect, caplog):
     conn, rec = connect(fake.port)
     assert conn.wait_connected(2)
