@@ -77,6 +77,7 @@ import gevent.event
 import gevent.pool
 
 from fsbridge import calls, metrics
+from fsbridge.later import Later
 from fsbridge.limiter import AdaptiveLimit
 from fsbridge.sqlitedb import WalCheckpointer, open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
@@ -257,7 +258,7 @@ class Outbox:
         self._ready: collections.deque[str] = collections.deque()
         self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
         self._undeleted: set[int] = set()  # delivered, DELETE not committed yet (batched, or it failed)
-        self._deleter: gevent.Greenlet | None = None
+        self._deleter = Later(self._flush_delivered, DELETE_BATCH_S)
         self._depth = 0
         self.window_calls = MEMORY_WINDOW_CALLS
         # The first pending row left on disk (None: all are in memory); every
@@ -453,8 +454,7 @@ class Outbox:
             # Killed mid-request: those rows stay pending and are resent on restart.
             log.warning("outbox: %d request(s) still in flight after %.1fs, abandoning", len(self._workers), drain_timeout)
             self._workers.kill(block=True, timeout=1.0)
-        if self._deleter is not None:
-            self._deleter.kill()
+        self._deleter.kill()
         if self._refiller is not None:
             self._refiller.kill()
         self._flush_delivered()
@@ -677,8 +677,7 @@ class Outbox:
             # PlanFix has it: never sent again from this process; the DELETE
             # comes in the next batch (a crash before it resends it).
             self._undeleted.add(entry.id)
-            if self._deleter is None:
-                self._deleter = gevent.spawn_later(DELETE_BATCH_S, self._flush_delivered)
+            self._deleter.request()
             return True
         if result.outcome is Outcome.REJECTED:
             entry.attempts += 1
@@ -730,7 +729,6 @@ class Outbox:
 
     def _flush_delivered(self) -> None:
         """Delete every delivered row not deleted yet: one transaction."""
-        self._deleter = None
         if not self._undeleted:
             return
         ids = sorted(self._undeleted)

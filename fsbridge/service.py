@@ -34,6 +34,7 @@ from fsbridge.esl import EslNotConnected, EslTimeout
 from fsbridge.gaps import Gaps, GapsError
 from fsbridge.httpguard import GuardSettings, GuardedWSGIServer, raise_nofile_limit
 from fsbridge.lookup import create_lookup_app
+from fsbridge.later import Later
 from fsbridge.nodes import Node, pick_node, registration_problem, sofia_contact_query
 from fsbridge.opencalls import OpenCalls, OpenCallsError
 from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
@@ -81,7 +82,7 @@ class Service:
         self._unsaved: dict[str, list] = {}
         self._retrying: gevent.Greenlet | None = None
         self._batch: list = []  # commands produced since the event greenlet last yielded
-        self._flusher: gevent.Greenlet | None = None
+        self._flusher = Later(self._flush)  # stores the batch once the reader yields
         self._storage_error = ""
         self._outbox_full: set[str] = set()  # tenants whose outbox is at [outbox] max_depth
         self._unrouted_logged: dict[str, float] = {}
@@ -255,14 +256,13 @@ class Service:
         waiting."""
         self._batch.extend(commands)
         if len(self._batch) >= MAX_BATCH:
-            self._flush()  # in this greenlet, in order; a flusher already spawned finds what comes next
-        elif self._flusher is None:
-            self._flusher = gevent.spawn(self._flush)
+            self._flush()  # in this greenlet, in order; a flush already asked for finds what comes next
+        else:
+            self._flusher.request()
 
     def _flush(self) -> None:
         """Store the pending batch, in order; on a storage failure keep a
         tenant's commands in memory, in order, and retry until its disk takes them."""
-        self._flusher = None
         commands, self._batch = self._batch, []
         if commands:
             self._put(commands)
@@ -573,6 +573,7 @@ class Service:
         if cleanup is not None:
             cleanup.kill()
         self.recordings.stop(timeout=2)
+        self._flusher.kill()
         self._flush()
         if self._unsaved:
             log.error("%d PlanFix requests could not be stored before exit",
