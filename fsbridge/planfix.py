@@ -187,7 +187,8 @@ class _ResolvingPool:
     def _is_socket_alive(self, sock) -> bool:  # overrides geventhttpclient's, same test
         # Readable while idle: PlanFix closed it (EOF) or sent what nobody asked for.
         try:
-            return sock is not None and sock.fileno() >= 0 and not _readable_now(sock.fileno())
+            fd = -1 if sock is None else sock.fileno()
+            return fd >= 0 and not _readable_now(fd)
         except (OSError, ValueError):
             return False
 
