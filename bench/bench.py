@@ -537,33 +537,26 @@ def preload_outbox(storage: Path, tenant: Tenant | None, calls: int,
         box.stop()
 
 
-def backlog_drain(workroot: Path, n_calls: int) -> dict:
+def backlog_drain(inp: Input, workroot: Path, n_calls: int) -> dict:
     """Delivery alone: `n_calls` calls (3 requests each) pending from before
     the start, no events coming, instant PlanFix: how fast a backlog left by
     an outage goes out, and the CPU a delivered request costs."""
-    workdir = workroot / "drain"
-    preload_outbox(workdir / "state", None, n_calls, ("INCOMING", "ACCEPTED", "COMPLETED"))
-    planfix = FakePlanfix(token=PLANFIX_TOKEN, lean=True).start()
-    fs = FakeFreeSwitch(core_uuid="bench-drain").start()
-    service = None
+    run = Run(inp, workroot, "drain", backlog=n_calls,
+              backlog_events=("INCOMING", "ACCEPTED", "COMPLETED"))
     try:
-        service = Service(workdir, fs.port, planfix.url)
-        service.wait_up(fs)
+        service = run.service
         cpu0 = service.cpu_s()
         expected = 3 * n_calls
-        wait_for(lambda: len(planfix.arrivals) >= expected, 300, 0.05)
+        wait_for(lambda: len(run.planfix.arrivals) >= expected, 300, 0.05)
         cpu = service.cpu_s() - cpu0
-        arrivals = list(planfix.arrivals)
+        arrivals = list(run.planfix.arrivals)
         span = arrivals[-1][2] - arrivals[0][2] if len(arrivals) > 1 else 0.0
         return {"requests_expected": expected, "requests_delivered": len(arrivals),
                 "requests_per_s": len(arrivals) / span if span > 0 else None,
                 "cpu_us_per_request": cpu * 1e6 / len(arrivals) if arrivals else None,
                 "rss_mb": service.memory_mb()["VmHWM"]}
     finally:
-        if service is not None:
-            service.stop()
-        fs.stop()
-        planfix.stop()
+        run.close()
 
 
 class Run:
@@ -577,7 +570,7 @@ class Run:
 
     def __init__(self, inp: Input, workroot: Path, name: str, planfix_delay: float = 0.0,
                  planfix_configured: bool = True, tenants: list[Tenant] | None = None, down: str = "",
-                 backlog: int = 0) -> None:
+                 backlog: int = 0, backlog_events: tuple[str, ...] = ("INCOMING",)) -> None:
         if down and (down not in DOWN_MODES or not tenants):
             raise ValueError(f"bench: down={down!r}: one of {DOWN_MODES}, and only with tenants")
         self.inp = inp
@@ -602,8 +595,8 @@ class Run:
                 self._refuser = socket.socket()
                 self._refuser.bind(("127.0.0.1", 0))
                 urls[0] = f"http://127.0.0.1:{self._refuser.getsockname()[1]}/refused"
-            if backlog:
-                preload_outbox(workdir / "state", self.tenants[0], backlog)
+            if backlog:  # tenant1's outbox, or the one implicit tenant's
+                preload_outbox(workdir / "state", self.tenants[0] if self.tenants else None, backlog, backlog_events)
             for retry in (True, False):
                 self.service = Service(workdir, self.fs.port, self.planfix.url if planfix_configured else "",
                                        list(zip(self.tenants, urls)))
@@ -1181,7 +1174,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({intake.get('pending')} pending)")
 
             drain_calls = 10_000 if quick else 30_000
-            drain = attempt("backlog drain", backlog_drain, workroot, drain_calls)
+            drain = attempt("backlog drain", backlog_drain, inp, workroot, drain_calls)
             print(f"backlog drain (delivery alone), {drain_calls:,} calls pending at start, instant PlanFix: "
                   f"{drain.get('requests_delivered')}/{drain.get('requests_expected')} requests at "
                   f"{fmt(drain.get('requests_per_s'), ',.0f')}/s, {fmt(drain.get('cpu_us_per_request'), '.0f', ' us')} "
