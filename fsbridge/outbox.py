@@ -161,6 +161,7 @@ class _Attempt:
     age_from: float
     attempts: int
     last_error: str = ""
+    text: str = ""  # the fields as stored (JSON): what the sent log keeps
 
 
 def _ids() -> array:
@@ -608,7 +609,7 @@ class Outbox:
         if row is None:
             self._drop(q, row_id)
             return None
-        return _Attempt(row_id, json.loads(row[0]), row[1], row[2], row[3] or "")
+        return _Attempt(row_id, json.loads(row[0]), row[1], row[2], row[3] or "", row[0])
 
     def _worker_done(self, q: _CallQueue, take_next: bool) -> _CallQueue | None:
         """The worker is done with ``q``; returns the ready call it goes on with, if any."""
@@ -663,7 +664,7 @@ class Outbox:
         if result.outcome is Outcome.DELIVERED:
             # age_from is the storing time (or the manual retry of a kept-aside row).
             metrics.delivered(entry.age_from, self.name)
-            calls.record_sent(q.call_id, entry.fields)
+            calls.record_sent(q.call_id, entry.text)
             self._drop(q, entry.id)
             now = time.time()
             self._last_success_at = now

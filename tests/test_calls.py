@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import requests
 
+from fsbridge.calls import SentLog
 from fsbridge.fakes.freeswitch import CAPTURES, FakeFreeSwitch, trace_events
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.conftest import REPO
@@ -100,3 +102,16 @@ def test_calls_cli_says_when_the_service_is_not_there(tmp_path):
     shown = run_cli(service)
     assert shown.returncode == 1
     assert "cannot ask the service at http://127.0.0.1:" in shown.stderr
+
+
+def test_the_sent_log_keeps_the_stored_json_and_hands_readers_fresh_dicts():
+    log = SentLog(size=3)
+    for n in range(5):
+        log.add(f"call{n % 2}", json.dumps({"cmd": "event", "event": "INCOMING", "n": str(n)}))
+    # A ring: only the newest three, numbered on.
+    assert [item["seq"] for item in log.after(0)] == [3, 4, 5]
+    assert [item["fields"]["n"] for item in log.after(3)] == ["3", "4"]
+    assert [f["n"] for f in log.for_call("call0")] == ["2", "4"]
+    # Each reader gets its own dict: changing one changes nothing kept.
+    log.for_call("call0")[0]["n"] = "changed"
+    assert log.for_call("call0")[0]["n"] == "2"
