@@ -9,6 +9,10 @@ account's events.  On disk (``[storage] dir``):
                                                         without [tenant.*] (as before tenants)
     tenants/<name>/planfix-settings.json, outbox.sqlite3  each [tenant.<name>]
 
+An outbox database also holds the tenant's open-calls registry
+(``fsbridge.opencalls``): its calls' starts are stored in the same commit as
+their requests.
+
 A removed tenant's directory stays: adding it back delivers what it held.
 """
 

@@ -76,7 +76,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from fsbridge import calls, metrics
+from fsbridge import calls, metrics, opencalls
 from fsbridge.later import Later
 from fsbridge.limiter import AdaptiveLimit
 from fsbridge.sqlitedb import WalCheckpointer, open_private
@@ -85,7 +85,8 @@ from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 log = logging.getLogger(__name__)
 
 OUTBOX_FILENAME = "outbox.sqlite3"
-SCHEMA_VERSION = 1
+# 2: the open-calls registry's table (fsbridge.opencalls) joined the outbox.
+SCHEMA_VERSION = 2
 # How often a running outbox looks whether another process (the CLI's
 # `--retry`) changed the database: a cheap `PRAGMA data_version` read.
 RESCAN_INTERVAL_S = 2.0
@@ -127,7 +128,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(kept_aside_at, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-"""
+""" + opencalls.SCHEMA
 
 
 # A row's fields as stored: compact UTF-8 JSON.  One encoder for all: json.dumps
@@ -388,8 +389,11 @@ class Outbox:
 
     # ---- producer side -------------------------------------------------
     def put(self, commands: Iterable[Command]) -> None:
-        """Queue commands durably: one transaction, committed before return. Raises OutboxError."""
-        batch = []
+        """Queue commands durably: one transaction, committed before return. Raises OutboxError.
+
+        The same transaction notes the calls' starts and ends in the
+        open-calls registry's table (``fsbridge.opencalls.write_legs``)."""
+        batch, texts = [], []
         for cmd in commands:
             if not isinstance(cmd.call_id, str) or not cmd.call_id:
                 raise ValueError(f"outbox: command without call_id: {cmd!r}")
@@ -401,7 +405,8 @@ class Outbox:
                 "".join(cmd.fields), "".join(cmd.fields.values())
             except TypeError:
                 raise ValueError(f"outbox: every field must be str -> str: {cmd.fields!r}") from None
-            batch.append((cmd.call_id, _to_json(cmd.fields)))
+            batch.append(cmd)
+            texts.append(_to_json(cmd.fields))
         if not batch:
             return
         now = time.time()
@@ -409,12 +414,13 @@ class Outbox:
         with self._db_lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                for call_id, fields in batch:
+                for cmd, fields in zip(batch, texts):
                     cur = self._conn.execute(
                         "INSERT INTO outbox(call_id, fields, created_at, age_from) VALUES (?, ?, ?, ?)",
-                        (call_id, fields, now, now),
+                        (cmd.call_id, fields, now, now),
                     )
-                    entries.append((call_id, cur.lastrowid))
+                    entries.append((cmd.call_id, cur.lastrowid))
+                opencalls.write_legs(self._conn, batch, texts)
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 try:
@@ -436,6 +442,22 @@ class Outbox:
             self._index(call_id, row_id)
         if self._active < self.limiter.limit or self._probe_at is not None:
             self._kick.set()  # else a worker finishing its call takes the new ones
+
+    def open_legs(self, call_ids=None) -> list:
+        """The open-calls registry's rows in this database (``fsbridge.opencalls.read_legs``)."""
+        with self._db_lock:
+            return opencalls.read_legs(self._conn, call_ids)
+
+    def add_open_legs(self, rows: list) -> None:
+        """Registry rows moved in from an older fsbridge's file (``opencalls.migrate_legacy``): one transaction."""
+        with self._db_lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                opencalls.insert_legs(self._conn, rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
 
     # ---- delivery --------------------------------------------------------
     def start(self) -> None:

@@ -36,7 +36,7 @@ from fsbridge.httpguard import GuardSettings, GuardedWSGIServer, raise_nofile_li
 from fsbridge.lookup import create_lookup_app
 from fsbridge.later import Later
 from fsbridge.nodes import Node, pick_node, registration_problem, sofia_contact_query
-from fsbridge.opencalls import OpenCalls, OpenCallsError
+from fsbridge.opencalls import OpenCalls, OpenCallsError, migrate_legacy
 from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
 from fsbridge.planfix import cli_ping
 from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
@@ -115,7 +115,8 @@ class Service:
         self.accounts: dict[str, Account] = {t.name: Account(cfg, t) for t in cfg.tenants}
 
         try:
-            self.open_calls = OpenCalls(os.path.join(cfg.storage.dir, "open-calls.sqlite3"))
+            migrate_legacy(cfg.storage.dir, self._legacy_tenant)
+            self.open_calls = OpenCalls(account.outbox for account in self.accounts.values())
         except OpenCallsError as exc:
             raise ServiceError(f"{cfg.path}: [storage] dir: {exc}") from None
         if self.open_calls.inherited:
@@ -210,6 +211,13 @@ class Service:
             refuse_calls=functools.partial(self._refuse_calls, tenant.name),
         )
 
+    def _legacy_tenant(self, name: str):
+        """Where an older fsbridge's open-calls file puts a tenant's legs: its
+        outbox, or None (no such tenant now; "" is the one tenant of a config
+        without [tenant.*]), as the service would route their COMPLETED."""
+        account = self.accounts.get(name or ("" if self.multi_tenant else IMPLICIT_TENANT))
+        return account.outbox if account is not None else None
+
     def _route_call(self, tenant_name: str, ext: str):
         """(why ``ext`` cannot be rung, the originate to use): the tenant's own node, or the
         node where the phone is registered.  ``ext`` was checked by the tenant's extension
@@ -226,6 +234,9 @@ class Service:
         if node is None:
             return problem, self._no_originate
         return problem, lambda command, job_uuid: node.esl.bgapi(command, job_uuid=job_uuid)
+
+    def _tracked(self, call_id: str) -> bool:
+        return any(node.tracker.tracks(call_id) for node in self.nodes)
 
     def _call_active(self, uuid: str) -> bool:
         return any(node.tracker.tracks(uuid) for node in self.nodes)
@@ -268,8 +279,8 @@ class Service:
             self._put(commands)
 
     def _put(self, commands: list) -> None:
-        """One durable write per tenant's outbox (and the open-calls registry).
-        A tenant with commands held already gets these behind them (its order)."""
+        """One durable write per tenant's outbox (which holds its open-calls
+        registry too). A tenant with commands held already gets these behind them (its order)."""
         by_tenant: dict[str, list] = {}
         for command in commands:
             # getattr: a command type that forgot its tenant must be logged, not crash the flusher.
@@ -278,17 +289,12 @@ class Service:
                 self._unrouted(command, name)
                 continue
             by_tenant.setdefault(name, []).append(command)
-        stored: list = []
         for name, group in by_tenant.items():
             held = self._unsaved.get(name)
             if held is not None:
                 held.extend(group)
-            elif self._put_tenant(name, group):
-                stored += group
-            else:
+            elif not self._put_tenant(name, group):
                 self._unsaved[name] = list(group)
-        if stored:
-            self._note_open_calls(stored)
         if self._unsaved and self._retrying is None:
             self._retrying = gevent.spawn(self._retry_unsaved)
 
@@ -348,13 +354,6 @@ class Service:
             self._outbox_full.discard(tenant_name)
         return full
 
-    def _note_open_calls(self, commands: list) -> None:
-
-        try:
-            self.open_calls.record(commands)
-        except OpenCallsError as exc:  # the requests themselves are stored
-            log.error("%s", exc)
-
     def _storage_failed(self, exc: Exception) -> None:
         if not self._storage_error:
             log.error("cannot store PlanFix requests under %s: %s (kept in memory, retrying)",
@@ -369,7 +368,6 @@ class Service:
                     batch = self._unsaved[name]
                     if self._put_tenant(name, batch):
                         del self._unsaved[name]
-                        self._note_open_calls(batch)
                         log.info("storage works again: %d held PlanFix requests stored", len(batch))
                 if not self._unsaved:
                     self._storage_error = ""
@@ -435,6 +433,8 @@ class Service:
                 account.update(tenant)
             else:
                 account = self.accounts[tenant.name] = Account(new, tenant)
+                # What an earlier process left open for it (it was not served at start).
+                self.open_calls.add_source(account.outbox, skip=self._tracked)
                 account.start()
         self.cfg = dataclasses.replace(self.cfg, tenants=new.tenants)
         self.tenants = tenant_map(self.cfg, self._normalize)
@@ -457,6 +457,7 @@ class Service:
         busy = {call.tenant for node in self.nodes for call in node.tracker.open_call_list()}
         for name in [n for n in self._retiring if n not in busy]:
             account = self._retiring.pop(name)
+            self.open_calls.remove_source(account.outbox)
             pending = account.outbox.stats()["depth"]
             gevent.spawn(account.stop, 2)
             log.warning("tenant %s removed: no call of it is up any more; %d of its PlanFix requests stay in %s "
@@ -581,7 +582,6 @@ class Service:
         stops = [gevent.spawn(account.stop, 5) for account in [*self.accounts.values(), *self._retiring.values()]]
         gevent.joinall(stops)
         self.recordings.close()
-        self.open_calls.close()
         if self.gaps is not None:
             self.gaps.close()
         log.info("stopped")

@@ -14,7 +14,6 @@ import pytest
 from flask import Flask
 
 from fsbridge import cdr, config
-from fsbridge.opencalls import OpenCalls
 from fsbridge.tracker import CallTracker, PlanfixCommand
 from tests.test_tracker_edges import Call
 
@@ -179,29 +178,6 @@ def test_route_asks_for_a_retry():
             "Content-Type": "application/json"}
     reply = app.test_client().post("/cdr", data=real("lab-loopback-bridge-5.json"), headers=good)
     assert reply.status_code == 503 and reply.json == {"error": "Service unavailable", "detail": "not now"}
-
-
-def test_open_calls_wait_for_the_cdr_then_close_blind(tmp_path):
-    reg = OpenCalls(str(tmp_path / "o.sqlite3"))
-    reg.record([PlanfixCommand("a", start("101")), PlanfixCommand("b", start("102"))])
-    reg.close()
-    reg = OpenCalls(str(tmp_path / "o.sqlite3"))
-    assert set(reg.inherited) == {"a", "b"}
-    assert reg.close_inherited(set(), now=100.0, wait=30) == []
-    assert reg.pop_inherited("a") == [(start("101"), False)]  # its CDR came
-    assert reg.close_inherited(set(), now=129.0, wait=30) == []
-    closed = reg.close_inherited(set(), now=130.0, wait=30)
-    assert [(c, f["status"], f["duration"]) for c, f in closed] == [("b", "Missed", "0")]
-    reg.close()
-
-
-def test_lost_calls_are_taken_back_from_the_registry(tmp_path):
-    reg = OpenCalls(str(tmp_path / "o.sqlite3"))
-    reg.record([PlanfixCommand("a", start("101")), PlanfixCommand("a", {**start("101"), "event": "ACCEPTED"})])
-    assert reg.inherited == {}
-    reg.take_back(["a", "unknown"])
-    assert reg.inherited == {"a": [(start("101"), True)]}
-    reg.close()
 
 
 def test_tracker_forgets_gone_calls_without_completing_them():

@@ -21,7 +21,6 @@ from fsbridge.config import ConfigError
 from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
 from fsbridge.fakes.freeswitch import trace_events
 from fsbridge.fakes.tenants import Tenant, interleave, make_tenants, uuid_map
-from fsbridge.opencalls import OpenCalls
 from fsbridge.planfix import Credentials
 from fsbridge.recordings.index import IndexEntry, RecordingIndex
 from fsbridge.outbox import OutboxError
@@ -311,25 +310,6 @@ def old_database(path, *statements: str) -> None:
     db.close()
 
 
-def test_registry_from_before_tenants_gains_tenant_and_node_and_keeps_its_calls(tmp_path):
-    path = tmp_path / "open-calls.sqlite3"
-    old_database(path, "CREATE TABLE open_legs (call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"
-                       " accepted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (call_id, ext))",
-                 "INSERT INTO open_legs VALUES ('old', '101', '{\"cmd\": \"event\", \"event\": \"INCOMING\"}', 0)")
-    reg = OpenCalls(str(path))
-    assert set(reg.inherited) == {"old"} and reg.owner("old") == ("", "")
-    start = PlanfixCommand("new", {"cmd": "event", "event": "INCOMING", "ext": "102", "type": "in"},
-                           tenant="beta", node="b")
-    reg.record([start])
-    reg.close()
-    again = OpenCalls(str(path))
-    assert again.owner("new") == ("b", "beta")
-    closed = again.close_inherited(set(), owns=lambda call_id: again.owner(call_id)[0] == "b")
-    assert [call_id for call_id, _ in closed] == ["new"]  # node b's listing closes only node b's call
-    assert set(again.inherited) == {"old"}
-    again.close()
-
-
 # -- fsbridge tenants ------------------------------------------------------------
 
 
@@ -412,7 +392,6 @@ def test_one_tenants_storage_failing_holds_only_its_commands(tmp_path, monkeypat
         for account in service.accounts.values():
             account.stop(drain_timeout=0)
         service.recordings.close()
-        service.open_calls.close()
 
 
 def test_a_burst_the_reader_never_yields_in_is_stored_every_max_batch_commands(tmp_path, monkeypatch):
@@ -433,4 +412,3 @@ def test_a_burst_the_reader_never_yields_in_is_stored_every_max_batch_commands(t
         for account in service.accounts.values():
             account.stop(drain_timeout=0)
         service.recordings.close()
-        service.open_calls.close()

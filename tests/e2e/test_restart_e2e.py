@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-from fsbridge.opencalls import OpenCalls
-from fsbridge.tracker import PlanfixCommand
 from fsbridge.fakes.freeswitch import FakeFreeSwitch, active_call_bodies, trace_events
 from fsbridge.fakes.planfix import FakePlanfix
 from tests.service_proc import ServiceProcess
@@ -81,23 +79,3 @@ def test_call_still_up_at_restart_is_taken_up_and_ends_with_its_real_facts(tmp_p
             planfix.assert_no_violations()
         finally:
             service.stop()
-
-
-def test_open_calls_registry(tmp_path):
-    path = str(tmp_path / "open.sqlite3")
-    registry = OpenCalls(path)
-    start = {"cmd": "event", "type": "in", "event": "INCOMING", "phone": "7", "diversion": "", "ext": "101",
-             "callid": "a"}
-    registry.record([PlanfixCommand("a", start), PlanfixCommand("a", dict(start, ext="102")),
-                     PlanfixCommand("b", dict(start, callid="b", type="out", event="OUTGOING")),
-                     PlanfixCommand("a", dict(start, event="ACCEPTED"))])
-    registry.record([PlanfixCommand("a", dict(start, ext="102", event="COMPLETED"))])
-    registry.close()
-    again = OpenCalls(path)
-    assert set(again.inherited) == {"a", "b"}
-    assert again.close_inherited({"a"}) == [
-        ("b", {"cmd": "event", "type": "out", "phone": "7", "diversion": "", "ext": "101", "callid": "b",
-               "event": "COMPLETED", "duration": "0", "is_recorded": "0", "status": "NoAnswer"})]
-    closed = again.close_inherited(set())
-    assert [(c, f["ext"], f["status"]) for c, f in closed] == [("a", "101", "Success")]
-    assert again.inherited == {}
