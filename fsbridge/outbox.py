@@ -28,10 +28,10 @@ Guarantees
   operator's choice).
 - Restart: all pending rows are loaded in id order and resumed, once.
 
-Duplicates: delivered rows are deleted in batches, one transaction for all
-rows delivered in the last DELETE_BATCH_S (50 ms), so the window is the
-time between PlanFix sending 200 and that commit, at most ~50 ms: a crash
-exactly there resends those commands.  The PlanFix client may also resend a request whose
+Duplicates: delivered rows are deleted in batches: with the next put()'s
+commit, or DELETE_BATCH_S (50 ms) after the first of them when nothing is
+put meanwhile, so the window is the time between PlanFix sending 200 and
+that commit, at most ~50 ms: a crash exactly there resends those commands.  The PlanFix client may also resend a request whose
 kept-alive connection closed under it (see `fsbridge.planfix`).  PlanFix
 events are idempotent enough for that (same callid/event).  Nothing can
 close that window completely without PlanFix supporting idempotency keys.
@@ -411,6 +411,9 @@ class Outbox:
             return
         now = time.time()
         entries = []
+        # Rows delivered since the last delete go in this commit too: at a
+        # steady rate no delete needs a commit of its own (see "Duplicates").
+        delivered = sorted(self._undeleted)
         with self._db_lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -421,6 +424,8 @@ class Outbox:
                     )
                     entries.append((cmd.call_id, cur.lastrowid))
                 opencalls.write_legs(self._conn, batch, texts)
+                if delivered:
+                    self._delete_rows(delivered)
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 try:
@@ -430,6 +435,7 @@ class Outbox:
                 self._storage_error = f"{exc.__class__.__name__}: {exc}"
                 raise OutboxError(f"outbox {self.db_path}: cannot queue {len(batch)} command(s): {exc}") from exc
         self._storage_error = ""
+        self._undeleted.difference_update(delivered)
         self._checkpointer.note_write()
         if self._spill_from is None and len(self._calls) >= self.window_calls and any(
                 call_id not in self._calls for call_id, _ in entries):
@@ -758,9 +764,7 @@ class Outbox:
         try:
             with self._db_lock:
                 self._conn.execute("BEGIN")
-                self._conn.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
-                if self._last_success_at is not None:
-                    self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)", (repr(self._last_success_at),))
+                self._delete_rows(ids)
                 self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
@@ -770,6 +774,13 @@ class Outbox:
         else:
             self._undeleted.difference_update(ids)
             self._checkpointer.note_write()
+
+    def _delete_rows(self, ids: list[int]) -> None:
+        """In the caller's transaction: delivered rows go, and when the last delivery was."""
+        self._conn.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+        if self._last_success_at is not None:
+            self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_success_at', ?)",
+                               (repr(self._last_success_at),))
 
     # ---- observation and operator actions --------------------------------
     def depth(self) -> int:

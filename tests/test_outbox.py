@@ -94,6 +94,21 @@ def test_delivers_with_token_in_order_and_forgets_delivered_rows(fake, make_outb
     fake.assert_no_violations()
 
 
+def test_rows_delivered_meanwhile_are_deleted_in_the_next_puts_commit(fake, make_outbox, monkeypatch):
+    monkeypatch.setattr(outbox_mod, "DELETE_BATCH_S", 60.0)  # the batch's own commit never comes in time
+    box = make_outbox()
+    box.start()
+    box.put(call_commands("c1", 2))
+    wait_until(lambda: len(fake.delivered) == 2, what="both delivered")
+    assert len(outbox_mod.list_entries(box.db_path)) == 2  # their DELETE still to come
+    statements: list[str] = []
+    box._conn.set_trace_callback(statements.append)
+    box.put(call_commands("c2", 1))
+    assert [e.call_id for e in outbox_mod.list_entries(box.db_path)] == ["c2"]  # another process sees them gone
+    assert statements.count("COMMIT") == 1  # in the put's own transaction
+    assert box.stats()["depth"] == 1
+
+
 def test_put_while_running_and_record_command(fake, make_outbox):
     box = make_outbox()
     box.start()
