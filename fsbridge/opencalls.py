@@ -180,7 +180,8 @@ class OpenCalls:
         """Read what an earlier process left open in ``source`` (at start, or
         a tenant added by a reload); ``skip``: calls followed live."""
         self._sources.append(source)
-        self._inherit(source, None, skip)
+        known = set(self.inherited)  # still inherited from before (a tenant removed and added back)
+        self._inherit(source, None, lambda call_id: call_id in known or (skip is not None and skip(call_id)))
 
     def remove_source(self, source: LegSource) -> None:
         """A tenant no longer served (its outbox closed)."""

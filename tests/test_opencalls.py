@@ -105,6 +105,16 @@ def test_lost_calls_are_taken_back_from_whichever_tenant_holds_them(tmp_path, bo
     assert reg.owner("a") == ("", "acme") and reg.owner("b") == ("n2", "beta")
 
 
+def test_a_source_read_again_adds_no_second_copy_of_a_call_still_inherited(tmp_path, boxes):
+    path = tmp_path / "outbox.sqlite3"
+    boxes(path).put([start("a"), start("a", ext="102")])
+    box = boxes(path)
+    reg = OpenCalls([box])
+    reg.remove_source(box)  # its tenant removed by a reload ...
+    reg.add_source(box)  # ... and added back while the call is still to be closed
+    assert [fields["ext"] for fields, _ in reg.inherited["a"]] == ["101", "102"]
+
+
 def test_an_outbox_of_the_first_schema_gains_the_registry_and_keeps_its_requests(tmp_path, boxes):
     path = tmp_path / "outbox.sqlite3"
     boxes(path).put([event("a", "ACCEPTED")])  # not a start: no leg
