@@ -54,21 +54,22 @@ def parse_header_block(block: bytes, url_decoded: bool) -> dict[str, str]:
     FreeSWITCH percent-encodes the values of plain events.  Lines without
     ``": "`` are ignored rather than glued to the previous header.
     """
+    # Every frame's outer headers come through here: _decode is inlined (two
+    # calls fewer a line, ~0.5 us a frame).
     headers: dict[str, str] = {}
     for line in block.split(b"\n"):
-        if not line:
-            continue
         sep = line.find(b": ")
         if sep <= 0:
-            # "Header:" with an empty value is legal; anything else is noise.
+            # "Header:" with an empty value is legal; anything else (an
+            # empty line too) is noise.
             if line.endswith(b":"):
-                headers[_decode(line[:-1])] = ""
+                headers[line[:-1].decode("utf-8", "replace")] = ""
             continue
-        name = _decode(line[:sep])
-        value = line[sep + 2:]
+        name = line[:sep].decode("utf-8", "replace")
         if name in headers:
             continue  # the first occurrence wins, as in EventHeaders
-        headers[name] = _unquote(value) if url_decoded else _decode(value)
+        value = line[sep + 2:]
+        headers[name] = _unquote(value) if url_decoded else value.decode("utf-8", "replace")
     return headers
 
 
@@ -95,17 +96,20 @@ class EventHeaders:
         self._vars: int | None = None
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        # The hot path of event intake (~10 lookups per event): the needle is
-        # built once per name, and nothing is cached per event, since a
-        # name is rarely asked twice and a dict costs about what a search of
-        # the block does.
+        # The hot path of event intake (~10 lookups per event), so written
+        # out flat: a Python call costs about what a search of 300 bytes
+        # does.  The needle is built once per name, and nothing is cached per
+        # event, since a name is rarely asked twice and a dict costs about
+        # what a search of the block does.
         needle = _NEEDLES.get(name)
         if needle is None:
             needle = _needle(name)
         key, variable = needle
         block = self._block
         if variable:
-            start = self._variables_start()
+            start = self._vars
+            if start is None:
+                start = self._vars = block.find(_VARIABLE)
             if start < 0:
                 return default
             pos = block.find(key, start)
@@ -122,7 +126,10 @@ class EventHeaders:
             byte = block[after]
             if byte == 0x20:
                 end = block.find(b"\n", after)
-                return _unquote(block[after + 1:] if end < 0 else block[after + 1:end])
+                raw = block[after + 1:] if end < 0 else block[after + 1:end]
+                if b"%" in raw:  # _unquote, inlined
+                    return unquote(raw.decode("utf-8", "replace"), errors="replace")
+                return raw.decode("utf-8", "replace")
             if byte == 0x0A:
                 return ""
             pos = block.find(key, after)

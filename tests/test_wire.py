@@ -131,3 +131,14 @@ def test_event_without_inner_body_is_all_headers_and_an_inner_body_is_cut_by_its
     # A Content-Length header first in the block counts too.
     headers, body = parse_event_plain(b"Content-Length: 2\nEvent-Name: X\n\nokmore")
     assert (headers["Event-Name"], body) == ("X", b"ok")
+
+
+def test_outer_header_block_keeps_its_rules():
+    # parse_header_block decodes each line in place: empty lines and lines
+    # without ": " are skipped, "Name:" is an empty value, the first of a
+    # name wins, bad UTF-8 is replaced, and only url_decoded values are
+    # percent-decoded.
+    block = b"Content-Length: 12\n\nnoise\nEmpty:\nContent-Length: 99\nX: a%20b\nY: \xff\n: nameless"
+    assert parse_header_block(block, False) == {
+        "Content-Length": "12", "Empty": "", "X": "a%20b", "Y": "\ufffd"}
+    assert parse_header_block(block, True)["X"] == "a b"
