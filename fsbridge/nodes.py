@@ -112,10 +112,12 @@ class Node:
     # -- the event path (runs in the ESL reader greenlet: must not block) ----
 
     def _on_event(self, headers, body: bytes) -> None:
-        name = headers.get("Event-Name") or "?"
+        name = headers.get("Event-Name") or ""
         counts = metrics.EVENT_COUNTS
-        counts[name] = counts.get(name, 0) + 1
-        event = self._channel_event(headers, body)
+        counted = name or "?"
+        counts[counted] = counts.get(counted, 0) + 1
+        # The name read once: channel_event would look it up again.
+        event = self._channel_event(headers, body, name=name)
         if event is None:
             return
         if event.name == "BACKGROUND_JOB":

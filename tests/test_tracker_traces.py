@@ -13,6 +13,7 @@ import pytest
 
 from fsbridge.events import SUBSCRIBED_EVENTS, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, channel_event
 from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
+from fsbridge.wire import EventHeaders
 from tests.traces import channel_events, encode_frame, event_frames, frames_of, read_trace, rewrite_click_to_call
 
 CALLER = "79101234567"
@@ -615,3 +616,30 @@ def test_blind_transfer_when_the_talkers_hangup_comes_after_the_next_leg(traces_
         (f["event"], f["ext"], f.get("status")) for f in wanted]
     assert abs(int(got[2].fields["duration"]) - int(wanted[2]["duration"])) <= 1
     assert got[-1].fields == wanted[-1]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED) + ["load-100-calls"])
+def test_an_event_name_the_caller_read_gives_the_same_event(traces_dir, name):
+    """The node reads Event-Name once and hands it to channel_event (``name=``):
+    every event of every capture reduces to the same ChannelEvent as when
+    channel_event looks the name up itself."""
+    raw = read_trace(traces_dir / f"{name}.plain.txt.gz") if name.startswith("load") else capture(traces_dir, name)
+    seen = collections.Counter()
+    for headers, body in event_frames(raw):
+        given = headers.get("Event-Name") or ""
+        assert channel_event(headers, body, name=given) == channel_event(headers, body)
+        seen[given] += 1
+    assert seen["CHANNEL_HANGUP_COMPLETE"] and seen["CHANNEL_DESTROY"]
+
+
+def test_a_channel_destroy_is_not_read_as_a_hangup_complete():
+    """Only CHANNEL_HANGUP_COMPLETE reads the recording and voicemail of an A
+    leg's end (the reader knows which from its key, without a second lookup)."""
+    block = (b"Event-Name: %s\nUnique-ID: u-1\nHangup-Cause: NORMAL_CLEARING\n"
+             b"variable_record_ms: 5000\nvariable_voicemail_file_path: /vm/1.wav\n"
+             b"variable_voicemail_message_len: 00:00:07\n")
+    complete = channel_event(EventHeaders(block % b"CHANNEL_HANGUP_COMPLETE"), b"")
+    destroy = channel_event(EventHeaders(block % b"CHANNEL_DESTROY"), b"")
+    assert (complete.record_ms, complete.voicemail_path, complete.voicemail_seconds) == (5000, "/vm/1.wav", 7)
+    assert (destroy.record_ms, destroy.voicemail_path, destroy.voicemail_seconds) == (-1, "", -1)
+    assert destroy.hangup_cause == complete.hangup_cause == "NORMAL_CLEARING"
