@@ -211,11 +211,15 @@ class Service:
             refuse_calls=functools.partial(self._refuse_calls, tenant.name),
         )
 
+    def _account_name(self, tenant: str) -> str:
+        """The account a command's (or a registry row's) tenant goes to: "" is
+        the one tenant of a config without [tenant.*], nobody's in a cloud PBX."""
+        return tenant or ("" if self.multi_tenant else IMPLICIT_TENANT)
+
     def _legacy_tenant(self, name: str):
         """Where an older fsbridge's open-calls file puts a tenant's legs: its
-        outbox, or None (no such tenant now; "" is the one tenant of a config
-        without [tenant.*]), as the service would route their COMPLETED."""
-        account = self.accounts.get(name or ("" if self.multi_tenant else IMPLICIT_TENANT))
+        outbox, or None (no such tenant now), as the service routes their COMPLETED."""
+        account = self.accounts.get(self._account_name(name))
         return account.outbox if account is not None else None
 
     def _route_call(self, tenant_name: str, ext: str):
@@ -234,9 +238,6 @@ class Service:
         if node is None:
             return problem, self._no_originate
         return problem, lambda command, job_uuid: node.esl.bgapi(command, job_uuid=job_uuid)
-
-    def _tracked(self, call_id: str) -> bool:
-        return any(node.tracker.tracks(call_id) for node in self.nodes)
 
     def _call_active(self, uuid: str) -> bool:
         return any(node.tracker.tracks(uuid) for node in self.nodes)
@@ -284,7 +285,7 @@ class Service:
         by_tenant: dict[str, list] = {}
         for command in commands:
             # getattr: a command type that forgot its tenant must be logged, not crash the flusher.
-            name = getattr(command, "tenant", "") or ("" if self.multi_tenant else IMPLICIT_TENANT)
+            name = self._account_name(getattr(command, "tenant", ""))
             if name not in self.accounts and name not in self._retiring:
                 self._unrouted(command, name)
                 continue
@@ -434,7 +435,7 @@ class Service:
             else:
                 account = self.accounts[tenant.name] = Account(new, tenant)
                 # What an earlier process left open for it (it was not served at start).
-                self.open_calls.add_source(account.outbox, skip=self._tracked)
+                self.open_calls.add_source(account.outbox, skip=self._call_active)
                 account.start()
         self.cfg = dataclasses.replace(self.cfg, tenants=new.tenants)
         self.tenants = tenant_map(self.cfg, self._normalize)
