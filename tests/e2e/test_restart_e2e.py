@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 
 from fsbridge.fakes.freeswitch import FakeFreeSwitch, active_call_bodies, trace_events
 from fsbridge.fakes.planfix import FakePlanfix
@@ -37,6 +38,50 @@ def test_call_open_at_sigkill_is_completed_after_restart(tmp_path, traces_dir):
                      planfix_token=None),
             ]
             assert any(c.startswith("api show channels as json") for c in fs.commands)
+            service.wait_health(lambda h: h["open_calls_from_before_restart"] == 0)
+            planfix.assert_no_violations()
+        finally:
+            service.stop()
+
+
+def as_older_fsbridge_left_it(storage) -> None:
+    """The storage of an fsbridge from before the registry joined the outbox:
+    the open legs in open-calls.sqlite3 (tenant and node columns), an outbox of
+    schema version 1 without them."""
+    outbox = sqlite3.connect(storage / "outbox.sqlite3")
+    legs = outbox.execute("SELECT call_id, ext, fields, accepted, tenant, node FROM open_legs").fetchall()
+    outbox.execute("DROP TABLE open_legs")
+    outbox.execute("PRAGMA user_version=1")
+    outbox.commit()
+    outbox.close()
+    legacy = sqlite3.connect(storage / "open-calls.sqlite3")
+    legacy.execute("CREATE TABLE open_legs (call_id TEXT NOT NULL, ext TEXT NOT NULL, fields TEXT NOT NULL,"
+                   " accepted INTEGER NOT NULL DEFAULT 0, tenant TEXT NOT NULL DEFAULT '',"
+                   " node TEXT NOT NULL DEFAULT '', PRIMARY KEY (call_id, ext))")
+    legacy.executemany("INSERT INTO open_legs VALUES (?, ?, ?, ?, ?, ?)", legs)
+    legacy.commit()
+    legacy.close()
+    assert legs  # the call killed mid-way is there to be moved
+
+
+def test_an_upgrade_from_the_older_registry_file_still_completes_the_call_open_at_the_kill(tmp_path, traces_dir):
+    events = trace_events(traces_dir / "01-inbound-single-answer.plain.txt")
+    bridge = next(i for i, e in enumerate(events) if e.name == "CHANNEL_BRIDGE")
+    with FakePlanfix() as planfix, FakeFreeSwitch() as fs:
+        service = ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url,
+                                 planfix_token=planfix.token).start()
+        try:
+            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
+            fs.replay(events[: bridge + 1]).wait(5)
+            planfix.wait_for(2, timeout=10, delivered=True)
+            service.wait_health(lambda h: h["outbox"]["depth"] == 0)
+            service.kill()
+            as_older_fsbridge_left_it(service.storage)
+            service.start()  # the new version moves the file in, then sees the call gone
+            got = planfix.wait_for(3, timeout=10, delivered=True)
+            assert dict(got[2], planfix_token=None) == dict(
+                incoming(A01, "101", "COMPLETED", duration="0", is_recorded="0", status="Success"), planfix_token=None)
+            assert not (service.storage / "open-calls.sqlite3").exists()
             service.wait_health(lambda h: h["open_calls_from_before_restart"] == 0)
             planfix.assert_no_violations()
         finally:
