@@ -15,20 +15,30 @@ LISTED_A = b"cf9e6d82-e4af-4a4a-adbb-4d63e4ae5566"
 LISTED_B = b"0d4ec6ad-3849-475a-a21d-65d2ab06ffb0"
 
 
-def test_call_open_at_sigkill_is_completed_after_restart(tmp_path, traces_dir):
+def single_answer(traces_dir):
+    """Capture 01's events and where its CHANNEL_BRIDGE is."""
     events = trace_events(traces_dir / "01-inbound-single-answer.plain.txt")
-    bridge = next(i for i, e in enumerate(events) if e.name == "CHANNEL_BRIDGE")
+    return events, next(i for i, e in enumerate(events) if e.name == "CHANNEL_BRIDGE")
+
+
+def answer_then_kill(service, fs, planfix, events, bridge) -> None:
+    """The call rings and is answered, both delivered and removed from the
+    outbox (a kill between PlanFix's 200 and that removal may resend one
+    request: see outbox.py); then the service dies mid-call."""
+    service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
+    fs.replay(events[: bridge + 1]).wait(5)
+    planfix.wait_for(2, timeout=10, delivered=True)
+    service.wait_health(lambda h: h["outbox"]["depth"] == 0)
+    service.kill()
+
+
+def test_call_open_at_sigkill_is_completed_after_restart(tmp_path, traces_dir):
+    events, bridge = single_answer(traces_dir)
     with FakePlanfix() as planfix, FakeFreeSwitch() as fs:
         service = ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url,
                                  planfix_token=planfix.token).start()
         try:
-            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
-            fs.replay(events[: bridge + 1]).wait(5)  # ringing, then answered ...
-            planfix.wait_for(2, timeout=10, delivered=True)
-            # both answered and removed from the outbox (a kill between PlanFix's
-            # 200 and that removal may resend one request: see outbox.py)
-            service.wait_health(lambda h: h["outbox"]["depth"] == 0)
-            service.kill()  # ... and the service dies mid-call; the call ends meanwhile
+            answer_then_kill(service, fs, planfix, events, bridge)  # the call ends meanwhile
             service.start()  # FreeSWITCH's channel list (idle) says the call is gone
             got = planfix.wait_for(3, timeout=10, delivered=True)
             assert [dict(r, planfix_token=None) for r in got] == [
@@ -65,17 +75,12 @@ def as_older_fsbridge_left_it(storage) -> None:
 
 
 def test_an_upgrade_from_the_older_registry_file_still_completes_the_call_open_at_the_kill(tmp_path, traces_dir):
-    events = trace_events(traces_dir / "01-inbound-single-answer.plain.txt")
-    bridge = next(i for i, e in enumerate(events) if e.name == "CHANNEL_BRIDGE")
+    events, bridge = single_answer(traces_dir)
     with FakePlanfix() as planfix, FakeFreeSwitch() as fs:
         service = ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url,
                                  planfix_token=planfix.token).start()
         try:
-            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
-            fs.replay(events[: bridge + 1]).wait(5)
-            planfix.wait_for(2, timeout=10, delivered=True)
-            service.wait_health(lambda h: h["outbox"]["depth"] == 0)
-            service.kill()
+            answer_then_kill(service, fs, planfix, events, bridge)
             as_older_fsbridge_left_it(service.storage)
             service.start()  # the new version moves the file in, then sees the call gone
             got = planfix.wait_for(3, timeout=10, delivered=True)
@@ -92,8 +97,7 @@ def test_call_still_up_at_restart_is_taken_up_and_ends_with_its_real_facts(tmp_p
     """Killed mid-call, started again while the call goes on: FreeSWITCH's
     channel list (capture 90's, with 01's UUIDs) names it, the new process
     takes it up, and its real end arrives: Success with 101's billsec."""
-    events = trace_events(traces_dir / "01-inbound-single-answer.plain.txt")
-    bridge = next(i for i, e in enumerate(events) if e.name == "CHANNEL_BRIDGE")
+    events, bridge = single_answer(traces_dir)
     b_leg = next(re.search(rb"\nUnique-ID: ([0-9a-f-]{36})\n", e.body).group(1) for e in events
                  if e.name == "CHANNEL_CREATE" and b"\nCall-Direction: outbound\n" in e.body)
     listing = active_call_bodies()["show channels as json"]
@@ -102,11 +106,7 @@ def test_call_still_up_at_restart_is_taken_up_and_ends_with_its_real_facts(tmp_p
         service = ServiceProcess(tmp_path, fs_port=fs.port, planfix_url=planfix.url,
                                  planfix_token=planfix.token).start()
         try:
-            service.wait_health(lambda h: h["freeswitch"]["state"] == "connected")
-            fs.replay(events[: bridge + 1]).wait(5)
-            planfix.wait_for(2, timeout=10, delivered=True)
-            service.wait_health(lambda h: h["outbox"]["depth"] == 0)
-            service.kill()
+            answer_then_kill(service, fs, planfix, events, bridge)
             fs.set_api("show channels as json", listing)
             service.start()
             service.wait_health(lambda h: h["freeswitch"]["state"] == "connected" and h["open_calls"] == 1)
