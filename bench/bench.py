@@ -62,11 +62,11 @@ from urllib.parse import parse_qsl
 
 from fsbridge import outbox
 from fsbridge.accounts import TENANTS_DIR
-from fsbridge.events import SUBSCRIBED_EVENTS
+from fsbridge.core.events import SUBSCRIBED_EVENTS
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
 from fsbridge.fakes.planfix import FakePlanfix
 from fsbridge.fakes.tenants import Tenant, make_tenants
-from fsbridge.wire import FrameParser, parse_event_plain
+from fsbridge.core.wire import FrameParser, parse_event_plain
 
 REPO = Path(__file__).resolve().parent.parent
 TRACES = REPO / "tests" / "data" / "esl"
@@ -133,8 +133,8 @@ def _find(parent: dict, item):
 def load_input() -> Input:
     """Call templates: the capture's events grouped into calls (every UUID an
     event mentions belongs to its call), each with its timing and causes."""
-    from fsbridge import events as ev_mod
-    from fsbridge import tracker as tr_mod
+    from fsbridge.core import events as ev_mod
+    from fsbridge.core import tracker as tr_mod
 
     source, paths = input_files()
     templates: list[CallTemplate] = []

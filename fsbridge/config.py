@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from fsbridge.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
-from fsbridge.phone import normalize_phone
-from fsbridge.tenancy import IMPLICIT_TENANT, TENANT_NAME
+from fsbridge.core.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
+from fsbridge.core.phone import normalize_phone
+from fsbridge.core.tenancy import IMPLICIT_TENANT, TENANT_NAME
 
 
 class ConfigError(Exception):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 from typing import Callable
 
-from fsbridge.wire import FrameParser, ProtocolError
+from fsbridge.core.wire import FrameParser, ProtocolError
 
 Result = tuple[bool, list[str]]
 

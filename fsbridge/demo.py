@@ -38,7 +38,7 @@ import requests
 from fsbridge.fakes.clicktocall import originate_answer
 from fsbridge.fakes.freeswitch import CAPTURES, FakeFreeSwitch, read_trace, trace_events
 from fsbridge.fakes.planfix import FakePlanfix
-from fsbridge.wire import parse_event_plain
+from fsbridge.core.wire import parse_event_plain
 
 CLIENT = "79101234567"  # the caller in every capture
 CLIENT_NAME = "Ivan Petrov"

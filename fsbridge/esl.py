@@ -4,8 +4,8 @@ Built on greenswitch's ``InboundESL`` (one instance per TCP connection), with
 its sharp edges replaced:
 
 * the reader receives raw bytes in large chunks and frames them with
-  :class:`fsbridge.wire.FrameParser` (``Content-Length`` framing), and plain
-  event headers are decoded per line by :func:`fsbridge.wire.parse_event_plain`
+  :class:`fsbridge.core.wire.FrameParser` (``Content-Length`` framing), and plain
+  event headers are decoded per line by :func:`fsbridge.core.wire.parse_event_plain`
   -- never greenswitch's whole-block unquote, which lets a caller name with
   ``%0A`` forge headers;
 * every command has a timeout; a command that gets no answer means the
@@ -48,7 +48,7 @@ import gevent.lock
 import gevent.socket as gsocket
 from greenswitch.esl import InboundESL
 
-from fsbridge.wire import EventHeaders, Frame, FrameParser, ProtocolError, encode_command, parse_event_plain
+from fsbridge.core.wire import EventHeaders, Frame, FrameParser, ProtocolError, encode_command, parse_event_plain
 
 log = logging.getLogger("fsbridge.esl")
 

@@ -1,7 +1,7 @@
 """When fsbridge could not see each FreeSWITCH node, on disk.
 
 A call that begins and ends while fsbridge is stopped or cut off from a
-node's Event Socket leaves no events; its CDRs (fsbridge/cdr.py) are the
+node's Event Socket leaves no events; its CDRs (fsbridge/core/cdr.py) are the
 only trace, and fsbridge reports it from them.  A call fsbridge saw live
 (or adopted from ``show channels``) must not be reported again from its
 CDRs: the test is time.  While a node is connected its ``seen`` moment is

@@ -47,7 +47,7 @@ from typing import Callable
 
 from fsbridge import config, packaged
 from fsbridge.lookup import CONTACT_PATH
-from fsbridge.tenancy import digits
+from fsbridge.core.tenancy import digits
 
 __all__ = ["InstallError", "Change", "TenantRoute", "plan", "apply", "include_line", "tenant_routes",
            "tenants_file", "tenants_text", "run"]

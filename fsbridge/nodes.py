@@ -18,12 +18,13 @@ from typing import Callable
 
 import gevent
 
-from fsbridge import cdr, events, metrics, tracker
+from fsbridge import metrics
+from fsbridge.core import cdr, events, tracker
 from fsbridge.config import Config, NodeConfig
 from fsbridge.esl import EslCommandError, EslConnection
 from fsbridge.gaps import Gaps, GapsError
 from fsbridge.opencalls import OpenCalls
-from fsbridge.tenancy import TenantMap
+from fsbridge.core.tenancy import TenantMap
 
 log = logging.getLogger("fsbridge.nodes")
 

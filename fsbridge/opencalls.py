@@ -17,7 +17,7 @@ registry of an older fsbridge (``open-calls.sqlite3``, one file for all
 tenants) is moved into the tenants' databases by ``migrate_legacy``.
 
 Such a call is finished from FreeSWITCH's CDR when fsbridge receives it
-(fsbridge/cdr.py; ``[cdr]``); the registry keeps it open for ``[cdr] wait``
+(fsbridge/core/cdr.py; ``[cdr]``); the registry keeps it open for ``[cdr] wait``
 seconds after FreeSWITCH no longer lists it.  Without a CDR, the status of
 the close is a best effort, since the real end was not seen: an accepted leg ends ``Success`` (duration unknown: 0), an incoming
 leg never accepted ``Missed``, an outgoing one ``NoAnswer``.

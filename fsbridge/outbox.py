@@ -5,7 +5,7 @@ Guarantees
   batch).  A row leaves the table only after PlanFix answered 200.
 - Per-call order: a call's next command is sent only after the previous one
   was delivered or kept aside.  Different calls go out in parallel, up to
-  an adaptive limit (`fsbridge.limiter`): from `concurrency` it grows while
+  an adaptive limit (`fsbridge.core.limiter`): from `concurrency` it grows while
   PlanFix answers and every slot is busy, up to `max_concurrency`, and halves
   on 429/5xx/timeouts/connection errors.
 - Failures (5xx, timeouts, connection errors, 401, not configured yet) are
@@ -78,7 +78,7 @@ import gevent.pool
 
 from fsbridge import calls, metrics, opencalls
 from fsbridge.later import Later
-from fsbridge.limiter import AdaptiveLimit
+from fsbridge.core.limiter import AdaptiveLimit
 from fsbridge.sqlitedb import WalCheckpointer, open_private
 from fsbridge.planfix import DeliveryResult, Outcome, PlanfixClient
 

@@ -27,7 +27,8 @@ import time
 import gevent
 import gevent.event
 
-from fsbridge import __version__, calls, cdr, metrics, phone, recordings, reload
+from fsbridge import __version__, calls, cdr_endpoint, metrics, recordings, reload
+from fsbridge.core import cdr, phone
 from fsbridge.accounts import Account, account_dir, effective_credentials, make_client, settings_store
 from fsbridge.config import Config, TenantConfig, tenant_view
 from fsbridge.esl import EslNotConnected, EslTimeout
@@ -40,7 +41,7 @@ from fsbridge.opencalls import OpenCalls, OpenCallsError, migrate_legacy
 from fsbridge.outbox import OutboxError, cli_list, cli_retry, db_path_for
 from fsbridge.planfix import cli_ping
 from fsbridge.recordings import RecordingSettings, RecordingsError, check_settings
-from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules
+from fsbridge.core.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules
 from fsbridge.web import PLANFIX_PATH, TenantWeb, WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
 
 log = logging.getLogger("fsbridge.service")
@@ -150,7 +151,7 @@ class Service:
         metrics.time_requests(self.lookup_app)
         calls.register_routes(self.lookup_app, self._open_call_list, self._outboxes)
         if cfg.cdr.secret:
-            cdr.register_route(self.lookup_app, cfg.cdr.secret, cfg.cdr.max_body_bytes, self._on_cdr)
+            cdr_endpoint.register_route(self.lookup_app, cfg.cdr.secret, cfg.cdr.max_body_bytes, self._on_cdr)
 
         self._tenant_webs = self._make_tenant_webs(cfg)
         first_web = next(iter(self._tenant_webs.values()))

@@ -40,7 +40,7 @@ from werkzeug.exceptions import HTTPException
 
 from fsbridge import __version__, logs, metrics
 from fsbridge.httpguard import address_key
-from fsbridge.originate import (
+from fsbridge.core.originate import (
     CallPolicy,
     OriginateError,
     OriginateSettings,
@@ -48,11 +48,11 @@ from fsbridge.originate import (
     build_originate,
     check_destination,
 )
-from fsbridge.phone import clean_dial_number
+from fsbridge.core.phone import clean_dial_number
 from fsbridge.planfix import Credentials
 from fsbridge.planfix_address import DEFAULT_ALLOWED_HOSTS, AddressPolicy, check_url, host_of
 from fsbridge.state import SettingsError, SettingsStore, validate_planfix_token, validate_planfix_url
-from fsbridge.tenancy import IMPLICIT_TENANT, match_token
+from fsbridge.core.tenancy import IMPLICIT_TENANT, match_token
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""fsbridge.cdr: mod_json_cdr posts -> channel facts -> the events finishing a call.
+"""fsbridge.core.cdr: mod_json_cdr posts -> channel facts -> the events finishing a call.
 
 The CDRs are real: tests/data/cdr/ (README there) holds the bytes a
 FreeSWITCH 1.10.12 lab posted for a loopback call bridged to a second
@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from fsbridge import cdr, config
-from fsbridge.tracker import CallTracker, PlanfixCommand
+from fsbridge import cdr_endpoint, config
+from fsbridge.core import cdr
+from fsbridge.core.tracker import CallTracker, PlanfixCommand
 from tests.test_tracker_edges import Call
 
 DATA = Path(__file__).parent / "data" / "cdr"
@@ -147,13 +148,13 @@ def test_unrecorded_call_has_no_recording():
     ("", False),
 ])
 def test_basic_auth(header, ok):
-    assert cdr.authorized(header, SECRET) is ok
+    assert cdr_endpoint.authorized(header, SECRET) is ok
 
 
 def test_route_limits_and_answers():
     app = Flask("t")
     seen = []
-    cdr.register_route(app, SECRET, 8192, lambda f: seen.append(f.uuid) or "completed")
+    cdr_endpoint.register_route(app, SECRET, 8192, lambda f: seen.append(f.uuid) or "completed")
     client = app.test_client()
     good = {"Authorization": "Basic " + base64.b64encode(f"u:{SECRET}".encode()).decode(),
             "Content-Type": "application/json"}
@@ -173,7 +174,7 @@ def test_route_asks_for_a_retry():
     def later(_facts):
         raise cdr.CdrRetry("not now")
 
-    cdr.register_route(app, SECRET, 8192, later)
+    cdr_endpoint.register_route(app, SECRET, 8192, later)
     good = {"Authorization": "Basic " + base64.b64encode(f"u:{SECRET}".encode()).decode(),
             "Content-Type": "application/json"}
     reply = app.test_client().post("/cdr", data=real("lab-loopback-bridge-5.json"), headers=good)

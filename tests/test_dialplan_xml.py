@@ -32,8 +32,8 @@ from fsbridge.lookup import (
     LookupSettings,
     create_lookup_app,
 )
-from fsbridge.phone import dial_number
-from fsbridge.tenancy import TenantMap, TenantRules
+from fsbridge.core.phone import dial_number
+from fsbridge.core.tenancy import TenantMap, TenantRules
 
 DIALPLAN = pathlib.Path(__file__).resolve().parent.parent / "dialplan"
 VARS_FILE = DIALPLAN / "fsbridge-vars.xml"
@@ -450,7 +450,7 @@ def test_outbound_call_is_recorded_before_the_bridge():
 
 
 def test_planfix_data_variables_use_the_prefix_the_events_read():
-    events = pytest.importorskip("fsbridge.events")
+    events = pytest.importorskip("fsbridge.core.events")
     prefix = events.PLANFIX_DATA_PREFIX.removeprefix("variable_")
     names = [data.split("=", 1)[0] for path in (INBOUND, OUTBOUND) for app, data in _actions(_loaded(path)) if app == "set"]
     analytics = [n for n in names if n.startswith(prefix)]

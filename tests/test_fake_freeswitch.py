@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fsbridge.wire import FrameParser, parse_event_plain, parse_header_block
+from fsbridge.core.wire import FrameParser, parse_event_plain, parse_header_block
 from fsbridge.fakes.freeswitch import (
     CAPTURES,
     DISCONNECT_NOTICE,

@@ -1,7 +1,7 @@
 """Captures copied for other tenants (fsbridge.fakes.tenants) are real-looking ESL
 that gives each tenant exactly the PlanFix commands of the original call.
 
-Copies are fed as the service gets them: framed by fsbridge.wire, reduced by
+Copies are fed as the service gets them: framed by fsbridge.core.wire, reduced by
 channel_event, tracked by CallTracker.  Only SUBSCRIBED_EVENTS are copied
 for the tracker tests (what a subscribed connection receives; also faster).
 """
@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import pytest
 
-from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
+from fsbridge.core.events import SUBSCRIBED_EVENTS, channel_event
 from fsbridge.fakes.clicktocall import rewrite_click_to_call
 from fsbridge.fakes.freeswitch import FakeFreeSwitch, TraceEvent, events_of, read_trace, rewrite_event
 from fsbridge.fakes.tenants import (
@@ -26,9 +26,9 @@ from fsbridge.fakes.tenants import (
     tenant_uuid,
     uuid_map,
 )
-from fsbridge.originate import OriginateSettings, build_originate
-from fsbridge.tracker import CallTracker
-from fsbridge.wire import FrameParser, parse_event_plain
+from fsbridge.core.originate import OriginateSettings, build_originate
+from fsbridge.core.tracker import CallTracker
+from fsbridge.core.wire import FrameParser, parse_event_plain
 from tests.conftest import TRACES
 from tests.test_fake_freeswitch import RawClient
 

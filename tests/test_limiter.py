@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fsbridge.limiter import AdaptiveLimit
+from fsbridge.core.limiter import AdaptiveLimit
 
 
 class Clock:

@@ -15,7 +15,7 @@ from fsbridge.accounts import account_dir
 from fsbridge.opencalls import LEGACY_FILENAME, OpenCalls, OpenCallsError, migrate_legacy
 from fsbridge.outbox import Outbox, OutboxError, db_path_for
 from fsbridge.service import Service
-from fsbridge.tracker import PlanfixCommand
+from fsbridge.core.tracker import PlanfixCommand
 
 START = {"cmd": "event", "type": "in", "event": "INCOMING", "phone": "7", "diversion": "", "ext": "101",
          "callid": "a"}

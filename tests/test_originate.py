@@ -5,7 +5,7 @@ import shlex
 
 import pytest
 
-from fsbridge.originate import (
+from fsbridge.core.originate import (
     InvalidExtension,
     InvalidIdentifier,
     InvalidNumber,
@@ -187,7 +187,7 @@ def test_errors_are_value_errors():
 
 # --- click-to-call policy (issue 14) ---------------------------------------------
 
-from fsbridge.originate import CallPolicy, RateLimiter, check_destination  # noqa: E402
+from fsbridge.core.originate import CallPolicy, RateLimiter, check_destination  # noqa: E402
 
 POLICY = CallPolicy()
 

@@ -1,8 +1,8 @@
-"""fsbridge.phone: one canonical form per number, and nothing unsafe reaches an originate line."""
+"""fsbridge.core.phone: one canonical form per number, and nothing unsafe reaches an originate line."""
 
 import pytest
 
-from fsbridge.phone import (
+from fsbridge.core.phone import (
     MAX_DIAL_LENGTH,
     clean_dial_number,
     dial_number,

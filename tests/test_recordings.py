@@ -32,8 +32,8 @@ from fsbridge.recordings import (
     check_settings,
     register_routes,
 )
-from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
-from fsbridge.wire import FrameParser, parse_event_plain
+from fsbridge.core.tracker import CallTracker, PlanfixCommand, TrackerSettings
+from fsbridge.core.wire import FrameParser, parse_event_plain
 from tests.traces import channel_events, read_trace
 
 FS_DIR = "/usr/local/freeswitch/recordings"  # what the traced FreeSWITCH used

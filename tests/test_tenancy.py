@@ -18,7 +18,7 @@ import pytest
 from fsbridge import config, tenant_report
 from fsbridge import service as service_mod
 from fsbridge.config import ConfigError
-from fsbridge.events import SUBSCRIBED_EVENTS, channel_event
+from fsbridge.core.events import SUBSCRIBED_EVENTS, channel_event
 from fsbridge.fakes.freeswitch import trace_events
 from fsbridge.fakes.tenants import Tenant, interleave, make_tenants, uuid_map
 from fsbridge.planfix import Credentials
@@ -26,10 +26,10 @@ from fsbridge.recordings.index import IndexEntry, RecordingIndex
 from fsbridge.outbox import OutboxError
 from fsbridge.service import Service, tenant_map
 from fsbridge.state import SettingsStore
-from fsbridge.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules, match_token
-from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
+from fsbridge.core.tenancy import IMPLICIT_TENANT, TenantMap, TenantRules, match_token
+from fsbridge.core.tracker import CallTracker, PlanfixCommand, TrackerSettings
 from fsbridge.web import TenantWeb, WebDeps, WebSettings, create_app, health_body
-from fsbridge.wire import parse_event_plain
+from fsbridge.core.wire import parse_event_plain
 from tests.conftest import REPO, TRACES
 
 TOKEN_A = "acme-token-0123456789abcdef"

@@ -12,9 +12,9 @@ from urllib.parse import quote
 
 import pytest
 
-from fsbridge import tracker as tracker_mod
-from fsbridge.events import MAX_NUMBER_CHARS, ChannelEvent, channel_event, sanitize
-from fsbridge.tracker import (
+from fsbridge.core import tracker as tracker_mod
+from fsbridge.core.events import MAX_NUMBER_CHARS, ChannelEvent, channel_event, sanitize
+from fsbridge.core.tracker import (
     CallTracker,
     PlanfixCommand,
     TrackerSettings,
@@ -22,7 +22,7 @@ from fsbridge.tracker import (
     live_uuids_from_show_json,
     outgoing_status,
 )
-from fsbridge.wire import parse_event_plain
+from fsbridge.core.wire import parse_event_plain
 from tests.traces import channel_events, frames_of, read_trace
 
 T0 = 1_800_000_000_000_000   # µs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from fsbridge.fakes.freeswitch import active_call_bodies
-from fsbridge.tracker import CallTracker, adoption_events, answered_legs, answered_us_from_dump
+from fsbridge.core.tracker import CallTracker, adoption_events, answered_legs, answered_us_from_dump
 from tests.test_tracker_edges import T0, Call, event, feed_all, summary
 
 A_LISTED = "cf9e6d82-e4af-4a4a-adbb-4d63e4ae5566"   # capture 90's call

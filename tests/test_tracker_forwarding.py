@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from fsbridge.phone import normalize_phone
-from fsbridge.tracker import CallTracker, TrackerSettings
+from fsbridge.core.phone import normalize_phone
+from fsbridge.core.tracker import CallTracker, TrackerSettings
 from tests.test_tracker_edges import T0, Call, event, feed_all, summary
 
 

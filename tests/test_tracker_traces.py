@@ -11,9 +11,9 @@ from urllib.parse import quote
 
 import pytest
 
-from fsbridge.events import SUBSCRIBED_EVENTS, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, channel_event
-from fsbridge.tracker import CallTracker, PlanfixCommand, TrackerSettings
-from fsbridge.wire import EventHeaders
+from fsbridge.core.events import SUBSCRIBED_EVENTS, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, channel_event
+from fsbridge.core.tracker import CallTracker, PlanfixCommand, TrackerSettings
+from fsbridge.core.wire import EventHeaders
 from tests.traces import channel_events, encode_frame, event_frames, frames_of, read_trace, rewrite_click_to_call
 
 CALLER = "79101234567"
@@ -474,7 +474,7 @@ def test_load_capture_100_interleaved_calls(traces_dir):
 
 
 def test_subscription_is_exactly_what_channel_event_reads():
-    from fsbridge.events import _READERS
+    from fsbridge.core.events import _READERS
 
     assert sorted(SUBSCRIBED_EVENTS) == sorted([*_READERS, "BACKGROUND_JOB", "HEARTBEAT"])
 

@@ -18,10 +18,10 @@ from gevent.pywsgi import WSGIServer
 
 from fsbridge import __version__
 from fsbridge.esl import EslNotConnected, EslTimeout
-from fsbridge.originate import OriginateSettings
+from fsbridge.core.originate import OriginateSettings
 from fsbridge.planfix import Credentials
 from fsbridge.state import SettingsError, SettingsStore
-from fsbridge.originate import CallPolicy
+from fsbridge.core.originate import CallPolicy
 from fsbridge.web import WebDeps, WebSettings, apply_click_to_call, create_app, register_detailed_health
 
 TOKEN = "202cb962ac59075b964b07152d234b70"

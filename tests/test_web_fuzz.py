@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fsbridge.originate import MAX_NUMBER_LENGTH
+from fsbridge.core.originate import MAX_NUMBER_LENGTH
 from fsbridge.state import validate_planfix_token, validate_planfix_url
 from tests.test_web import COMMAND, TOKEN, Harness
 

@@ -5,7 +5,7 @@ import gzip
 import pytest
 
 from fsbridge.fakes.freeswitch import read_trace
-from fsbridge.wire import (
+from fsbridge.core.wire import (
     MAX_BODY_BYTES,
     FrameParser,
     ProtocolError,

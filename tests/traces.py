@@ -1,7 +1,7 @@
 """Helpers to replay the real FreeSWITCH captures in ../shared/esl-traces.
 
 * ``read_trace`` / ``event_frames`` / ``channel_events``: the captured bytes,
-  framed by ``fsbridge.wire.FrameParser`` exactly as the service frames them.
+  framed by ``fsbridge.core.wire.FrameParser`` exactly as the service frames them.
 * ``rewrite_click_to_call``: lives in ``fsbridge.fakes.clicktocall`` (the
   demo replays it too), re-exported here.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from fsbridge.events import SUBSCRIBED_EVENTS, ChannelEvent, channel_event
-from fsbridge.wire import EventHeaders, parse_event_plain
+from fsbridge.core.events import SUBSCRIBED_EVENTS, ChannelEvent, channel_event
+from fsbridge.core.wire import EventHeaders, parse_event_plain
 from fsbridge.fakes.freeswitch import read_trace  # noqa: F401 - re-exported for the trace tests
 # One copy, in the package (fsbridge demo uses it too); re-exported for the tests.
 from fsbridge.fakes.clicktocall import encode_frame, frames_of, rewrite_click_to_call  # noqa: F401

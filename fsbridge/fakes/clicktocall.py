@@ -16,8 +16,8 @@ import re
 from typing import Callable
 from urllib.parse import quote
 
-from fsbridge.events import CLICK_TO_CALL_EXT_VAR, CLICK_TO_CALL_PHONE_VAR, CLICK_TO_CALL_VAR, TENANT_VAR
-from fsbridge.wire import Frame, FrameParser, parse_event_plain
+from fsbridge.core.events import CLICK_TO_CALL_EXT_VAR, CLICK_TO_CALL_PHONE_VAR, CLICK_TO_CALL_VAR, TENANT_VAR
+from fsbridge.core.wire import Frame, FrameParser, parse_event_plain
 
 EVENT_PLAIN = "text/event-plain"
 # The {var=value,...} block of our originate command.

@@ -109,7 +109,7 @@ from functools import lru_cache
 from typing import Callable, Iterable
 from urllib.parse import quote
 
-from fsbridge.wire import parse_event_plain, parse_header_block
+from fsbridge.core.wire import parse_event_plain, parse_header_block
 
 CAPTURES = pathlib.Path(__file__).resolve().parent / "captures"
 

@@ -26,7 +26,7 @@ from functools import lru_cache
 import pytest
 import requests
 
-from fsbridge.events import SUBSCRIBED_EVENTS
+from fsbridge.core.events import SUBSCRIBED_EVENTS
 from fsbridge.fakes.clicktocall import originate_variables
 from fsbridge.fakes.freeswitch import FakeFreeSwitch, TraceEvent, read_trace, trace_events
 from fsbridge.fakes.planfix import FakePlanfix

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from fsbridge.wire import MAX_HEADER_BYTES
+from fsbridge.core.wire import MAX_HEADER_BYTES
 from fsbridge.fakes.freeswitch import event_frame, events_of
 from tests.faults.calls import caller_subs, expected_with_callid, fresh_call
 from tests.faults.conftest import (

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from fsbridge.events import SUBSCRIBED_EVENTS
+from fsbridge.core.events import SUBSCRIBED_EVENTS
 from tests.live import lab as lab_mod
 from tests.live.conftest import Env
 from tests.live.lab import ESL_PASSWORD, STRATEGY_DIDS, free_udp_port

@@ -14,11 +14,9 @@ retries ``retries`` times, ``delay`` seconds apart).  This module:
 * ``completions(legs, a_leg)``: pure; the PlanFix events that
   finish a call an earlier process reported and left open, from its A leg's
   CDR, instead of the blind close of opencalls.py.
-* ``register_route(app, secret, max_bytes, on_cdr)``: ``POST /cdr`` on the
-  loopback lookup listener, HTTP basic auth (mod_json_cdr's ``cred``) with
-  the password compared in constant time, a hard body-size limit.
 
-Pure apart from the route; no clock reads.
+Pure: no I/O and no clock reads.  The ``POST /cdr`` route that receives the
+posts is fsbridge.cdr_endpoint.
 """
 
 from __future__ import annotations
@@ -26,23 +24,20 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hmac
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
 
-from flask import Flask, jsonify, request
-
-from fsbridge.events import (
+from fsbridge.core.events import (
     ChannelEvent, channel_event,
     MAX_DATA_FIELDS, MAX_DATA_NAME_CHARS, MAX_ID_CHARS, MAX_NUMBER_CHARS, MAX_PATH_CHARS, MAX_TEXT_CHARS, sanitize,
 )
-from fsbridge.wire import EventHeaders
-from fsbridge.tracker import CANCELLED, MISSED, SUCCESS, TYPE_IN, outgoing_status
+from fsbridge.core.wire import EventHeaders
+from fsbridge.core.tracker import CANCELLED, MISSED, SUCCESS, TYPE_IN, outgoing_status
 
-__all__ = ["CdrError", "CdrFacts", "CdrRetry", "parse_body", "facts", "completions", "call_events", "leg_events", "UnseenCalls", "register_route"]
+__all__ = ["CdrError", "CdrFacts", "CdrRetry", "parse_body", "facts", "completions", "call_events", "leg_events", "UnseenCalls"]
 
 DATA_PREFIX = "planfix_data_"
 RECORD_VAR = "fsbridge_record_file"   # set by dialplan/fsbridge-record.xml
@@ -458,48 +453,3 @@ class UnseenCalls:
             if uuid not in self._a and all(now - at >= self.keep_s for _, at in legs.values()):
                 self._count -= len(self._legs.pop(uuid))
         return out
-
-
-_BASIC = re.compile(r"^Basic ([A-Za-z0-9+/=]{1,1024})$")
-
-
-def authorized(header: str, secret: str) -> bool:
-    """HTTP basic auth whose password is ``secret`` (any user name), in constant time."""
-    match = _BASIC.match(header or "")
-    if not match or not secret:
-        return False
-    try:
-        decoded = base64.b64decode(match.group(1), validate=True)
-    except binascii.Error:
-        return False
-    _user, sep, password = decoded.partition(b":")
-    return bool(sep) and hmac.compare_digest(password, secret.encode("utf-8"))
-
-
-def register_route(app: Flask, secret: str, max_bytes: int, on_cdr: Callable[[CdrFacts], str]) -> None:
-    """``POST /cdr``: 401 without the credential, 413 above ``max_bytes``,
-    400 for a body that is no CDR, 503 when ``on_cdr`` raises ``CdrRetry``,
-    else 200 with what ``on_cdr`` did (any 2xx stops mod_json_cdr's
-    retries, so a CDR fsbridge ignores is a 200)."""
-
-    @app.post("/cdr")
-    def cdr_post():
-        if not authorized(request.headers.get("Authorization", ""), secret):
-            response = jsonify(error="Unauthorized")
-            response.status_code = 401
-            response.headers["WWW-Authenticate"] = 'Basic realm="fsbridge cdr"'
-            return response
-        length = request.content_length
-        if length is None or length > max_bytes:
-            return jsonify(error="Payload too large", detail=f"at most {max_bytes} bytes, with Content-Length"), 413
-        body = request.stream.read(max_bytes + 1)
-        if len(body) > max_bytes:
-            return jsonify(error="Payload too large", detail=f"at most {max_bytes} bytes"), 413
-        try:
-            parsed = facts(parse_body(body, request.content_type or ""))
-        except CdrError as exc:
-            return jsonify(error="Invalid parameters", detail=str(exc)), 400
-        try:
-            return jsonify(result=on_cdr(parsed)), 200
-        except CdrRetry as exc:
-            return jsonify(error="Service unavailable", detail=str(exc)), 503

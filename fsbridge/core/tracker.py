@@ -28,7 +28,7 @@ The full mapping of FreeSWITCH facts to PlanFix fields is documented in
   header) or rings the number his phone redirected the caller to (302); it
   continues his part when his phone rang before it.
 * Cloud PBX: a call belongs to the tenant its A leg names, or else the
-  first of its legs that names one (``fsbridge.tenancy``); every command
+  first of its legs that names one (``fsbridge.core.tenancy``); every command
   carries it, and that tenant's extension pattern and internal-call rule apply.
 """
 
@@ -39,8 +39,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
-from fsbridge.events import WANT_ALL, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, sanitize
-from fsbridge.tenancy import TenantMap, domain_of_presence
+from fsbridge.core.events import WANT_ALL, WANT_CALL, WANT_LEG, WANT_NOTHING, ChannelEvent, sanitize
+from fsbridge.core.tenancy import TenantMap, domain_of_presence
 
 __all__ = [
     "CallTracker",
@@ -71,7 +71,7 @@ def default_normalize_phone(raw: str) -> str:
 
     A value without any digit (``anonymous``) is kept as it is rather than
     dropped: PlanFix should still see what the caller presented.  The
-    service replaces this with ``fsbridge.phone.normalize_phone``.
+    service replaces this with ``fsbridge.core.phone.normalize_phone``.
     """
     digits = "".join(ch for ch in raw if ch.isdigit() and ch.isascii())
     return digits or raw
@@ -366,7 +366,7 @@ class CallTracker:
 
         The alternative to ``reconcile`` when FreeSWITCH's CDRs are received
         (``[cdr]``): the service hands such calls to the open-calls registry,
-        which finishes them from their CDR (``fsbridge.cdr.completions``) or,
+        which finishes them from their CDR (``fsbridge.core.cdr.completions``) or,
         past ``[cdr] wait``, closes them blind.
         """
         gone = [call for call in self._calls.values()

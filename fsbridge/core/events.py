@@ -21,7 +21,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
-from fsbridge.wire import EventHeaders
+from fsbridge.core.wire import EventHeaders
 
 # Everything the tracker needs, and nothing more: every event subscribed to
 # is parsed and costs CPU on a busy box.  Why each one is here:
@@ -50,7 +50,7 @@ CLICK_TO_CALL_PHONE_VAR = "fsbridge_phone"
 # The extension a leg to elsewhere (a mobile) is a forward of, set by the
 # dialplan when it sends no Diversion header naming him (docs/event-mapping.md).
 FORWARDED_FROM_VAR = "fsbridge_forwarded_from"
-# The tenant a click-to-call originate was made for (cloud PBX, fsbridge.tenancy).
+# The tenant a click-to-call originate was made for (cloud PBX, fsbridge.core.tenancy).
 TENANT_VAR = "fsbridge_tenant"
 # Dialplan-set variables planfix_data_<field> become PlanFix data_<field>.
 PLANFIX_DATA_PREFIX = "variable_planfix_data_"
@@ -139,7 +139,7 @@ class ChannelEvent:
     click_to_call_phone: str = ""             # variable_fsbridge_phone
     # (field, value) pairs from variable_planfix_data_<field>
     planfix_data: tuple[tuple[str, str], ...] = ()
-    # Cloud PBX (read only when tenants are configured, see fsbridge.tenancy):
+    # Cloud PBX (read only when tenants are configured, see fsbridge.core.tenancy):
     tenant_tag: str = ""                      # variable_fsbridge_tenant (our click-to-call)
     # variable_domain_name, variable_dialed_domain, the presence id's domain ("" where absent)
     domains: tuple[str, ...] = ()

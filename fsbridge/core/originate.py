@@ -74,7 +74,7 @@ _EXTENSION_CHARS = re.compile(r"[0-9A-Za-z_.+*#-]{1,64}")
 _DIAL_STRING_LITERAL = re.compile(r"[A-Za-z0-9_.:@/+-]*")
 # Dialplan and context names.
 _WORD = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-# A tenant's name (fsbridge.tenancy.TENANT_NAME).
+# A tenant's name (fsbridge.core.tenancy.TENANT_NAME).
 _TENANT = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # What may stay in a display name; everything else becomes '_' (see safe_caller_id_name).
 _NAME_PUNCTUATION = frozenset("._-")
