@@ -58,7 +58,7 @@ from flask import Flask, Response, request
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from werkzeug.exceptions import HTTPException
 
-from .phone import clean_dial_number, looks_like_extension, normalize_phone
+from fsbridge.core.phone import clean_dial_number, looks_like_extension, normalize_phone
 
 log = logging.getLogger(__name__)
 
