@@ -62,7 +62,8 @@ from urllib.parse import parse_qsl
 
 from fsbridge import outbox
 from fsbridge.accounts import TENANTS_DIR
-from fsbridge.core.events import SUBSCRIBED_EVENTS
+from fsbridge.core.events import SUBSCRIBED_EVENTS, channel_event
+from fsbridge.core.tracker import CallTracker, TrackerSettings
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
 from fsbridge.fakes.planfix import FakePlanfix
 from fsbridge.fakes.tenants import Tenant, make_tenants
@@ -133,9 +134,6 @@ def _find(parent: dict, item):
 def load_input() -> Input:
     """Call templates: the capture's events grouped into calls (every UUID an
     event mentions belongs to its call), each with its timing and causes."""
-    from fsbridge.core import events as ev_mod
-    from fsbridge.core import tracker as tr_mod
-
     source, paths = input_files()
     templates: list[CallTemplate] = []
     core_uuid = ""
@@ -155,7 +153,7 @@ def load_input() -> Input:
             for u in uuids[1:]:
                 parent[_find(parent, u)] = _find(parent, uuids[0])
         # Which PlanFix requests each event causes: the real tracker, once.
-        tracker = tr_mod.CallTracker(tr_mod.TrackerSettings())
+        tracker = CallTracker(TrackerSettings())
         calls: dict[bytes, CallTemplate] = {}
         starts: dict[bytes, int] = {}
         for headers, raw, uuids, body in parsed:
@@ -175,9 +173,9 @@ def load_input() -> Input:
                 number = (headers.get("Caller-Caller-ID-Number") or "").encode()
                 if number.isdigit() and len(number) >= 10:
                     tpl.number = number
-            channel_event = ev_mod.channel_event(*parse_event_plain(body))
-            if channel_event is not None:
-                for command in tracker.feed(channel_event):
+            reduced = channel_event(*parse_event_plain(body))
+            if reduced is not None:
+                for command in tracker.feed(reduced):
                     cid = command.call_id.encode()
                     if cid in tpl.uuids:
                         event.causes.append((tpl.uuids.index(cid), command.fields.get("event", "")))
@@ -930,11 +928,10 @@ def client_compare(n_requests: int) -> dict:
 
 def client_bench(kind: str, url: str, n_requests: int) -> None:
     """One side of client_compare: n_requests form POSTs, 16 at a time."""
+    # A child process of its own: gevent must patch before the rest is imported.
     from gevent import monkey
 
     monkey.patch_all()
-    import resource
-
     import gevent.pool
 
     fields = {"cmd": "event", "type": "in", "event": "INCOMING", "phone": "79101234567",
@@ -1029,6 +1026,7 @@ def bare_client(port: int, expected: int, events: str) -> None:
 
 def naive_client(port: int, expected: int, planfix_url: str, events: str) -> None:
     """Reference (b): greenswitch with one synchronous requests.post per event."""
+    # A child process of its own: gevent must patch before the rest is imported.
     from gevent import monkey
 
     monkey.patch_all()
