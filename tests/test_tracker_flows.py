@@ -58,6 +58,51 @@ def test_queue_nobody_answers_is_missed_for_the_last_agent():
     ]
 
 
+def test_an_agent_whose_end_arrives_after_the_next_ring_is_still_passed_over_at_its_end():
+    """The live lab's race (mod_json_cdr holds a channel's HANGUP_COMPLETE
+    until its CDR is posted): 101 hung up at 16 s, 102 rang at 17 s, 101's
+    end arrived after.  101 is Cancelled when its end arrives, not left
+    ringing until 102 answers, and nobody answering keeps it Cancelled, as
+    in the order of the times."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), agent_leg(call, "q1", "101", 1),
+        agent_leg(call, "q2", "102", 17), call.leg_end("q1", 16, cause="NO_ANSWER"),
+        call.bridge("q2", 19), call.leg_end("q2", 25, billsec=6), call.end(25),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("102", "INCOMING", "", ""), ("101", "COMPLETED", "Cancelled", "0"),
+        ("102", "ACCEPTED", "", ""), ("102", "COMPLETED", "Success", "6"),
+    ]
+    in_order = feed_all(CallTracker(), [
+        call.create(0), agent_leg(call, "q1", "101", 1), call.leg_end("q1", 16, cause="NO_ANSWER"),
+        agent_leg(call, "q2", "102", 17), call.end(20, cause="ORIGINATOR_CANCEL"),
+    ])
+    late = feed_all(CallTracker(), [
+        call.create(0), agent_leg(call, "q1", "101", 1), agent_leg(call, "q2", "102", 17),
+        call.leg_end("q1", 16, cause="NO_ANSWER"), call.end(20, cause="ORIGINATOR_CANCEL"),
+    ])
+    assert sorted(summary(late)) == sorted(summary(in_order)) == sorted([
+        ("101", "INCOMING", "", ""), ("101", "COMPLETED", "Cancelled", "0"),
+        ("102", "INCOMING", "", ""), ("102", "COMPLETED", "Missed", "0"),
+    ])
+
+
+def test_a_group_leg_declining_in_the_tick_its_siblings_rang_is_missed_with_them():
+    """A group rings 101 and 102 together; 101 declines at once (the same
+    ~20 ms tick of FreeSWITCH's clock as 102's CHANNEL_CREATE) and its end
+    arrives after that create: it rang with 102, it was not passed over."""
+    call = Call("a1")
+    commands = feed_all(CallTracker(), [
+        call.create(0), call.leg("b1", "101", 1), call.leg("b2", "102", 1),
+        call.leg_end("b1", 1, cause="USER_BUSY"), call.end(30, cause="ORIGINATOR_CANCEL"),
+    ])
+    assert summary(commands) == [
+        ("101", "INCOMING", "", ""), ("102", "INCOMING", "", ""),
+        ("101", "COMPLETED", "Missed", "0"), ("102", "COMPLETED", "Missed", "0"),
+    ]
+
+
 def test_transfer_back_to_the_first_extension_is_a_second_part():
     """Each time an extension rings it gets its own INCOMING ... COMPLETED."""
     call = Call("a1")

@@ -618,6 +618,28 @@ def test_blind_transfer_when_the_talkers_hangup_comes_after_the_next_leg(traces_
     assert got[-1].fields == wanted[-1]
 
 
+@pytest.mark.parametrize("name", ["03-inbound-hunt-sequential",
+                                  "31-inbound-callcenter-top-down-agent-noanswer-next-answers"])
+def test_a_passed_over_leg_whose_end_comes_after_the_next_ring_is_cancelled_at_its_end(traces_dir, name):
+    """The live suite saw the next extension's CHANNEL_CREATE before the
+    previous leg's CHANNEL_HANGUP_COMPLETE (mod_json_cdr holds it for the
+    CDR post).  The same commands go out, the passed-over COMPLETED right
+    after the next INCOMING instead of right before it."""
+    events = channel_events(capture(traces_dir, name))
+    creates = [n for n, ev in enumerate(events) if ev.name == "CHANNEL_CREATE" and ev.direction == "outbound"]
+    first, second = events[creates[0]].uuid, events[creates[1]].uuid
+    ends = [n for n, ev in enumerate(events) if ev.uuid == first and ev.name in ("CHANNEL_HANGUP_COMPLETE", "CHANNEL_DESTROY")]
+    assert ends and ends[0] < creates[1]  # as recorded: the first leg gone before the next rings
+    late = [events[n] for n in ends]
+    reordered = [ev for n, ev in enumerate(events) if n not in ends]
+    at = next(n for n, ev in enumerate(reordered) if ev.uuid == second) + 1
+    reordered[at:at] = late
+    tracker = CallTracker()
+    got = [(c.fields, c.recording_path) for ev in reordered for c in tracker.feed(ev)]
+    wanted = EXPECTED[name]
+    assert got == [wanted[0], wanted[2], wanted[1], *wanted[3:]]
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED) + ["load-100-calls"])
 def test_an_event_name_the_caller_read_gives_the_same_event(traces_dir, name):
     """The node reads Event-Name once and hands it to channel_event (``name=``):

@@ -158,11 +158,12 @@ class _Leg:
     """
 
     __slots__ = ("uuid", "slot", "ended", "billsec", "cause", "sip_term_status", "answered_us", "joined_us", "end_us",
-                 "number")
+                 "number", "rung_us")
 
-    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0, number: str = "") -> None:
+    def __init__(self, uuid: str, slot: _Slot | None, joined_us: int = 0, number: str = "", rung_us: int = 0) -> None:
         self.uuid = uuid
         self.slot = slot
+        self.rung_us = rung_us       # its CHANNEL_CREATE (0: not known, e.g. adopted after a restart)
         self.number = number         # a leg to the outside: the number it rings
         self.ended = False
         self.billsec = -1            # -1: leg not ended (or ended without billsec)
@@ -177,7 +178,7 @@ class _Call:
     __slots__ = (
         "uuid", "caller_ext", "phone", "diversion", "click_to_call", "slots", "legs",
         "winner", "recording_path", "record_ms", "data", "voicemail_path", "tenant", "seen", "rules",
-        "redirects",
+        "redirects", "rung_us", "rung_slot",
     )
 
     def __init__(self, uuid: str, rules: "_Rules") -> None:
@@ -197,6 +198,9 @@ class _Call:
         self.data: dict[str, str] = {}
         self.voicemail_path = ""     # the message the caller left, if any
         self.redirects: dict[str, _Slot] = {}  # number a phone redirected to (302) -> that extension's part
+        # When the latest extension was shown ringing (FreeSWITCH's time), and whose part it is.
+        self.rung_us = 0
+        self.rung_slot: _Slot | None = None
 
 
 class CallTracker:
@@ -206,7 +210,8 @@ class CallTracker:
 
     * ``status``: ``Success`` for the extension that talked; ``Cancelled``
       for an extension another one answered before, or passed over by a hunt
-      (sent right before the next INCOMING); ``Missed`` for every extension
+      (sent right before the next INCOMING, or at the leg's end when that
+      arrives after the next ring); ``Missed`` for every extension
       still ringing (or rung last) when an unanswered inbound call ended;
       outgoing failures per ``outgoing_status``.  A click-to-call whose
       manager leg fails before the client is rung ends ``NoAnswer``.
@@ -499,7 +504,8 @@ class CallTracker:
         elif ext and (not call.caller_ext or call.rules.report_internal_calls):
             self._talker_left(call, ext, ev.timestamp_us, out)
             slot = self._incoming_slot(call, ext, out, forward=forward)
-        leg = _Leg(ev.uuid, slot, number=number)
+            call.rung_us, call.rung_slot = ev.timestamp_us, slot
+        leg = _Leg(ev.uuid, slot, number=number, rung_us=ev.timestamp_us)
         call.legs[ev.uuid] = leg
         self._owner[ev.uuid] = call
         if slot is not None:
@@ -619,7 +625,29 @@ class CallTracker:
                 target = self._phone(ev.redirect_to) if slot.type == TYPE_IN else ""
                 if target:
                     call.redirects[target] = slot
+                if self._rung_after_end(call, slot, leg):
+                    return [self._completed(call, slot, CANCELLED)]
         return []
+
+    @staticmethod
+    def _rung_after_end(call: _Call, slot: _Slot, leg: _Leg) -> bool:
+        """The part's last leg hung up before (FreeSWITCH's clock) another
+        extension was shown ringing, but its end arrived after that ring.
+
+        A channel reports its end from its own thread, after its CDR is
+        posted when mod_json_cdr is loaded, while the hunt or the queue
+        (mod_callcenter's next agent) already rings on: the live suite saw
+        both orders.  In the order of their times the ring closed this part
+        as passed over (``_incoming_slot``); it is closed so now, so that
+        the status and the moment do not depend on which event came first.
+        """
+        # A leg rung in the same clock tick as the other (FreeSWITCH's clock
+        # moves in ~20 ms steps) rang with it: a group's leg declining at
+        # once, not one a hunt moved on from.
+        return (slot.passed_over and id(slot) in call.slots and call.rung_slot is not None
+                and call.rung_slot is not slot and 0 < leg.end_us <= call.rung_us
+                and 0 < leg.rung_us < call.rung_us
+                and (call.winner is None or call.winner.slot is not slot))
 
     def _on_bridge(self, call: _Call, ev: ChannelEvent) -> list[PlanfixCommand]:
         """The A leg is bridged: the other side is now the one talking.

@@ -17,8 +17,8 @@ import pytest
 import requests
 
 from tests.live.lab import AGENT_RING, QUEUE_DID, STRATEGY_DIDS, USERS, VOICEMAIL_DID, free_udp_port
-from tests.live.test_live import (CLIENT_NAME, brief, carrier_call, carrier_uas, events, phone, phone_dials, wait,
-                                  wait_calls_done)
+from tests.live.test_live import (CLIENT_NAME, brief, carrier_call, carrier_uas, events, moved_on, phone, phone_dials,
+                                  wait, wait_calls_done)
 
 
 VOICEMAIL_PCAP = "/usr/share/sip-tester/g711a.pcap"  # the carrier's speech (sipp/carrier-uac-voicemail.xml)
@@ -197,8 +197,7 @@ def test_callcenter_agent_not_answering_is_passed_over_for_the_next(live):
     phone(live, "103", "uas-answer-send-bye", "-d", "1000")
     assert wait(did_call(live, STRATEGY_DIDS["top-down"]), 40 + AGENT_RING) == 0
     wait_calls_done(live, 2)
-    assert brief(live) == [("INCOMING", "101", ""), ("COMPLETED", "101", "Cancelled"),
-                           ("INCOMING", "102", ""), ("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")]
+    assert brief(live) in moved_on("101", "102", [("ACCEPTED", "102", ""), ("COMPLETED", "102", "Success")])
     assert 1 <= int(completed(live)["102"]["duration"]) <= 3
     assert len({r["callid"] for r in events(live)}) == 1
 

@@ -62,6 +62,18 @@ def brief(env) -> list[tuple[str, ...]]:
     return [(r["event"], r.get("ext", ""), r.get("status", "")) for r in events(env)]
 
 
+def moved_on(first: str, nxt: str, then: list[tuple[str, ...]]) -> list[list[tuple[str, ...]]]:
+    """The two orders of a hunt or queue passing ``first`` over for ``nxt``.
+
+    FreeSWITCH reports a leg's end from that leg's own thread, after its CDR
+    is posted (mod_json_cdr, loaded in the lab), while the hunt already
+    rings on: ``first``'s COMPLETED comes right before ``nxt``'s INCOMING,
+    or right after it when its end arrived later.  ``then``: what follows.
+    """
+    passed = [("INCOMING", first, ""), ("COMPLETED", first, "Cancelled")]
+    return [passed + [("INCOMING", nxt, "")] + then, passed[:1] + [("INCOMING", nxt, ""), passed[1]] + then]
+
+
 def wait_calls_done(env, completed: int, timeout: float = 20) -> list[dict[str, str]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,8 +204,7 @@ def test_hunt_list_after_reloadxml(live):
         phone(live, "103", "uas-answer-wait-bye")
         assert wait(carrier_call(live, live.other)) == 0
         wait_calls_done(live, 2)
-        assert brief(live) == [("INCOMING", "101", ""), ("COMPLETED", "101", "Cancelled"), ("INCOMING", "103", ""),
-                               ("ACCEPTED", "103", ""), ("COMPLETED", "103", "Success")]
+        assert brief(live) in moved_on("101", "103", [("ACCEPTED", "103", ""), ("COMPLETED", "103", "Success")])
     finally:
         vars_file.write_text(original)
         live.lab.cli("reloadxml")
