@@ -47,8 +47,7 @@ put()'s COMMIT (`fsbridge.sqlitedb.WalCheckpointer`).
 
 Memory: only the ids of pending rows are held, of MEMORY_WINDOW_CALLS calls
 at most (about 0.1 kB a row); a row's fields, age and attempts are read when
-its call is being sent (up to READ_AHEAD_ROWS of the call's rows in one
-SELECT, held until sent or the call backs off).  A backlog beyond that (an outage of hours) stays on disk only:
+it is sent.  A backlog beyond that (an outage of hours) stays on disk only:
 from the first row that did not fit, every row is left there and read back
 in id order as the calls in memory are delivered, so per-call order holds
 and memory does not grow with the backlog.
@@ -113,10 +112,6 @@ MEMORY_WINDOW_CALLS = 10_000
 # While rows wait on disk, how often the window is topped up once it is
 # below half full.
 REFILL_INTERVAL_S = 0.2
-# A worker reads up to this many of its call's next rows in one SELECT (a
-# call's INCOMING, ACCEPTED and COMPLETED are often all waiting): the rows
-# are in memory only while that call is being sent.
-READ_AHEAD_ROWS = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -608,20 +603,11 @@ class Outbox:
 
     def _deliver(self, q: _CallQueue) -> None:
         """Send the call's commands in order until it is empty, in backoff or stopping."""
-        # The call's next rows as read together.  Only this worker changes a
-        # pending row (settling it), and the CLI only requeues kept-aside
-        # ones, so a row read ahead is what a read now would give; a row not
-        # read ahead (requeued meanwhile, or past the batch) is read then.
-        ahead: dict[int, _Attempt] = {}
         try:
             while q.entries and not self._stopping:
-                entry = ahead.pop(q.entries[0], None)
+                entry = self._read_row(q)
                 if entry is None:
-                    ahead = self._read_rows(q)
-                    entry = ahead.pop(q.entries[0], None)
-                    if entry is None:
-                        self._drop(q, q.entries[0])  # gone from the database: nothing to send
-                        continue
+                    continue  # gone from the database (or unreadable): nothing to send
                 q.in_flight = True
                 try:
                     result = self.client.send(entry.fields)
@@ -635,23 +621,23 @@ class Outbox:
         except _Backoff:
             return
 
-    def _read_rows(self, q: _CallQueue) -> dict[int, _Attempt]:
-        """The call's next pending rows (up to READ_AHEAD_ROWS), by id; a row
-        kept aside or deleted is not among them."""
-        ids = q.entries[:READ_AHEAD_ROWS].tolist()
+    def _read_row(self, q: _CallQueue) -> _Attempt | None:
+        row_id = q.entries[0]
         try:
             with self._db_lock:
-                rows = self._conn.execute(
-                    "SELECT id, fields, age_from, attempts, last_error FROM outbox"
-                    f" WHERE id IN ({','.join('?' * len(ids))}) AND kept_aside_at IS NULL", ids
-                ).fetchall()
+                row = self._conn.execute(
+                    "SELECT fields, age_from, attempts, last_error FROM outbox WHERE id=? AND kept_aside_at IS NULL", (row_id,)
+                ).fetchone()
         except sqlite3.Error as exc:
             # Left in line; the call backs off like a failed delivery.
             self._storage_error = f"{exc.__class__.__name__}: {exc}"
-            log.error("outbox: cannot read command %d: %s", ids[0], exc)
+            log.error("outbox: cannot read command %d: %s", row_id, exc)
             self._back_off(q, 1)
             raise _Backoff from None
-        return {row[0]: _Attempt(row[0], json.loads(row[1]), row[2], row[3], row[4] or "", row[1]) for row in rows}
+        if row is None:
+            self._drop(q, row_id)
+            return None
+        return _Attempt(row_id, json.loads(row[0]), row[1], row[2], row[3] or "", row[0])
 
     def _worker_done(self, q: _CallQueue, take_next: bool) -> _CallQueue | None:
         """The worker is done with ``q``; returns the ready call it goes on with, if any."""

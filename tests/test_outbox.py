@@ -437,25 +437,6 @@ def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tm
         assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
 
 
-def test_a_call_longer_than_one_read_ahead_is_sent_whole_in_order_and_skips_a_row_gone_meanwhile(
-        fake, make_outbox, tmp_path):
-    # A worker reads a call's next rows together (READ_AHEAD_ROWS at a time);
-    # rows past the batch are read when their turn comes, and a row deleted
-    # after the batch was read (the service alone deletes: here by hand) is not
-    # resent from memory when it is read again.
-    count = 2 * outbox_mod.READ_AHEAD_ROWS + 3
-    box = make_outbox()
-    cmds = call_commands("c1", count)
-    box.put(cmds)
-    gone = outbox_mod.READ_AHEAD_ROWS + 2  # in the second batch
-    with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
-        conn.execute("DELETE FROM outbox WHERE id=?", (gone,))
-    box.start()
-    drained(box)
-    assert [int(f["diversion"]) for f in fake.delivered] == [i for i in range(count) if i != gone - 1]
-    assert len(fake.requests) == count - 1
-
-
 @pytest.mark.parametrize(
     ("result", "overload"),
     [(DeliveryResult(Outcome.RETRY, 429), True), (DeliveryResult(Outcome.RETRY, 502), True),
