@@ -15,9 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import requests
+import urllib3
 
 from tests.conftest import REPO
 
@@ -39,6 +41,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _unverified(method, url: str, **kwargs) -> requests.Response:
+    """A request to the test service, whose TLS certificate (when it has one)
+    is self-signed for the test: not verified, and urllib3 not warning so."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+        return method(url, verify=False, **kwargs)
 
 
 class PortTaken(RuntimeError):
@@ -196,7 +206,7 @@ class ServiceProcess:
             try:
                 # 200 (ok) or 503 (degraded, e.g. FreeSWITCH not yet connected):
                 # either way the service is up and answering.
-                if requests.get(self.url + "/healthz", timeout=1, verify=False).status_code in (200, 503):
+                if _unverified(requests.get, self.url + "/healthz", timeout=1).status_code in (200, 503):
                     return
             except requests.RequestException:
                 pass
@@ -228,7 +238,7 @@ class ServiceProcess:
         return health
 
     def post(self, **fields: str) -> requests.Response:
-        return requests.post(self.url + "/planfix", data=fields, timeout=10, verify=False)
+        return _unverified(requests.post, self.url + "/planfix", data=fields, timeout=10)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; returns the exit code."""
