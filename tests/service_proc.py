@@ -43,7 +43,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _unverified(method, url: str, **kwargs) -> requests.Response:
+def unverified(method, url: str, **kwargs) -> requests.Response:
     """A request to the test service, whose TLS certificate (when it has one)
     is self-signed for the test: not verified, and urllib3 not warning so."""
     with warnings.catch_warnings():
@@ -206,7 +206,7 @@ class ServiceProcess:
             try:
                 # 200 (ok) or 503 (degraded, e.g. FreeSWITCH not yet connected):
                 # either way the service is up and answering.
-                if _unverified(requests.get, self.url + "/healthz", timeout=1).status_code in (200, 503):
+                if unverified(requests.get, self.url + "/healthz", timeout=1).status_code in (200, 503):
                     return
             except requests.RequestException:
                 pass
@@ -238,7 +238,7 @@ class ServiceProcess:
         return health
 
     def post(self, **fields: str) -> requests.Response:
-        return _unverified(requests.post, self.url + "/planfix", data=fields, timeout=10)
+        return unverified(requests.post, self.url + "/planfix", data=fields, timeout=10)
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM and wait; returns the exit code."""

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import pytest
 import requests
-import urllib3
 
 from tests.conftest import REPO
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
@@ -183,15 +181,13 @@ def test_ping_and_outbox_commands(tmp_path, fs, planfix, traces_dir):
 
 def test_https_when_certfile_and_keyfile_are_set(tmp_path, fs):
     cert, key = self_signed_certificate(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
-        with ServiceProcess(tmp_path / "svc", fs_port=fs.port,
-                            settings={"server": {"certfile": str(cert), "keyfile": str(key)}}) as service:
-            assert service.url.startswith("https://")
-            answer = service.post(cmd="makeCall", token="wrong", **{"from": "101", "to": "1"})
-            assert (answer.status_code, answer.json()) == (401, INVALID_TOKEN)
-            with pytest.raises(requests.exceptions.ConnectionError):
-                requests.get(service.url.replace("https://", "http://") + "/healthz", timeout=3)
+    with ServiceProcess(tmp_path / "svc", fs_port=fs.port,
+                        settings={"server": {"certfile": str(cert), "keyfile": str(key)}}) as service:
+        assert service.url.startswith("https://")
+        answer = service.post(cmd="makeCall", token="wrong", **{"from": "101", "to": "1"})
+        assert (answer.status_code, answer.json()) == (401, INVALID_TOKEN)
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(service.url.replace("https://", "http://") + "/healthz", timeout=3)
 
 
 @pytest.mark.parametrize("dial_string, query", [
