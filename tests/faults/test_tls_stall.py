@@ -12,15 +12,18 @@ import time
 
 import requests
 
+from tests.faults.conftest import wait_connected
 from tests.service_proc import self_signed_certificate, unverified
 
 TLS_TIMEOUT = 2.0
 
 
-def test_stalled_tls_handshakes_are_closed_in_time(tmp_path, service):
+def test_stalled_tls_handshakes_are_closed_in_time(tmp_path, service, fs):
     cert, key = self_signed_certificate(tmp_path)
     svc = service(settings={"server": {"certfile": str(cert), "keyfile": str(key),
                                        "tls_handshake_timeout": str(TLS_TIMEOUT)}})
+    # Healthy before the stall: /healthz is 503 until the ESL login is done.
+    wait_connected(svc, fs)
     socks = []
     try:
         for i in range(100):
