@@ -142,3 +142,48 @@ def test_outer_header_block_keeps_its_rules():
     assert parse_header_block(block, False) == {
         "Content-Length": "12", "Empty": "", "X": "a%20b", "Y": "\ufffd"}
     assert parse_header_block(block, True)["X"] == "a b"
+
+
+def _exact(block: bytes) -> tuple[dict, bytes]:
+    """What a block holds by the format's own rule: headers up to the first
+    blank line, then the body its inner Content-Length sizes."""
+    end = block.find(b"\n\n")
+    head, rest = (block, b"") if end < 0 else (block[:end], block[end + 2:])
+    headers = parse_header_block(head, True)
+    if "Content-Length" in headers:
+        rest = rest[:int(headers["Content-Length"])]
+    return headers, rest if "Content-Length" in headers else b""
+
+
+def test_every_captured_event_parses_as_the_format_says(traces_dir):
+    # The shortcut for channel events, RECORD_STOP and HEARTBEAT (no search
+    # for an inner Content-Length) gives what the format's rule gives, on
+    # every plain event of every capture, BACKGROUND_JOBs and CUSTOMs included.
+    seen = set()
+    for path in trace_files(traces_dir):
+        for frame in FrameParser().feed(read_trace(path)):
+            if frame.content_type != "text/event-plain":
+                continue
+            headers, body = parse_event_plain(frame.body)
+            want_headers, want_body = _exact(frame.body)
+            assert (headers.to_dict(), body) == (want_headers, want_body), path.name
+            for name in ("Event-Name", "Unique-ID", "Caller-Caller-ID-Number", "variable_sip_term_status"):
+                assert headers.get(name) == want_headers.get(name), (path.name, name)
+            seen.add(want_headers["Event-Name"])
+    assert {"CHANNEL_CREATE", "CHANNEL_HANGUP_COMPLETE", "RECORD_STOP", "BACKGROUND_JOB", "CUSTOM"} <= seen
+
+
+def test_only_events_freeswitch_writes_without_a_body_skip_the_search():
+    # A BACKGROUND_JOB, an event of another type, or a block that does not
+    # end the way FreeSWITCH ends a bodyless event is searched for its body.
+    for block in (b"Event-Name: BACKGROUND_JOB\nJob-UUID: j\nContent-Length: 6\n\n+OK x\n\n",
+                  b"Event-Name: CUSTOM\nContent-Length: 6\n\nA: b\n\n",
+                  b"Event-Name: CHANNEL_CREATE\nContent-Length: 6\n\nA: bcd"):
+        headers, body = parse_event_plain(block)
+        assert "A" not in headers and body in (b"+OK x\n", b"A: b\n\n", b"A: bcd")
+    # A channel event with a body, which FreeSWITCH does not write (only an
+    # ESL client's sendevent could, and it sets any header it likes anyway):
+    # the body reads as trailing headers that never override a real one.
+    headers, body = parse_event_plain(
+        b"Event-Name: CHANNEL_CREATE\nUnique-ID: real\nContent-Length: 16\n\nUnique-ID: fake\n\n")
+    assert headers["Unique-ID"] == "real" and body == b""
