@@ -41,6 +41,7 @@ The last line printed is one JSON object for scripts (docs/benchmark.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import heapq
 import json
@@ -63,7 +64,9 @@ from urllib.parse import parse_qsl
 
 from fsbridge import outbox
 from fsbridge.accounts import TENANTS_DIR
+from fsbridge.config import defaults
 from fsbridge.core.events import SUBSCRIBED_EVENTS, channel_event
+from fsbridge.core.phone import normalize_phone
 from fsbridge.core.tracker import CallTracker, TrackerSettings
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
 from fsbridge.fakes.planfix import FakePlanfix
@@ -908,6 +911,44 @@ def idle_tenants(inp: Input, workroot: Path, counts: list[int], seconds: float) 
     return {"runs": rows, "rss_kb_per_tenant": per_tenant}
 
 
+# The gap between events at 20 calls/s: ~160 events a second arrive in ~80
+# reads, one every ~6-12 ms.
+PACED_GAP_S = 0.006
+
+
+def core_pacing(inp: Input, n_calls: int) -> dict:
+    """Reference (c): the pure core (parse, reduce, track; no socket, no
+    SQLite) on the stream's events in this process, CPU us per event: back
+    to back, and after a PACED_GAP_S sleep each (one block of 100 events in
+    5, so both kinds span the same mix of events), as at 20 calls/s.  The
+    code is the same; what differs is what the machine makes of a process
+    waking from a sleep (caches refilled, a core woken or shared): on a
+    shared VM that, not the code, is most of an event's cost at a low rate,
+    and of `cpu_s_per_1000_calls_20cps`."""
+    phone_defaults = defaults()["phone"]  # the service's number normalisation at default settings
+    tracker = CallTracker(TrackerSettings(normalize_phone=functools.partial(
+        normalize_phone, region=phone_defaults["default_region"], output=phone_defaults["format"])))
+    read = functools.partial(channel_event, wants=tracker.wants)
+    frames = [frame for _, _, frame, _ in schedule(inp, n_calls, FULL_SPEED_ORDER_CPS, set(SUBSCRIBED_EVENTS))]
+    bodies = [f.body for f in FrameParser().feed(b"".join(frames))]
+    cpu = {False: 0.0, True: 0.0}
+    count = {False: 0, True: 0}
+    for i, body in enumerate(bodies):
+        paced = (i // 100) % 5 == 4
+        if paced:
+            time.sleep(PACED_GAP_S)
+        t0 = time.process_time()
+        headers, rest = parse_event_plain(body)
+        event = read(headers, rest, name=headers.get("Event-Name") or "")
+        if event is not None:
+            tracker.feed(event)
+        cpu[paced] += time.process_time() - t0
+        count[paced] += 1
+    warm, paced = (cpu[k] * 1e6 / count[k] for k in (False, True))
+    return {"warm_us_per_event": warm, "paced_us_per_event": paced, "paced_to_warm": paced / warm,
+            "gap_ms": PACED_GAP_S * 1000, "events": len(bodies)}
+
+
 def client_compare(n_requests: int) -> dict:
     """CPU per request of the PlanFix client (geventhttpclient) and of the
     requests/urllib3 path it replaced, each in its own gevent process, 16
@@ -1134,7 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     everything = not args.tenants
-    clients = bare = naive = full = intake = slow = sus1 = drain = {}
+    clients = bare = naive = pacing = full = intake = slow = sus1 = drain = {}
     n_calls = args.calls or (3_000 if quick else 100_000)
     rss_mark = min(10_000, n_calls // 2) if quick else 10_000
     machine = f"{cpu_model()} x {os.cpu_count()}"
@@ -1166,6 +1207,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 pf.stop()
             print(f"(b) naive greenswitch + requests.post, {naive_calls} calls: {fmt(naive.get('events_per_s'), ',.0f')} events/s")
+
+            pacing = attempt("core pacing", core_pacing, inp, 500 if quick else 1_000)
+            print(f"(c) the core alone (parse, reduce, track), {pacing.get('events')} events in this process: "
+                  f"{fmt(pacing.get('warm_us_per_event'))} us CPU per event back to back, "
+                  f"{fmt(pacing.get('paced_us_per_event'))} us after a {fmt(pacing.get('gap_ms'), '.0f')} ms sleep each "
+                  f"(the gap at 20 calls/s): x{fmt(pacing.get('paced_to_warm'), '.1f')} for the same code")
 
             full = attempt("full speed", full_speed, inp, workroot, n_calls, rss_mark, 20.0 if quick else 60.0)
             print(f"fsbridge, {n_calls} calls at full speed: {fmt(full.get('ingest_events_per_s'), ',.0f')} events/s ingested "
@@ -1318,6 +1365,9 @@ def main(argv: list[str] | None = None) -> int:
         "bare_events_per_s": _round(bare.get("events_per_s")),
         "bare_events_per_s_runs": [_round(r) for r in bare.get("runs", [])],
         "naive_events_per_s": _round(naive.get("events_per_s")),
+        "core_us_per_event_warm": _round(pacing.get("warm_us_per_event")),
+        "core_us_per_event_paced": _round(pacing.get("paced_us_per_event")),
+        "core_paced_to_warm": _round(pacing.get("paced_to_warm"), 2),
         "ingest_to_bare": ingest_to_bare,
         "ingest_to_naive": _ratio(full.get("ingest_events_per_s"), naive.get("events_per_s")),
         "intake_only_events_per_s": _round(intake.get("events_per_s")),
