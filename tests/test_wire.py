@@ -173,7 +173,7 @@ def test_every_captured_event_parses_as_the_format_says(traces_dir):
     assert {"CHANNEL_CREATE", "CHANNEL_HANGUP_COMPLETE", "RECORD_STOP", "BACKGROUND_JOB", "CUSTOM"} <= seen
 
 
-def test_only_events_freeswitch_writes_without_a_body_skip_the_search():
+def test_other_events_are_searched_for_a_body_and_a_channel_event_body_overrides_no_header():
     # A BACKGROUND_JOB, an event of another type, or a block that does not
     # end the way FreeSWITCH ends a bodyless event is searched for its body.
     for block in (b"Event-Name: BACKGROUND_JOB\nJob-UUID: j\nContent-Length: 6\n\n+OK x\n\n",
