@@ -66,7 +66,7 @@ from fsbridge import outbox
 from fsbridge.accounts import TENANTS_DIR
 from fsbridge.config import defaults
 from fsbridge.core.events import SUBSCRIBED_EVENTS, channel_event
-from fsbridge.core.phone import normalize_phone
+from fsbridge.core.phone import normalizer
 from fsbridge.core.tracker import CallTracker, TrackerSettings
 from fsbridge.fakes.freeswitch import FakeFreeSwitch
 from fsbridge.fakes.planfix import FakePlanfix
@@ -926,8 +926,8 @@ def core_pacing(inp: Input, n_calls: int) -> dict:
     shared VM that, not the code, is most of an event's cost at a low rate,
     and of `cpu_s_per_1000_calls_20cps`."""
     phone_defaults = defaults()["phone"]  # the service's number normalisation at default settings
-    tracker = CallTracker(TrackerSettings(normalize_phone=functools.partial(
-        normalize_phone, region=phone_defaults["default_region"], output=phone_defaults["format"])))
+    tracker = CallTracker(TrackerSettings(
+        normalize_phone=normalizer(phone_defaults["default_region"], phone_defaults["format"])))
     read = functools.partial(channel_event, wants=tracker.wants)
     frames = [frame for _, _, frame, _ in schedule(inp, n_calls, FULL_SPEED_ORDER_CPS, set(SUBSCRIBED_EVENTS))]
     bodies = [f.body for f in FrameParser().feed(b"".join(frames))]

@@ -10,7 +10,6 @@ source of truth for keys and defaults; `conf/fsbridge.ini` documents them and
 from __future__ import annotations
 
 import codecs
-import functools
 import ipaddress
 import os
 import re
@@ -19,7 +18,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from fsbridge.core.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
-from fsbridge.core.phone import normalize_phone
+from fsbridge.core.phone import normalizer
 from fsbridge.core.tenancy import IMPLICIT_TENANT, TENANT_NAME
 
 
@@ -721,7 +720,7 @@ def _tenants(path: str, parsed: dict, sections: dict[str, Section], problems: li
     # DIDs clash as the call routing compares them (service.tenant_map): 84990000001
     # and +74990000001 are one number.
     phone_section = sections["phone"]
-    did_key = functools.partial(normalize_phone, region=phone_section.default_region, output=phone_section.format)
+    did_key = normalizer(phone_section.default_region, phone_section.format)
     for name, given in named:
         section = f"tenant.{name}"
         for key in given:

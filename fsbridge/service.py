@@ -109,9 +109,7 @@ class Service:
 
         cfg = self.cfg
         self.multi_tenant = cfg.multi_tenant
-        self._normalize = functools.partial(
-            phone.normalize_phone, region=cfg.phone.default_region, output=cfg.phone.format
-        )
+        self._normalize = phone.normalizer(cfg.phone.default_region, cfg.phone.format)
         self.tenants = tenant_map(cfg, self._normalize)
         self.accounts: dict[str, Account] = {t.name: Account(cfg, t) for t in cfg.tenants}
 

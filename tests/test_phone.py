@@ -8,6 +8,7 @@ from fsbridge.core.phone import (
     dial_number,
     looks_like_extension,
     normalize_phone,
+    normalizer,
 )
 
 EXT = r"^\d{2,6}$"
@@ -70,6 +71,18 @@ def test_very_long_input_is_not_parsed_but_kept_as_digits():
 def test_bad_output_format_is_a_programming_error():
     with pytest.raises(ValueError, match="output"):
         normalize_phone("79101234567", output="national")
+
+
+@pytest.mark.parametrize("region,output", [("RU", "digits"), ("ru", "e164"), ("US", "e164")])
+def test_normalizer_is_normalize_phone_with_one_sections_settings(region, output):
+    normalize = normalizer(region, output)
+    for raw in SAME_RU_NUMBER + ["(650) 253-0000", "101", "anonymous"]:
+        assert normalize(raw) == normalize_phone(raw, region, output)
+
+
+def test_normalizer_refuses_a_bad_output_format_when_made_not_when_used():
+    with pytest.raises(ValueError, match="output"):
+        normalizer("RU", "national")
 
 
 def test_normalisation_is_cached_and_stable():

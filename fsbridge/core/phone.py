@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Callable
 
 import phonenumbers
 
@@ -35,6 +36,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "MAX_DIAL_LENGTH",
     "normalize_phone",
+    "normalizer",
     "looks_like_extension",
     "clean_dial_number",
     "dial_number",
@@ -70,6 +72,16 @@ def normalize_phone(raw: str, region: str = "RU", output: str = "digits") -> str
     if output not in OUTPUT_FORMATS:
         raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
     return _normalize_cached(raw, region.upper(), output)
+
+
+def normalizer(region: str, output: str) -> Callable[[str], str]:
+    """``normalize_phone`` bound to one ``[phone]`` section's settings: what
+    the service, the config's DID check and the benchmark all compare
+    numbers with, so they cannot drift apart.  The arguments are checked
+    now, not at the first call."""
+    if output not in OUTPUT_FORMATS:
+        raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
+    return functools.partial(normalize_phone, region=region, output=output)
 
 
 # What PlanFix gets for a caller ID without a single digit.
