@@ -61,6 +61,11 @@ _DIAL_ALLOWED = re.compile(r"\+?[0-9*#]+")
 _NON_DIGITS = re.compile(r"[^0-9]")
 
 
+def _check_output(output: str) -> None:
+    if output not in OUTPUT_FORMATS:
+        raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
+
+
 def normalize_phone(raw: str, region: str = "RU", output: str = "digits") -> str:
     """The canonical form of ``raw`` (see the module doc for the rules).
 
@@ -69,8 +74,7 @@ def normalize_phone(raw: str, region: str = "RU", output: str = "digits") -> str
     (``[phone] format``).  Raises ValueError only for a bad ``output``/``region``
     argument (a programming or config error), never for a bad number.
     """
-    if output not in OUTPUT_FORMATS:
-        raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
+    _check_output(output)
     return _normalize_cached(raw, region.upper(), output)
 
 
@@ -79,8 +83,7 @@ def normalizer(region: str, output: str) -> Callable[[str], str]:
     the service, the config's DID check and the benchmark all compare
     numbers with, so they cannot drift apart.  The arguments are checked
     now, not at the first call."""
-    if output not in OUTPUT_FORMATS:
-        raise ValueError(f"output must be one of {OUTPUT_FORMATS}, got {output!r}")
+    _check_output(output)
     return functools.partial(normalize_phone, region=region, output=output)
 
 
