@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+import gevent
 import requests
 
 from fsbridge.fakes.clicktocall import originate_answer
@@ -279,13 +280,42 @@ class DemoError(Exception):
     pass
 
 
+def interrupt_on_signals() -> Callable[[], None]:
+    """SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt in the calling (main) greenlet, once.
+
+    The demo runs under gevent's patching (``fsbridge.cli``), so the fakes'
+    threads are greenlets.  A Python signal handler runs in whichever greenlet
+    is running when the signal lands: often a fake's server thread, whose
+    thread machinery printed the KeyboardInterrupt and swallowed it while the
+    demo ran on to its call timeout.  gevent's handler runs from the hub and
+    throws into the main greenlet.  It also works in a shell's background job,
+    which starts with SIGINT ignored.  Returns ``disarm``: signals after it are
+    ignored, so a second Ctrl-C cannot cut the cleanup short.
+    """
+    main_greenlet = gevent.getcurrent()
+    armed = True
+
+    def disarm() -> None:
+        nonlocal armed
+        armed = False
+
+    def throw() -> None:  # runs in the hub's loop, so the main greenlet is waiting
+        if armed:
+            disarm()
+            main_greenlet.throw(KeyboardInterrupt)
+
+    def interrupt() -> None:
+        gevent.get_hub().loop.run_callback(throw)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, interrupt)
+    return disarm
+
+
 def main(out: TextIO = sys.stdout, keep: bool = False) -> int:
     """Run the demo; 0 when every call reached PlanFix, 1 otherwise."""
     # SIGTERM (e.g. a test's timeout) stops it like Ctrl-C: the finally below cleans up.
-    # SIGINT too, explicitly: a shell's background job starts with SIGINT ignored,
-    # and Python then keeps it ignored (the demo would run on and print nothing).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    disarm = interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="fsbridge-demo-"))
     demo = Demo(workdir, out)
     code = 1
@@ -297,6 +327,7 @@ def main(out: TextIO = sys.stdout, keep: bool = False) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
     finally:
+        disarm()
         demo.stop()
         if keep:
             print(f"kept {workdir}", file=sys.stderr)

@@ -61,6 +61,7 @@ def test_demo_interrupted_leaves_no_process(tmp_path):
     """SIGINT (Ctrl-C) mid-demo: the demo stops the service it started and exits."""
     proc = subprocess.Popen([sys.executable, "-m", "fsbridge", "demo"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    service_pid = None
     try:
         pid_line = proc.stdout.readline()
         service_pid = int(re.search(r"service pid (\d+)", pid_line).group(1))
@@ -70,11 +71,61 @@ def test_demo_interrupted_leaves_no_process(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        # the service runs in its own session: a demo killed above never stopped it
+        if service_pid is not None and _alive(service_pid):
+            os.kill(service_pid, signal.SIGKILL)
+            service_left = True
+        else:
+            service_left = False
     assert "interrupted" in proc.stderr.read()
-    deadline = time.monotonic() + 5
-    while _alive(service_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(service_pid)
+    assert not service_left, "the demo exited without stopping its service"
+
+
+# A fake's server thread (a greenlet under gevent's patching) signals the
+# process and keeps running Python code: a plain Python handler would raise
+# KeyboardInterrupt in that thread, whose machinery prints and drops it.
+SIGNAL_PROBE = """
+from gevent import monkey; monkey.patch_all()
+import os, signal, sys, threading, time
+from fsbridge import demo
+disarm = demo.interrupt_on_signals()
+if sys.argv[1] == "disarmed":
+    disarm()
+def busy():
+    os.kill(os.getpid(), signal.SIGINT)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        pass
+threading.Thread(target=busy, daemon=True).start()
+try:
+    time.sleep(2)
+    print("main slept on")
+except KeyboardInterrupt:
+    print("main interrupted")
+"""
+
+
+def probe_signal(mode: str, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SIGNAL_PROBE, mode], cwd=REPO, capture_output=True, text=True,
+                          timeout=30, **popen)
+
+
+def test_ctrl_c_reaches_the_demo_even_while_a_fake_thread_runs():
+    result = probe_signal("armed")
+    assert result.stdout.strip() == "main interrupted", result.stderr
+    assert "KeyboardInterrupt" not in result.stderr  # no thread died of it
+
+
+def test_ctrl_c_works_in_a_background_job_that_starts_with_sigint_ignored():
+    result = probe_signal("armed", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert result.stdout.strip() == "main interrupted", result.stderr
+
+
+def test_ctrl_c_during_the_cleanup_does_not_cut_it_short():
+    result = probe_signal("disarmed")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "main slept on"
+    assert "KeyboardInterrupt" not in result.stderr
 
 
 def _alive(pid: int) -> bool:
