@@ -71,8 +71,10 @@ def normalize_phone(raw: str, region: str = "RU", output: str = "digits") -> str
 
     ``region`` is the ISO country of numbers written without a country code
     (``[phone] default_region``); ``output`` is ``"digits"`` or ``"e164"``
-    (``[phone] format``).  Raises ValueError only for a bad ``output``/``region``
-    argument (a programming or config error), never for a bad number.
+    (``[phone] format``).  Raises ValueError only for a bad ``output`` argument
+    (a programming or config error), never for a bad number.  A region that
+    phonenumbers does not know is not an error here: numbers without a country
+    code then stay their digits (the config checks ``default_region``'s form).
     """
     _check_output(output)
     return _normalize_cached(raw, region.upper(), output)
@@ -81,8 +83,9 @@ def normalize_phone(raw: str, region: str = "RU", output: str = "digits") -> str
 def normalizer(region: str, output: str) -> Callable[[str], str]:
     """``normalize_phone`` bound to one ``[phone]`` section's settings: what
     the service, the config's DID check and the benchmark all compare
-    numbers with, so they cannot drift apart.  The arguments are checked
-    now, not at the first call."""
+    numbers with, so they cannot drift apart.  The output format is checked
+    now, not at the first call; the region is not checked (see
+    ``normalize_phone``)."""
     _check_output(output)
     return functools.partial(normalize_phone, region=region, output=output)
 
