@@ -18,7 +18,7 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from fsbridge.core.originate import InvalidSettings, _check_dial_string, safe_caller_id_name
-from fsbridge.core.phone import normalizer
+from fsbridge.core.phone import is_region, normalizer
 from fsbridge.core.tenancy import IMPLICIT_TENANT, TENANT_NAME
 
 
@@ -162,7 +162,13 @@ def _choice(*choices: str) -> Callable[[str], str]:
 def _region(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z]{2}", raw):
         raise ValueError(f"expected a two-letter country code such as RU, got {raw!r}")
-    return raw.upper()
+    code = raw.upper()
+    if not is_region(code):
+        # A typo would otherwise load, and national numbers reach PlanFix unnormalised.
+        hint = " (the United Kingdom is GB)" if code == "UK" else ""
+        raise ValueError(f"{raw!r} is not a country code with phone numbering data{hint} "
+                         f"(ISO 3166-1 alpha-2, such as RU, BY, KZ, GB)")
+    return code
 
 
 def _regions(raw: str) -> tuple[str, ...]:

@@ -70,6 +70,12 @@ def test_missing_file_is_named(tmp_path):
         ("[server]\ncertfile = /nonexistent.pem\nkeyfile = /nonexistent.key\n", r"\[server\] certfile: file does not exist"),
         ("[calls]\nextension_pattern = (\n", r"\[calls\] extension_pattern: not a valid regular expression"),
         ("[click_to_call]\ndial_string = user/{ext} &park\n", r"\[click_to_call\] dial_string"),
+        ("[phone]\ndefault_region = RUS\n", r"\[phone\] default_region: expected a two-letter country code"),
+        # A typo of the right form would leave national numbers unnormalised: refused too.
+        ("[phone]\ndefault_region = RY\n", r"\[phone\] default_region: 'RY' is not a country code"),
+        ("[phone]\ndefault_region = uk\n", r"\[phone\] default_region: 'uk' .*\(the United Kingdom is GB\)"),
+        ("[click_to_call]\nallowed_countries = RU, XX\n",
+         r"\[click_to_call\] allowed_countries: 'XX' is not a country code"),
         ("[bogus]\nx = 1\n", r"\[bogus\]: unknown section"),
         ("[log]\nlevl = INFO\n", r"\[log\] levl: unknown key"),
     ],
@@ -84,6 +90,13 @@ def test_bad_values_name_file_section_key(tmp_path, extra, expected):
     with pytest.raises(config.ConfigError) as err:
         config.load(path)
     assert re.search(re.escape(path) + ": " + expected, str(err.value)), str(err.value)
+
+
+def test_country_codes_taken_in_any_case(tmp_path):
+    cfg = config.load(write(tmp_path, minimal(tmp_path, "[phone]\ndefault_region = by\n"
+                                                        "[click_to_call]\nallowed_countries = gb, Kz RU\n")))
+    assert cfg.phone.default_region == "BY"
+    assert cfg.click_to_call.allowed_countries == ("GB", "KZ", "RU")
 
 
 def test_empty_token_refused(tmp_path):

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_DIAL_LENGTH",
     "normalize_phone",
     "normalizer",
+    "is_region",
     "looks_like_extension",
     "clean_dial_number",
     "dial_number",
@@ -59,6 +60,12 @@ _DIAL_SEPARATORS = str.maketrans("", "", " -.()")
 # used by service codes (*72, #31#).  Nothing else can reach FreeSWITCH.
 _DIAL_ALLOWED = re.compile(r"\+?[0-9*#]+")
 _NON_DIGITS = re.compile(r"[^0-9]")
+
+
+def is_region(code: str) -> bool:
+    """``code`` (upper case) is a country libphonenumber has numbering data for:
+    only such a region turns a national ``8 910 ...`` into ``7910...``."""
+    return code in phonenumbers.SUPPORTED_REGIONS
 
 
 def _check_output(output: str) -> None:
