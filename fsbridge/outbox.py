@@ -47,7 +47,10 @@ put()'s COMMIT (`fsbridge.sqlitedb.WalCheckpointer`).
 
 Memory: only the ids of pending rows are held, of MEMORY_WINDOW_CALLS calls
 at most (about 0.1 kB a row); a row's fields, age and attempts are read when
-it is sent.  A backlog beyond that (an outage of hours) stays on disk only:
+it is sent.  The exception, bounded: up to FRESH_ROWS rows this process
+stored keep their fields until their first attempt, which then needs no
+SELECT (at a steady rate, every row; a row stored while that many wait is
+read back like the others).  A backlog beyond that (an outage of hours) stays on disk only:
 from the first row that did not fit, every row is left there and read back
 in id order as the calls in memory are delivered, so per-call order holds
 and memory does not grow with the backlog.
@@ -105,6 +108,17 @@ OUTAGE_PROBE_MAX_S = 30.0
 # one commit for every ~30 requests at 600 requests/s instead of one each.
 # A crash in between resends those (see "Duplicates").
 DELETE_BATCH_S = 0.05
+# Workers with no call left wait this long for the dispatcher's next one,
+# at most PARKED_WORKERS of them: at a low rate every request would
+# otherwise start a greenlet, whose frame stack CPython 3.11 maps, faults
+# in and unmaps each time (see fsbridge.later).
+PARKED_WORKERS = 16
+PARKED_IDLE_S = 30.0
+# Rows just stored keep their fields in memory, this many per outbox at
+# most, so that sending them needs no SELECT: at a steady rate every row
+# is sent from here.  Bounded in count (~1 kB each): a backlog beyond it is
+# read from disk as before (see "Memory").
+FRESH_ROWS = 256
 # Calls whose pending ids are held in memory (~0.3 kB each); the rest of a
 # backlog waits on disk (see "Memory").  Far above max_in_flight: the
 # dispatcher always has calls to send.
@@ -260,6 +274,10 @@ class Outbox:
         self._ready: collections.deque[str] = collections.deque()
         self._delayed: list[tuple[float, str]] = []  # heap of (due, call_id)
         self._undeleted: set[int] = set()  # delivered, DELETE not committed yet (batched, or it failed)
+        # Row id -> (fields, text, age_from) of rows stored by this process and not sent yet.
+        self._fresh: dict[int, tuple[dict[str, str], str, float]] = {}
+        # Idle workers, each waiting for the call the dispatcher hands it.
+        self._parked: list[gevent.event.AsyncResult] = []
         self._deleter = Later(self._flush_delivered, DELETE_BATCH_S)
         self._depth = 0
         self.window_calls = MEMORY_WINDOW_CALLS
@@ -444,10 +462,18 @@ class Outbox:
             self._spilled += len(entries)
         if self._spill_from is not None:
             return  # read back in id order by _refill
-        for call_id, row_id in entries:
+        fresh = self._fresh
+        for (call_id, row_id), cmd, text in zip(entries, batch, texts):
+            if len(fresh) < FRESH_ROWS:
+                fresh[row_id] = (dict(cmd.fields), text, now)
             self._index(call_id, row_id)
-        if self._active < self.limiter.limit or self._probe_at is not None:
-            self._kick.set()  # else a worker finishing its call takes the new ones
+        if self._probe_at is not None:
+            self._kick.set()  # the dispatcher picks the probe
+        elif self._active < self.limiter.limit and self._dispatcher is not None and not self._stopping:
+            # Started here, not by waking the dispatcher: one greenlet switch
+            # less per request at a low rate.  At the limit a worker finishing
+            # its call takes the new ones.
+            self._start_ready(time.monotonic())
 
     def open_legs(self, call_ids=None) -> list:
         """The open-calls registry's rows in this database (``fsbridge.opencalls.read_legs``)."""
@@ -475,6 +501,8 @@ class Outbox:
         """Stop sending: let in-flight requests finish (up to drain_timeout), then close."""
         self._stopping = True
         self._kick.set()
+        while self._parked:
+            self._parked.pop().set(None)
         if self._dispatcher is not None:
             self._dispatcher.join(timeout=1.0)
             self._dispatcher.kill()
@@ -523,15 +551,7 @@ class Outbox:
                 if q is not None and q.state == "waiting" and q.due == due:
                     q.state = "ready"
                     self._ready.append(call_id)
-            while self._ready and self._active < self._room(now):
-                q = self._calls.get(self._ready.popleft())
-                if q is None or q.state != "ready":
-                    continue
-                if self._probe_at is not None:  # PlanFix down: this call is the probe
-                    self._probe_call, self._probe_at = q.call_id, float("inf")
-                q.state = "active"
-                self._active += 1
-                self._workers.spawn(self._work, q)
+            self._start_ready(now)
             if now >= next_rescan:
                 next_rescan = now + self.rescan_interval_s
                 self._rescan_if_changed()
@@ -541,6 +561,21 @@ class Outbox:
             if self._probe_at is not None and self._ready and not self._active:  # else _worker_done kicks
                 wait = min(wait, self._probe_at - now)
             self._kick.wait(max(wait, 0.0))
+
+    def _start_ready(self, now: float) -> None:
+        """Ready calls to workers (a parked one, else a new one) while there is room."""
+        while self._ready and self._active < self._room(now):
+            q = self._calls.get(self._ready.popleft())
+            if q is None or q.state != "ready":
+                continue
+            if self._probe_at is not None:  # PlanFix down: this call is the probe
+                self._probe_call, self._probe_at = q.call_id, float("inf")
+            q.state = "active"
+            self._active += 1
+            if self._parked:
+                self._parked.pop().set(q)
+            else:
+                self._workers.spawn(self._work, q)
 
     def _room(self, now: float) -> int:
         """How many calls may be in flight: the adaptive limit, or one probe while PlanFix is down."""
@@ -600,6 +635,20 @@ class Outbox:
                 self._worker_done(q, take_next=False)
                 raise
             q = self._worker_done(q, take_next=True)
+            if q is None:
+                q = self._park()
+
+    def _park(self) -> _CallQueue | None:
+        """Wait for the dispatcher to hand this worker a call; None: end instead."""
+        if self._stopping or len(self._parked) >= PARKED_WORKERS:
+            return None
+        handed = gevent.event.AsyncResult()
+        self._parked.append(handed)
+        handed.wait(PARKED_IDLE_S)
+        if not handed.ready():  # idle too long: gone, unless handed a call meanwhile
+            self._parked.remove(handed)
+            return None
+        return handed.value  # None from stop()
 
     def _deliver(self, q: _CallQueue) -> None:
         """Send the call's commands in order until it is empty, in backoff or stopping."""
@@ -623,6 +672,10 @@ class Outbox:
 
     def _read_row(self, q: _CallQueue) -> _Attempt | None:
         row_id = q.entries[0]
+        # First attempt of a row stored here: as stored, never tried (a retry reads the row).
+        fresh = self._fresh.pop(row_id, None)
+        if fresh is not None:
+            return _Attempt(row_id, fresh[0], fresh[2], 0, "", fresh[1])
         try:
             with self._db_lock:
                 row = self._conn.execute(

@@ -421,20 +421,62 @@ def test_in_flight_grows_while_planfix_answers_and_halves_on_503(fake, make_outb
     assert_each_once_in_call_order(fake.delivered, cmds)
 
 
-def test_pending_rows_are_read_from_the_database_when_sent(fake, make_outbox, tmp_path):
-    # Only ids are held in memory: what is sent is what the row holds then.
-    box = make_outbox()
-    box.put(call_commands("c1", 1))
-    assert list(box._calls["c1"].entries) == [1]
+def test_rows_stored_before_a_restart_are_read_from_the_database_when_sent(fake, make_outbox, tmp_path):
+    # Only ids are held for what an earlier process stored: what is sent is what the row holds then.
+    first = Outbox(str(tmp_path / "outbox.sqlite3"), client=None)
+    first.put(call_commands("c1", 1))
+    first.stop(drain_timeout=0)
     with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
         fields = dict(call_commands("c1", 1)[0].fields, phone="79990000000")
         conn.execute("UPDATE outbox SET fields=? WHERE id=1", (json.dumps(fields),))
+    box = make_outbox()
+    assert list(box._calls["c1"].entries) == [1] and not box._fresh
     box.start()
     drained(box)
     assert fake.delivered[0]["phone"] == "79990000000"
     box.stop()
     with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
         assert conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0] == 0
+
+
+def selects_of(box: Outbox) -> list[str]:
+    """Every SELECT the outbox's connection runs from now on."""
+    seen: list[str] = []
+    box._conn.set_trace_callback(lambda sql: seen.append(sql) if sql.lstrip().upper().startswith("SELECT") else None)
+    return seen
+
+
+def test_a_row_stored_by_this_process_is_sent_without_reading_it_back(fake, make_outbox):
+    # At a steady rate every request is sent from memory: no SELECT per request.
+    box = make_outbox()
+    cmds = many_calls(10, 3)
+    box.put(cmds)
+    selects = selects_of(box)
+    box.start()
+    drained(box)
+    box.stop()
+    assert_each_once_in_call_order(fake.delivered, cmds)
+    assert not [sql for sql in selects if "FROM outbox WHERE id=" in sql]
+    assert not box._fresh  # each entry goes with its first attempt
+
+
+def test_rows_beyond_the_fresh_bound_and_retries_are_read_from_the_database(fake, make_outbox, tmp_path, monkeypatch):
+    monkeypatch.setattr(outbox_mod, "FRESH_ROWS", 2)
+    box = make_outbox()
+    cmds = call_commands("c1", 4)
+    box.put(cmds)
+    assert sorted(box._fresh) == [1, 2]  # the memory stays bounded: the rest is on disk only
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as conn:
+        conn.execute("UPDATE outbox SET fields=? WHERE id=4", (json.dumps(dict(cmds[3].fields, phone="79990000000")),))
+    fake.fail_next(1, 503)  # the first attempt of row 1 fails: its retry reads the row
+    selects = selects_of(box)
+    box.start()
+    drained(box)
+    box.stop()
+    assert [f["diversion"] for f in fake.delivered] == ["0", "1", "2", "3"]
+    assert fake.delivered[3]["phone"] == "79990000000"  # row 4 as the database holds it
+    reads = [sql for sql in selects if "FROM outbox WHERE id=" in sql]
+    assert len(reads) == 3  # row 1's retry, rows 3 and 4
 
 
 @pytest.mark.parametrize(
@@ -482,6 +524,39 @@ def test_a_worker_goes_on_with_the_next_ready_call_instead_of_a_greenlet_per_cal
     assert len(spawned) <= 8  # about one per slot, not one per call (40)
     assert max(in_flight) <= 4  # and never more in flight than the limit
     assert_each_once_in_call_order(client.delivered, cmds)
+
+
+def test_a_low_rate_reuses_one_parked_worker_instead_of_a_greenlet_per_request(fake, make_outbox):
+    # One call at a time, each stored after the last was delivered: the
+    # worker that delivered one waits for the next instead of ending.
+    box = make_outbox()
+    spawned = []
+    real_spawn = box._workers.spawn
+    box._workers.spawn = lambda *a: spawned.append(a) or real_spawn(*a)
+    box.start()
+    for i in range(10):
+        box.put(call_commands(f"c{i}", 1))
+        drained(box)
+    assert len(fake.delivered) == 10
+    assert len(spawned) == 1 and len(box._parked) == 1
+    box.stop(drain_timeout=1)
+    assert not box._parked and len(box._workers) == 0  # stop() ends parked workers at once
+
+
+def test_a_parked_worker_ends_when_idle_and_parked_ones_are_bounded(fake, make_outbox, monkeypatch):
+    monkeypatch.setattr(outbox_mod, "PARKED_IDLE_S", 0.2)
+    monkeypatch.setattr(outbox_mod, "PARKED_WORKERS", 3)
+    fake.delay = 0.05  # 8 calls in flight together, then all done at once
+    box = make_outbox(concurrency=8)
+    box.put(many_calls(8, 1))
+    box.start()
+    drained(box)
+    assert len(box._parked) == 3  # the others ended
+    wait_until(lambda: not box._parked and len(box._workers) == 0, 3, "idle parked workers to end")
+    box.put(call_commands("later", 1))  # a new worker for what comes later
+    drained(box)
+    assert len(fake.delivered) == 9
+    box.stop(drain_timeout=1)
 
 
 def test_a_backlog_beyond_the_memory_window_waits_on_disk_and_keeps_call_order(fake, make_outbox, monkeypatch):
