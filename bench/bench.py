@@ -1172,7 +1172,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, help="calls for the full-speed run")
     parser.add_argument("--tenants", action="store_true",
                         help="only the tenant (cloud PBX) runs and their one-tenant references")
+    parser.add_argument("--paced", nargs=3, type=float, metavar=("RATE", "SECONDS", "DELAY"),
+                        help="only one paced run: RATE calls/s for SECONDS, PlanFix taking DELAY s per "
+                             "request (the 20 calls/s line is 20 60 0.150); prints its figures as JSON")
     args = parser.parse_args(argv)
+    if args.paced:
+        rate, seconds, delay = args.paced
+        workroot = Path(tempfile.mkdtemp(prefix="fsbridge-bench-"))
+        try:
+            got = paced(load_input(), workroot, "paced", rate, seconds, delay)
+        finally:
+            shutil.rmtree(workroot, ignore_errors=True)
+        print(json.dumps({k: got[k] for k in ("rate_cps", "calls", "planfix_delay_s", "cpu_s_per_1000_calls",
+                                              "p50_ms", "p99_ms", "requests_delivered", "requests_expected",
+                                              "outbox_growth", "others_cpu_share")}))
+        return 0
     quick = args.quick
     everything = not args.tenants
     clients = bare = naive = pacing = full = intake = slow = sus1 = drain = {}
