@@ -47,13 +47,13 @@ put()'s COMMIT (`fsbridge.sqlitedb.WalCheckpointer`).
 
 Memory: only the ids of pending rows are held, of MEMORY_WINDOW_CALLS calls
 at most (about 0.1 kB a row); a row's fields, age and attempts are read when
-it is sent.  The exception, bounded: up to FRESH_ROWS rows this process
-stored keep their fields until their first attempt, which then needs no
-SELECT (at a steady rate, every row; a row stored while that many wait is
-read back like the others).  A backlog beyond that (an outage of hours) stays on disk only:
-from the first row that did not fit, every row is left there and read back
-in id order as the calls in memory are delivered, so per-call order holds
-and memory does not grow with the backlog.
+it is sent.  A backlog beyond that window (an outage of hours) stays on
+disk only: from the first row that did not fit, every row is left there and
+read back in id order as the calls in memory are delivered, so per-call
+order holds and memory does not grow with the backlog.  The exception,
+bounded: up to FRESH_ROWS rows this process stored keep their fields until
+their first attempt, which then needs no SELECT (at a steady rate, every
+row; a row stored while that many wait is read back like the others).
 
 Threading: the service is gevent; all in-memory state is touched by
 greenlets between yields, and the one SQLite connection is guarded by a lock
@@ -623,11 +623,13 @@ class Outbox:
             log.warning("outbox: rescanning %s: %s", self.db_path, exc)
 
     def _work(self, q: _CallQueue | None) -> None:
-        """A worker: delivers one call, then the next ready one while there is room.
+        """A worker: delivers one call, then the next ready one while there is
+        room, then parks for the next call it is handed (see _park).
 
         Taking the next call here instead of ending spares a greenlet and a
-        dispatcher wake-up per call; the dispatcher starts workers only when
-        more may be in flight than are running (and picks the probe)."""
+        dispatcher wake-up per call; workers are started (or unparked) only
+        when more may be in flight than are running (and the dispatcher picks
+        the probe)."""
         while q is not None:
             try:
                 self._deliver(q)
