@@ -74,6 +74,10 @@ from fsbridge.fakes.tenants import Tenant, make_tenants
 from fsbridge.core.wire import FrameParser, parse_event_plain
 
 REPO = Path(__file__).resolve().parent.parent
+# The checkout the service runs from (`--service-tree`): another commit's
+# service measured by this harness, on this machine, in alternated runs, for
+# before/after ratios that do not depend on which VM the runs got.
+SERVICE_TREE = REPO
 TRACES = REPO / "tests" / "data" / "esl"
 LOAD_TRACE = "load-100-calls.plain.txt.gz"
 UUID_RE = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -367,6 +371,11 @@ class Service:
         self.dialplan_port = _free_port()
         # Free ports: the default 9102 may be taken on a shared machine.
         self.metrics_port = _free_port()
+        # A checkout from before /metrics (issue 15's starting point, bdbf619)
+        # has no [metrics] section and serves /healthz on its public listener.
+        self.tree = SERVICE_TREE
+        legacy = not (self.tree / "fsbridge" / "metrics.py").exists()
+        self._health_port = self.port if legacy else self.dialplan_port
         storage = workdir / "state"
         config = {
             "freeswitch": {"host": "127.0.0.1", "port": str(fs_port), "password": "ClueCon"},
@@ -377,6 +386,8 @@ class Service:
             "dialplan": {"listen": f"127.0.0.1:{self.dialplan_port}"},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
         }
+        if legacy:
+            del config["metrics"]
         if tenants:
             config["server"]["token"] = ""  # each tenant has its own
             config["planfix"].update(url="", token="")
@@ -392,14 +403,14 @@ class Service:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fsbridge", "run", "-c", str(self.config_path)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.tree, stdout=self._log, stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.pid = self.proc.pid
 
     def health(self) -> dict:
         """The detailed /healthz (loopback listener), 200 (ok) or 503 (degraded)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.dialplan_port}/healthz", timeout=5) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self._health_port}/healthz", timeout=5) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:  # 503 still carries the body
             return json.loads(exc.read())
@@ -1155,6 +1166,7 @@ def attempt(name: str, fn, *args, **kwargs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SERVICE_TREE  # --service-tree
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("--bare-client", "--naive-client"):
         port, expected, url, events = int(argv[1]), int(argv[2]), argv[3], argv[4]
@@ -1175,17 +1187,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced", nargs=3, type=float, metavar=("RATE", "SECONDS", "DELAY"),
                         help="only one paced run: RATE calls/s for SECONDS, PlanFix taking DELAY s per "
                              "request (the 20 calls/s line is 20 60 0.150); prints its figures as JSON")
+    parser.add_argument("--full-speed", type=int, metavar="CALLS",
+                        help="only one full-speed run of CALLS calls, instant PlanFix; prints its figures as JSON")
+    parser.add_argument("--service-tree", type=Path, metavar="DIR",
+                        help="with --paced or --full-speed: run the service from this checkout (another commit, "
+                             "e.g. `git worktree add /tmp/before bdbf619`), driven by this benchmark")
     args = parser.parse_args(argv)
-    if args.paced:
-        rate, seconds, delay = args.paced
+    if args.service_tree is not None:
+        if not (args.paced or args.full_speed):
+            parser.error("--service-tree goes with --paced or --full-speed")
+        if not (args.service_tree / "fsbridge" / "__main__.py").is_file():
+            parser.error(f"--service-tree {args.service_tree}: no fsbridge/__main__.py there")
+        SERVICE_TREE = args.service_tree.resolve()
+    if args.paced or args.full_speed:
+        inp = load_input()
         workroot = Path(tempfile.mkdtemp(prefix="fsbridge-bench-"))
         try:
-            got = paced(load_input(), workroot, "paced", rate, seconds, delay)
+            if args.paced:
+                rate, seconds, delay = args.paced
+                got = paced(inp, workroot, "paced", rate, seconds, delay)
+                keys = ("rate_cps", "calls", "planfix_delay_s", "cpu_s_per_1000_calls", "p50_ms", "p99_ms",
+                        "requests_delivered", "requests_expected", "outbox_growth", "others_cpu_share")
+            else:
+                got = full_speed(inp, workroot, args.full_speed, args.full_speed // 2, 300.0)
+                keys = ("calls", "events", "ingest_events_per_s", "delivered_requests_per_s", "cpu_s_per_1000_calls",
+                        "requests_delivered", "requests_expected", "p50_ms", "p99_ms")
         finally:
             shutil.rmtree(workroot, ignore_errors=True)
-        print(json.dumps({k: got[k] for k in ("rate_cps", "calls", "planfix_delay_s", "cpu_s_per_1000_calls",
-                                              "p50_ms", "p99_ms", "requests_delivered", "requests_expected",
-                                              "outbox_growth", "others_cpu_share")}))
+        print(json.dumps({"service_tree": str(SERVICE_TREE), **{k: got[k] for k in keys}}))
         return 0
     quick = args.quick
     everything = not args.tenants
