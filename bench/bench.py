@@ -1191,22 +1191,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, help="calls for the full-speed run")
     parser.add_argument("--tenants", action="store_true",
                         help="only the tenant (cloud PBX) runs and their one-tenant references")
-    parser.add_argument("--paced", nargs=3, type=float, metavar=("RATE", "SECONDS", "DELAY"),
+    single = parser.add_mutually_exclusive_group()
+    single.add_argument("--paced", nargs=3, type=float, metavar=("RATE", "SECONDS", "DELAY"),
                         help="only one paced run: RATE calls/s for SECONDS, PlanFix taking DELAY s per "
                              "request (the 20 calls/s line is 20 60 0.150); prints its figures as JSON")
-    parser.add_argument("--full-speed", type=int, metavar="CALLS",
+    single.add_argument("--full-speed", type=int, metavar="CALLS",
                         help="only one full-speed run of CALLS calls, instant PlanFix; prints its figures as JSON")
     parser.add_argument("--service-tree", type=Path, metavar="DIR",
                         help="with --paced or --full-speed: run the service from this checkout (another commit, "
                              "e.g. `git worktree add /tmp/before bdbf619`), driven by this benchmark")
     args = parser.parse_args(argv)
+    single_run = args.paced is not None or args.full_speed is not None
+    if args.full_speed is not None and args.full_speed < 1:
+        parser.error(f"--full-speed {args.full_speed}: at least 1 call")
     if args.service_tree is not None:
-        if not (args.paced or args.full_speed):
+        if not single_run:
             parser.error("--service-tree goes with --paced or --full-speed")
         if not (args.service_tree / "fsbridge" / "__main__.py").is_file():
             parser.error(f"--service-tree {args.service_tree}: no fsbridge/__main__.py there")
         SERVICE_TREE = args.service_tree.resolve()
-    if args.paced or args.full_speed:
+    if single_run:
         inp = load_input()
         workroot = Path(tempfile.mkdtemp(prefix="fsbridge-bench-"))
         try:
